@@ -1,0 +1,68 @@
+"""Lightning callbacks that every run uses: config + weight export, and data-quality counts."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from k3lab.checkpoint import export_model, save_config
+
+log = logging.getLogger(__name__)
+
+
+class ExportModels(L.Callback):
+    """Writes the resolved ``config.yaml`` into the checkpoint folder at fit start, and each module of
+    ``stage.exportable_modules()`` as ``<name>.safetensors`` beside it at every checkpoint and at the end.
+    """
+
+    def __init__(self, cfg: DictConfig, dirpath: str | Path) -> None:
+        self.cfg, self.dirpath = cfg, Path(dirpath)
+        self.exported: dict[str, Path] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_config(self.cfg, self.dirpath)
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not hasattr(pl_module, "exportable_modules"):
+            return
+        for name, module in pl_module.exportable_modules().items():
+            self.exported[name] = export_model(module, self.dirpath / f"{name}.safetensors")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.export(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.export(trainer, pl_module)
+
+
+class DataQuality(L.Callback):
+    """Sums the per-batch ``skipped`` counts and logs the running totals as ``data/skipped_<reason>``."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
+
+    def _update(self, trainer: L.Trainer, batch: Any, split: str) -> None:
+        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        if not skipped:
+            return
+        self.totals[split].update(skipped)
+        metrics = {f"data/{split}_skipped_{k}": float(v) for k, v in self.totals[split].items()}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._update(trainer, batch, "train")
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(trainer, batch, "val")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for split, counts in self.totals.items():
+            if counts:
+                log.warning("%s samples skipped: %s", split, dict(counts))

@@ -1,0 +1,127 @@
+"""Safe checkpoint I/O: safetensors or ``torch.load(weights_only=True)``, never plain pickle.
+
+Every exported model sits beside the resolved ``config.yaml`` of its run, so the file alone can
+rebuild its module (``load_model``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+CONFIG_NAME = "config.yaml"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing pieces, truncated, or not a checkpoint at all."""
+
+
+def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, a plain state dict, or a Lightning ``.ckpt`` (its ``state_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: cannot be read with torch.load(weights_only=True): truncated, corrupt, or a foreign "
+            f"pickle that would need arbitrary code ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors (found {type(obj).__name__})")
+    return dict(obj)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and ``os.replace``, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_config(cfg: DictConfig, directory: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml`` in ``directory``."""
+    path = Path(directory) / CONFIG_NAME
+    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    return path
+
+
+def export_model(module: nn.Module, path: str | Path) -> Path:
+    """Save ``module``'s state dict as safetensors (atomically)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    path = Path(path)
+    atomic_write_bytes(path, save(state))
+    return path
+
+
+def load_config_beside(path: str | Path) -> DictConfig:
+    """The ``config.yaml`` saved in the same folder as a checkpoint."""
+    cfg_path = Path(path).parent / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME} beside it ({cfg_path}), so its model cannot be rebuilt")
+    cfg = OmegaConf.load(cfg_path)
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def _select_prefix(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """Pick one module's weights from a stage checkpoint: EMA first, then the live weights."""
+    for prefix in (f"{part}_ema.module.", f"{part}."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            return sub
+    return state
+
+
+def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> nn.Module:
+    """Strict load that names every missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{source}: does not match {type(module).__name__}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, mis-shaped {shapes[:5]}"
+        )
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def load_model(path: str | Path, part: str) -> nn.Module:
+    """Rebuild ``model.<part>`` from the config beside ``path`` and load its weights (EMA when present)."""
+    from hydra.utils import instantiate
+
+    cfg = load_config_beside(path)
+    node = OmegaConf.select(cfg, f"model.{part}")
+    if node is None:
+        raise CheckpointError(f"{path}: its {CONFIG_NAME} has no model.{part}")
+    module = instantiate(node)
+    return load_weights(module, _select_prefix(load_state_dict(path), part), path)

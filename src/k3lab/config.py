@@ -1,0 +1,81 @@
+"""Config helpers: OmegaConf resolvers and up-front validation that names the bad key and value."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names each key and value."""
+
+
+def project_root() -> str:
+    """``$K3LAB_ROOT``, else the nearest folder up from the cwd with k3lab's ``conf/``, else the cwd."""
+    if os.environ.get("K3LAB_ROOT"):
+        return str(Path(os.environ["K3LAB_ROOT"]).resolve())
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "conf" / "train.yaml").is_file() and (folder / "pyproject.toml").is_file():
+            return str(folder)
+    return str(here)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("k3lab.root"):
+        OmegaConf.register_new_resolver("k3lab.root", project_root)
+
+
+register_resolvers()
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before training on values that cannot work. Raises ConfigError listing every problem."""
+    from k3lab.data.shards import expand_urls, missing_local_shards
+
+    problems: list[str] = []
+    data = cfg.get("data")
+    if data is not None:
+        for key in ("resolution", "batch_size"):
+            value = OmegaConf.select(data, key)
+            if not _positive_int(value):
+                problems.append(f"data.{key}={value!r}: must be a positive integer")
+        if data.get("source") is None:
+            shards = data.get("shards") or {}
+            if not shards.get("train"):
+                problems.append("data.shards.train is not set: give a shard path, brace pattern or pipe: url")
+            for split, spec in shards.items():
+                if spec:
+                    missing = missing_local_shards(expand_urls(OmegaConf.to_object(spec) if not isinstance(spec, str) else spec))
+                    if missing:
+                        problems.append(f"data.shards.{split}={spec!r}: missing shard file {missing[0]!r}")
+        resolution = OmegaConf.select(data, "resolution")
+        ch_mult = OmegaConf.select(cfg, "model.autoencoder.ch_mult")
+        if _positive_int(resolution) and ch_mult is not None:
+            factor = 2 ** (len(ch_mult) - 1)
+            if resolution % factor:
+                problems.append(f"data.resolution={resolution}: must be divisible by the autoencoder's down-sampling factor {factor}")
+    trainer = cfg.get("trainer")
+    if trainer is not None:
+        max_steps = trainer.get("max_steps", -1)
+        if not isinstance(max_steps, int) or (max_steps <= 0 and max_steps != -1):
+            problems.append(f"trainer.max_steps={max_steps!r}: must be a positive integer (or -1 with max_epochs)")
+    stage = cfg.get("stage")
+    if stage is not None:
+        for key in ("disc_start", "perceptual_weight", "disc_weight", "codebook_weight"):
+            value = stage.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                problems.append(f"stage.{key}={value!r}: must be a number >= 0")
+        if stage.get("perceptual_weight", 0) and stage.get("vgg_weights") and not Path(stage.vgg_weights).is_file():
+            problems.append(f"stage.vgg_weights={stage.vgg_weights!r}: no such file (LPIPS needs a local VGG16 state dict)")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,1 @@
+"""Data: the embedded scene world, webdataset shard reading, batches."""

@@ -1,0 +1,122 @@
+"""LightningDataModule over webdataset shards (any img2dataset output, or the embedded scene world)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from k3lab.data.batch import collate
+from k3lab.data.shards import ShardDataset, expand_urls, missing_local_shards
+
+log = logging.getLogger(__name__)
+
+
+class ShardSource(Protocol):
+    """Something that can produce shards, e.g. :class:`k3lab.data.scene_world.SceneWorld`."""
+
+    resolution: int
+
+    def build(self) -> dict[str, list[str]]: ...
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that advances its ShardDataset's epoch after starting each pass (new shuffle per epoch)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+        return iterator
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train/val/test loaders over shard urls given directly (``shards``) or built by a ``source``.
+
+    No horizontal flips: they would break "left of" captions.
+    """
+
+    def __init__(
+        self,
+        shards: Mapping[str, str | Sequence[str] | None] | None = None,  # split -> brace pattern / list / pipe: url
+        source: ShardSource | None = None,  # builds shards in prepare_data (scene world)
+        resolution: int = 64,  # training resolution (progressive stages are config changes)
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        image_key: str = "png;jpg;jpeg;webp",  # ';'-separated extensions, first present wins
+        caption_key: str = "txt",
+        metadata_key: str = "json",
+        min_image_size: int | None = None,  # None = resolution; smaller images are skipped
+        require_caption: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        val_split: str = "val",
+        test_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if shards is None and source is None:
+            raise ValueError("data: give either data.shards (split -> urls) or data.source")
+        if int(resolution) <= 0:
+            raise ValueError(f"data.resolution must be a positive integer, got {resolution}")
+        if int(batch_size) <= 0:
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        self.shards = dict(shards) if shards is not None else None
+        self.source = source
+        self.resolution, self.batch_size = int(resolution), int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = num_workers
+        self.image_keys = [k for k in image_key.split(";") if k]
+        self.caption_key, self.metadata_key = caption_key, metadata_key
+        self.min_image_size = self.resolution if min_image_size is None else int(min_image_size)
+        self.require_caption, self.shuffle_buffer, self.seed = require_caption, shuffle_buffer, seed
+        self.val_split, self.test_split = val_split, test_split
+        self._urls: dict[str, list[str]] = {}
+        self.datasets: dict[str, ShardDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.source is not None:
+            self.source.build()
+
+    def split_urls(self) -> dict[str, list[str]]:
+        """Shard urls per split; raises naming the key when a local shard is missing."""
+        if self.source is not None:
+            return self.source.build()  # cached after the first call: reads the manifest
+        urls = {split: expand_urls(spec) for split, spec in (self.shards or {}).items() if spec}
+        for split, items in urls.items():
+            missing = missing_local_shards(items)
+            if missing:
+                raise FileNotFoundError(f"data.shards.{split}: {len(missing)} of {len(items)} shard(s) missing, e.g. {missing[0]!r}")
+        return urls
+
+    def setup(self, stage: str | None = None) -> None:
+        self._urls = self.split_urls()
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        for split, items in self._urls.items():
+            train = split == "train"
+            self.datasets[split] = ShardDataset(
+                items, self.resolution, self.image_keys, self.caption_key, self.metadata_key,
+                self.min_image_size, self.require_caption, shuffle=train, shuffle_buffer=self.shuffle_buffer if train else 0,
+                seed=self.seed, rank=rank, world_size=world,
+            )
+
+    def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise KeyError(f"data: no '{split}' split (have {sorted(self.datasets)})")
+        return EpochLoader(self.datasets[split], batch_size=batch_size, num_workers=self.num_workers,
+                           collate_fn=collate, drop_last=drop_last, pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, self.val_batch_size, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, self.val_batch_size, drop_last=False)
+
+    def split_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """A loader over any split (e.g. ``heldout``) in its stored order."""
+        return self._loader(split, batch_size or self.val_batch_size, drop_last=False)

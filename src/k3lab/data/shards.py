@@ -1,0 +1,237 @@
+"""Reading img2dataset-style webdataset shards: streaming, decoding, and counted skips of bad samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("missing_image", "undecodable_image", "image_too_small", "missing_caption", "empty_caption", "corrupt_shard", "unreadable_shard")
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Brace patterns (``a-{000..009}.tar``), ``::``-separated lists, or a list of those -> shard urls."""
+    from braceexpand import braceexpand
+
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        for part in str(item).split("::"):
+            urls.extend(braceexpand(part))
+    return urls
+
+
+def is_local(url: str) -> bool:
+    """A plain path or ``file://`` url (not ``pipe:`` and not a remote scheme)."""
+    return not url.startswith("pipe:") and ("://" not in url or url.startswith("file://"))
+
+
+def missing_local_shards(urls: Sequence[str]) -> list[str]:
+    """Local shard paths that do not exist (``pipe:`` and remote urls are not checked)."""
+    return [u for u in urls if is_local(u) and not Path(u.removeprefix("file://")).is_file()]
+
+
+def _open(url: str) -> Any:
+    if not is_local(url):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return open(url.removeprefix("file://"), "rb")
+
+
+def local_tar_is_truncated(path: str) -> bool:
+    """A tar written to the end has a whole number of 512-byte blocks and two zero blocks at the end."""
+    size = os.path.getsize(path)
+    if size % 512 or size < 1024:
+        return True
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024).count(0) != 1024
+
+
+def iter_tar_samples(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Group a tar stream's members by key (the name up to the first dot of the basename).
+
+    A truncated local shard (tarfile alone stops quietly at a cut between members) is counted as
+    ``corrupt_shard``; its complete samples are still read, the last, possibly cut one is dropped.
+    """
+    truncated = False
+    if is_local(url):
+        path = url.removeprefix("file://")
+        try:
+            truncated = local_tar_is_truncated(path)
+        except OSError as e:
+            skipped["unreadable_shard"] += 1
+            log.warning("skipping shard %s: cannot open (%s)", url, e)
+            return
+        if truncated:
+            skipped["corrupt_shard"] += 1
+            log.warning("shard %s is truncated: reading its complete samples, dropping the last one", url)
+    try:
+        stream = _open(url)
+    except OSError as e:
+        skipped["unreadable_shard"] += 1
+        log.warning("skipping shard %s: cannot open (%s)", url, e)
+        return
+    current: dict[str, Any] = {}
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                key, _, ext = base.partition(".")
+                key = f"{directory}/{key}" if directory else key
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                f = tar.extractfile(member)
+                current["__key__"] = key
+                current[ext.lower()] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        skipped["corrupt_shard"] += 0 if truncated else 1
+        log.warning("shard %s is corrupt after %s: %s (the rest of the shard is skipped)", url, current.get("__key__", "its start"), e)
+        return  # the half-read sample is dropped with the shard
+    if current and not truncated:
+        yield current
+
+
+def load_image(data: bytes, resolution: int) -> torch.Tensor:
+    """Decode, convert to RGB, resize the shorter side to ``resolution`` and centre-crop. Output in [-1, 1]."""
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    if scale != 1.0:
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC, reducing_gap=None)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float().div(127.5).sub(1.0)
+
+
+class ShardDataset(IterableDataset):
+    """Streams samples from webdataset shards; bad samples are skipped and counted, never fatal.
+
+    Shards are shuffled per epoch with ``seed``, then split by node (rank) and by loader worker;
+    samples pass through a shuffle buffer seeded by (seed, epoch, rank, worker).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        resolution: int,
+        image_keys: Sequence[str] = ("png", "jpg", "jpeg", "webp"),
+        caption_key: str = "txt",
+        metadata_key: str = "json",
+        min_image_size: int = 0,
+        require_caption: bool = True,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.urls, self.resolution = list(urls), resolution
+        self.image_keys, self.caption_key, self.metadata_key = [k.lower() for k in image_keys], caption_key.lower(), metadata_key.lower()
+        self.min_image_size, self.require_caption = min_image_size, require_caption
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_urls(self, worker: int = 0, num_workers: int = 1) -> list[str]:
+        """This rank's and worker's shards for the current epoch."""
+        urls = list(self.urls)
+        if self.shuffle:
+            np.random.default_rng([self.seed, self.epoch]).shuffle(urls)
+        return urls[self.rank :: self.world_size][worker::num_workers]
+
+    def decode(self, raw: dict[str, Any], shard: str, skipped: Counter[str]) -> dict[str, Any] | None:
+        """A training sample, or None (counted in ``skipped`` under its reason)."""
+        key = f"{Path(shard).name}/{raw['__key__']}"
+        image_bytes = next((raw[k] for k in self.image_keys if k in raw), None)
+        reason = None
+        if image_bytes is None:
+            reason = "missing_image"
+        caption = raw.get(self.caption_key)
+        if reason is None and self.require_caption:
+            if caption is None:
+                reason = "missing_caption"
+            elif not caption.decode("utf-8", errors="replace").strip():
+                reason = "empty_caption"
+        image = None
+        if reason is None:
+            try:
+                with Image.open(io.BytesIO(image_bytes)) as probe:
+                    size = probe.size
+                if min(size) < self.min_image_size:
+                    reason = "image_too_small"
+                else:
+                    image = load_image(image_bytes, self.resolution)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                reason = "undecodable_image"
+                log.debug("%s: %s", key, e)
+        if reason is not None:
+            skipped[reason] += 1
+            if sum(skipped.values()) <= 20:
+                log.warning("skipping sample %s: %s", key, reason)
+            return None
+        metadata: dict[str, Any] = {}
+        if self.metadata_key in raw:
+            try:
+                metadata = json.loads(raw[self.metadata_key])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                metadata = {}
+        text = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
+        return {"image": image, "caption": text, "key": key, "metadata": metadata}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Read the epoch now (not lazily in the generator): the loader bumps it right after.
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self._iterate(self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
+
+    def _iterate(self, urls: list[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        skipped: Counter[str] = Counter()
+        buffer: list[dict[str, Any]] = []
+
+        def emit(sample: dict[str, Any]) -> dict[str, Any]:
+            sample["skipped"] = dict(skipped)
+            skipped.clear()
+            return sample
+
+        for url in urls:
+            for raw in iter_tar_samples(url, skipped):
+                sample = self.decode(raw, url, skipped)
+                if sample is None:
+                    continue
+                if not self.shuffle or self.shuffle_buffer <= 1:
+                    yield emit(sample)
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    i = int(rng.integers(len(buffer)))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    yield emit(buffer.pop())
+        rng.shuffle(buffer)
+        for sample in buffer:
+            yield emit(sample)
+        if skipped:
+            log.warning("skipped after the last sample of this worker (not in any batch count): %s", dict(skipped))

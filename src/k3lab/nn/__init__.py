@@ -1,0 +1,1 @@
+"""Pure-torch modules: no Lightning, no config objects, typed constructor arguments."""

@@ -1,0 +1,39 @@
+"""Exponential moving average of a module's weights (with the usual warm-up of the decay)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Holds a frozen copy of ``model``; ``update`` blends it toward the live weights.
+
+    The effective decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs
+    are not dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        n = float(self.num_updates)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        for ema_p, p in zip(self.module.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+    def train(self, mode: bool = True) -> "EMA":  # the averaged copy always stays in eval mode
+        super().train(mode)
+        self.module.eval()
+        return self

@@ -1,0 +1,1 @@
+"""Lightning stages: one LightningModule per training stage, no inheritance between them."""

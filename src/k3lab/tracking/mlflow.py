@@ -1,0 +1,71 @@
+"""MLflow helpers around Lightning's MLFlowLogger (and a file fallback for other loggers)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def find_mlflow_logger(loggers: Iterable[Logger] | Logger | None) -> MLFlowLogger | None:
+    if loggers is None:
+        return None
+    items = [loggers] if isinstance(loggers, Logger) else list(loggers)
+    return next((lg for lg in items if isinstance(lg, MLFlowLogger)), None)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def log_run_metadata(loggers: Iterable[Logger], cfg: DictConfig, choices: Mapping[str, str] | None) -> None:
+    """Params: the Hydra group choices (``choice/<group>``), seed and task; artifact: the resolved config."""
+    params: dict[str, Any] = {"seed": cfg.get("seed"), "task_name": cfg.get("task_name")}
+    for group, choice in (choices or {}).items():
+        if not group.startswith("hydra/") and group != "hydra":
+            params[f"choice/{group}"] = "null" if choice is None else str(choice)
+    for lg in loggers:
+        lg.log_hyperparams(params)
+    mlf = find_mlflow_logger(loggers)
+    if mlf is not None:
+        mlf.experiment.log_text(mlf.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:
+    mlf = find_mlflow_logger(loggers)
+    if mlf is not None:
+        mlf.experiment.set_tag(mlf.run_id, key, value)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
+    return image.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def log_image(loggers: Iterable[Logger], image: torch.Tensor, name: str, step: int, directory: str | Path | None) -> Path | None:
+    """Save ``image`` ([3, H, W] in [0, 1]) as ``<directory>/<name>_<step>.png`` and log it to MLflow."""
+    array = to_uint8(image)
+    path = None
+    if directory is not None:
+        path = Path(directory) / f"{name.replace('/', '_')}_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+    mlf = find_mlflow_logger(loggers)
+    if mlf is not None:
+        mlf.experiment.log_image(mlf.run_id, array, key=name.replace("/", "_"), step=step)
+    return path

@@ -1,0 +1,67 @@
+"""Training entry point: ``python -m k3lab.train experiment=<name> [overrides]``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from k3lab.callbacks import ExportModels
+from k3lab.config import CONF_DIR, validate
+from k3lab.tracking import log_run_metadata, log_tag
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` child of a group such as ``callbacks`` or ``logger``."""
+    if not node:
+        return []
+    return [instantiate(child) for child in node.values() if isinstance(child, DictConfig) and "_target_" in child]
+
+
+def hydra_choices() -> dict[str, str]:
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build data / stage / trainer from the config, fit, export; returns the final metrics."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    stage = instantiate(cfg.stage)
+    loggers = _instantiate_all(cfg.get("logger"))
+    export = ExportModels(cfg, cfg.paths.checkpoint_dir)
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [export]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    if trainer.is_global_zero:
+        log_run_metadata(loggers, cfg, hydra_choices())
+    log.info("output dir: %s", cfg.paths.output_dir)
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        for name, path in export.exported.items():
+            log_tag(loggers, f"checkpoint/{name}", str(path))
+            log.info("exported %s -> %s", name, path)
+        for lg in loggers:
+            lg.log_hyperparams({"checkpoint_dir": str(Path(cfg.paths.checkpoint_dir))})
+        log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry; returns ``cfg.optimized_metric`` for sweepers when set."""
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Every experiment and every group option composes; config errors name the key and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from k3lab.config import CONF_DIR, ConfigError, validate
+from k3lab.nn.movq import count_parameters
+
+from conftest import compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
+    overrides = [f"experiment={experiment}"]
+    if experiment.endswith("movq270m"):
+        overrides.append(f"data.shards.train={tmp_path}/shard-{{000..001}}.tar")
+    cfg = compose_config(overrides, tmp_path)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.task_name == experiment
+    assert cfg.stage._target_.startswith("k3lab.stages.")
+    with torch.device("meta"):
+        model = instantiate(cfg.model.autoencoder)
+    assert count_parameters(model) > 0
+
+
+@pytest.mark.parametrize(
+    "group", ["trainer", "logger", "callbacks", "data", "model/autoencoder", "model/prior", "debug", "stage", "paths"]
+)
+def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if group == "data" and option == "webdataset":
+            overrides.append(f"data.shards.train={tmp_path}/x.tar")
+        cfg = compose_config(overrides, tmp_path)
+        OmegaConf.resolve(cfg)
+
+
+@pytest.mark.parametrize("launcher", options("hydra/launcher"))
+def test_launchers_compose(launcher: str, tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+    assert "_target_" in cfg.hydra.launcher
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+def test_unknown_preset_names_group_and_value(tmp_path: Path) -> None:
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as info:
+        compose_config(["model/autoencoder=movq_9000"], tmp_path)
+    message = str(info.value)
+    assert "movq_9000" in message and "model/autoencoder" in message
+
+
+def test_negative_resolution_fails_before_training(tmp_path: Path) -> None:
+    cfg = compose_config(["data.source.resolution=-64"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.resolution=-64"):
+        validate(cfg)
+
+
+def test_resolution_must_divide_by_downsampling(tmp_path: Path) -> None:
+    cfg = compose_config(["data.source.resolution=60"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.resolution=60: must be divisible by .* 8"):
+        validate(cfg)
+
+
+def test_missing_shard_path_names_key_and_path(tmp_path: Path) -> None:
+    cfg = compose_config(["data=webdataset", f"data.shards.train={tmp_path}/nope-{{000..003}}.tar"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.shards\.train=.*nope-000\.tar"):
+        validate(cfg)
+
+
+def test_valid_default_passes_validation(tmp_path: Path) -> None:
+    validate(compose_config([], tmp_path))
+
+
+def test_mlflow_uri_is_absolute_sqlite_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_config([], tmp_path)
+    assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{tmp_path}/logs/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    cfg = compose_config([], tmp_path)
+    assert cfg.logger.mlflow.tracking_uri == "http://tracking.example:5000"
+
+
+def test_every_path_comes_from_paths(tmp_path: Path) -> None:
+    cfg = compose_config(["experiment=autoencoder_tiny"], tmp_path)
+    OmegaConf.resolve(cfg)
+    paths = {k: str(v) for k, v in cfg.paths.items() if k != "mlflow_uri"}
+    assert all(v.startswith(str(tmp_path)) for v in paths.values()), paths
+    assert cfg.callbacks.model_checkpoint.dirpath == cfg.paths.checkpoint_dir
+    assert cfg.data.source.root.startswith(cfg.paths.data_dir)

@@ -1,0 +1,166 @@
+"""The shard data module: bad samples and corrupt shards are skipped and counted; shuffling is seeded."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from k3lab.data.batch import collate
+from k3lab.data.datamodule import ShardDataModule
+from k3lab.data.shards import ShardDataset, expand_urls, load_image
+
+
+def png(size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def good(key: str, caption: str = "a red square") -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", png()), (f"{key}.txt", caption.encode()), (f"{key}.json", json.dumps({"k": key}).encode())]
+
+
+@pytest.fixture
+def bad_shard(tmp_path: Path) -> Path:
+    members = good("000") + good("001")
+    members += [("002.png", b"\x89PNG this is not an image"), ("002.txt", b"a broken image")]  # undecodable
+    members += [("003.png", png())]  # no caption
+    members += [("004.png", png()), ("004.txt", b"   \n")]  # empty caption
+    members += [("005.txt", b"caption without an image")]  # no image
+    members += [("006.png", png((20, 20))), ("006.txt", b"too small")]  # below min size
+    members += good("007", "a blue circle")
+    return write_shard(tmp_path / "bad-000.tar", members)
+
+
+def run(dataset: ShardDataset) -> tuple[list[str], dict[str, int]]:
+    keys, skipped = [], {}
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate):
+        keys += batch["key"]
+        for k, v in batch["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    return keys, skipped
+
+
+def test_bad_samples_are_skipped_and_counted(bad_shard: Path) -> None:
+    ds = ShardDataset([str(bad_shard)], resolution=32, min_image_size=32, shuffle=False)
+    keys, skipped = run(ds)
+    assert keys == ["bad-000.tar/000", "bad-000.tar/001", "bad-000.tar/007"]
+    assert skipped == {"undecodable_image": 1, "missing_caption": 1, "empty_caption": 1, "missing_image": 1, "image_too_small": 1}
+
+
+def test_truncated_shard_is_counted_and_the_next_shard_still_read(bad_shard: Path, tmp_path: Path) -> None:
+    whole = write_shard(tmp_path / "ok-000.tar", good("100") + good("101") + good("102"))
+    data = whole.read_bytes()
+    truncated = tmp_path / "trunc-000.tar"
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    later = write_shard(tmp_path / "ok-001.tar", good("200") + good("201"))
+    ds = ShardDataset([str(truncated), str(later)], resolution=32, min_image_size=32, shuffle=False)
+    keys, skipped = run(ds)
+    assert keys[-2:] == ["ok-001.tar/200", "ok-001.tar/201"]
+    assert skipped.get("corrupt_shard") == 1
+    assert all(k.startswith(("trunc-000.tar/", "ok-001.tar/")) for k in keys)
+
+
+def test_batch_contents(bad_shard: Path) -> None:
+    ds = ShardDataset([str(bad_shard)], resolution=32, min_image_size=32, shuffle=False)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)))
+    assert batch["image"].shape == (2, 3, 32, 32)
+    red = torch.tensor([200, 10, 10]) / 127.5 - 1
+    assert torch.allclose(batch["image"][0, :, 16, 16], red, atol=1e-2)
+    assert batch["caption"] == ["a red square", "a red square"]
+    assert batch["metadata"] == [{"k": "000"}, {"k": "001"}]
+
+
+def test_resize_and_centre_crop_keep_left_and_right() -> None:
+    """A 128x64 image, left half red and right half blue -> 32x32 centre crop: left still red (no flips)."""
+    img = Image.new("RGB", (128, 64), (255, 0, 0))
+    img.paste((0, 0, 255), (64, 0, 128, 64))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    x = load_image(buf.getvalue(), 32)
+    assert x.shape == (3, 32, 32)
+    assert x[0, 16, 2] > 0.9 and x[2, 16, 2] < -0.9  # left edge red
+    assert x[2, 16, 29] > 0.9 and x[0, 16, 29] < -0.9  # right edge blue
+
+
+def test_shards_split_by_rank_and_worker_cover_everything_once(tmp_path: Path) -> None:
+    urls = [str(write_shard(tmp_path / f"s-{i:03d}.tar", good(f"{i}00"))) for i in range(8)]
+    seen = []
+    for rank in range(2):
+        ds = ShardDataset(urls, resolution=32, seed=5, rank=rank, world_size=2)
+        for worker in range(2):
+            seen += ds.my_urls(worker, 2)
+    assert sorted(seen) == sorted(urls)
+
+
+def test_shuffling_is_seeded_and_changes_per_epoch(tmp_path: Path) -> None:
+    urls = [str(write_shard(tmp_path / f"s-{i:03d}.tar", good(f"{i}00") + good(f"{i}01"))) for i in range(6)]
+    a, b = ShardDataset(urls, 32, seed=1, shuffle_buffer=4), ShardDataset(urls, 32, seed=1, shuffle_buffer=4)
+    order_a = [s["key"] for s in a]
+    assert order_a == [s["key"] for s in b]
+    assert sorted(order_a) == sorted(f"s-{i:03d}.tar/{i}0{j}" for i in range(6) for j in range(2))
+    b.set_epoch(1)
+    assert [s["key"] for s in b] != order_a
+
+
+def test_datamodule_over_brace_pattern_and_epoch_loader(tmp_path: Path) -> None:
+    for i in range(3):
+        write_shard(tmp_path / f"d-{i:03d}.tar", good(f"{i}00") + good(f"{i}01"))
+    dm = ShardDataModule(shards={"train": str(tmp_path / "d-{000..002}.tar"), "val": str(tmp_path / "d-000.tar")},
+                         resolution=32, batch_size=2, min_image_size=32, seed=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first = [k for b in loader for k in b["key"]]
+    second = [k for b in loader for k in b["key"]]
+    assert sorted(first) == sorted(second) and len(first) == 6
+    assert first != second  # a new epoch reshuffles
+    assert [k for b in dm.val_dataloader() for k in b["key"]] == ["d-000.tar/000", "d-000.tar/001"]
+
+
+def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
+    dm = ShardDataModule(shards={"train": str(tmp_path / "missing-{000..001}.tar")}, resolution=32)
+    with pytest.raises(FileNotFoundError, match=r"data\.shards\.train: 2 of 2 shard\(s\) missing"):
+        dm.setup("fit")
+
+
+def test_expand_urls() -> None:
+    assert expand_urls("a-{00..02}.tar") == ["a-00.tar", "a-01.tar", "a-02.tar"]
+    assert expand_urls(["x.tar", "pipe:cat y-{0..1}.tar"]) == ["x.tar", "pipe:cat y-0.tar", "pipe:cat y-1.tar"]
+
+
+def test_pipe_urls_are_read(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "p-000.tar", good("000") + good("001"))
+    ds = ShardDataset([f"pipe:cat {shard}"], resolution=32, min_image_size=32, shuffle=False)
+    assert [s["caption"] for s in ds] == ["a red square", "a red square"]
+
+
+def test_scene_world_through_the_datamodule(tmp_path: Path) -> None:
+    from k3lab.data.scene_world import SceneWorld
+
+    world = SceneWorld(root=str(tmp_path), num_train=40, num_val=8, num_test=8, num_heldout=8, shard_size=10)
+    dm = ShardDataModule(source=world, resolution=64, batch_size=8)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 64, 64)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert all(m["caption"] == c for m, c in zip(batch["metadata"], batch["caption"]))
+    held = [b for b in dm.split_dataloader("heldout")]
+    assert sum(len(b["key"]) for b in held) == 8
+    assert np.all([m["split"] == "heldout" for b in held for m in b["metadata"]])
