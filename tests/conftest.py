@@ -50,12 +50,14 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_cfg(tmp_path: Path, data_root: Path) -> Callable[..., DictConfig]:
     """``make_cfg(*overrides)``: the tiny autoencoder experiment, shrunk for CPU tests, under tmp_path."""
 
-    def make(*overrides: str) -> DictConfig:
+    def make(*overrides: str, scene_world: bool = True) -> DictConfig:
         base = [
-            "experiment=autoencoder_tiny", f"paths.data_dir={data_root}", *SMALL_WORLD,
+            "experiment=autoencoder_tiny", f"paths.data_dir={data_root}", *(SMALL_WORLD if scene_world else []),
             "logger=csv", "data.batch_size=8", "data.val_batch_size=32", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false",
         ]
+        if not scene_world:
+            base = [o for o in base if not o.startswith("data.")] + ["data=webdataset"]
         return compose_config([*base, *overrides], tmp_path)
 
     return make

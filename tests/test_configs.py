@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
     overrides = [f"experiment={experiment}"]
     if experiment.endswith("movq270m"):
-        overrides.append(f"data.shards.train={tmp_path}/shard-{{000..001}}.tar")
+        overrides.append(f"data.shards.train='{tmp_path}/shard-{{000..001}}.tar'")
     cfg = compose_config(overrides, tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg.task_name == experiment
@@ -80,7 +80,7 @@ def test_resolution_must_divide_by_downsampling(tmp_path: Path) -> None:
 
 
 def test_missing_shard_path_names_key_and_path(tmp_path: Path) -> None:
-    cfg = compose_config(["data=webdataset", f"data.shards.train={tmp_path}/nope-{{000..003}}.tar"], tmp_path)
+    cfg = compose_config(["data=webdataset", f"data.shards.train='{tmp_path}/nope-{{000..003}}.tar'"], tmp_path)
     with pytest.raises(ConfigError, match=r"data\.shards\.train=.*nope-000\.tar"):
         validate(cfg)
 

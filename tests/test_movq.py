@@ -110,3 +110,18 @@ def test_bad_constructor_values_are_named() -> None:
         MoVQ(ch=-8)
     with pytest.raises(ValueError, match="num_groups=32"):
         MoVQ(ch=24)
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs() -> None:
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_embed=64, embed_dim=4, restart_dead_codes=True, restart_every=5).train()
+    z = torch.randn(4, 4, 8, 8) * 3 + 5  # far from the tiny initial codebook: everything maps to a few codes
+    for _ in range(30):
+        vq(z.clone().requires_grad_(True))
+    assert vq.restarts > 0
+    used = torch.unique(vq(z.clone().requires_grad_(True)).indices).numel()
+    assert used > 16
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    near = torch.cdist(vq.embedding.weight.detach(), flat).min(1).values
+    assert (near < 1e-5).sum() > 16  # re-seeded codes are actual encoder outputs
+    assert "usage" not in vq.state_dict()  # checkpoints keep MoVQ's exact keys

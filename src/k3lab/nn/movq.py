@@ -151,6 +151,7 @@ class MoVQ(nn.Module):
         embed_dim: int = 4,  # latent / codebook vector width
         n_embed: int = 16384,  # codebook size
         beta: float = 0.25,  # commitment weight
+        restart_dead_codes: bool = False,  # re-seed unused codes while training (not in the MoVQGAN recipe)
         dropout: float = 0.0,
         num_groups: int = 32,  # GroupNorm groups
     ) -> None:
@@ -165,7 +166,7 @@ class MoVQ(nn.Module):
                            z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed)
         self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, levels, z_channels, dropout, num_groups)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantize = VectorQuantizer(n_embed, embed_dim, beta)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta, restart_dead_codes=restart_dead_codes)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = Decoder(out_channels, ch, ch_mult, num_res_blocks, levels, z_channels, embed_dim, dropout, num_groups)
 
