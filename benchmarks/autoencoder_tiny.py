@@ -16,25 +16,15 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import DictConfig
 
-from k3lab.config import CONF_DIR
+from k3lab.config import compose
 from k3lab.nn.movq import count_parameters
 
 
-def compose_tiny(root: Path, overrides: list[str]) -> object:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", return_hydra_config=True, overrides=["experiment=autoencoder_tiny", f"paths.root_dir={root}", *overrides])
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(root / "bench_run")
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+def compose_tiny(root: Path, overrides: list[str]) -> DictConfig:
+    return compose(["experiment=autoencoder_tiny", f"paths.root_dir={root}", *overrides], output_dir=root / "bench_run")
 
 
 def diffusers_peer(model_cfg: dict) -> torch.nn.Module:

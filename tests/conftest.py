@@ -7,12 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from k3lab.config import CONF_DIR
+from k3lab.config import compose
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -29,16 +26,7 @@ SMALL_WORLD = [
 
 def compose_config(overrides: list[str], root: Path) -> DictConfig:
     """Compose conf/train.yaml as ``python -m k3lab.train`` would, with every path under ``root``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[f"paths.root_dir={root}", *overrides])
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(root / "run")
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+    return compose([f"paths.root_dir={root}", *overrides], output_dir=root / "run")
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,14 @@ def test_every_path_comes_from_paths(tmp_path: Path) -> None:
     assert all(v.startswith(str(tmp_path)) for v in paths.values()), paths
     assert cfg.callbacks.model_checkpoint.dirpath == cfg.paths.checkpoint_dir
     assert cfg.data.source.root.startswith(cfg.paths.data_dir)
+
+
+def test_resume_from_truncated_or_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, path)
+    validate(compose_config([f"ckpt_path={path}"], tmp_path))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*last\.ckpt': not a torch checkpoint archive"):
+        validate(compose_config([f"ckpt_path={path}"], tmp_path))
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*missing\.ckpt': no such file"):
+        validate(compose_config([f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path))

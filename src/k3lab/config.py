@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,5 +78,33 @@ def validate(cfg: DictConfig) -> None:
                 problems.append(f"stage.{key}={value!r}: must be a number >= 0")
         if stage.get("perceptual_weight", 0) and stage.get("vgg_weights") and not Path(stage.vgg_weights).is_file():
             problems.append(f"stage.vgg_weights={stage.vgg_weights!r}: no such file (LPIPS needs a local VGG16 state dict)")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt:
+        if not Path(ckpt).is_file():
+            problems.append(f"ckpt_path={ckpt!r}: no such file")
+        elif not zipfile.is_zipfile(ckpt):
+            problems.append(f"ckpt_path={ckpt!r}: not a torch checkpoint archive (truncated or a foreign file)")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as ``python -m k3lab.train`` would, outside a Hydra app
+    (tests, benchmarks, notebooks). ``${hydra:runtime.output_dir}`` resolves to ``output_dir``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = hydra_compose(config_name=config_name, return_hydra_config=True, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd() / "outputs")
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg

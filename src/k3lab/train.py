@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from k3lab.callbacks import ExportModels
@@ -17,6 +19,10 @@ from k3lab.config import CONF_DIR, validate
 from k3lab.tracking import log_run_metadata, log_tag
 
 log = logging.getLogger(__name__)
+
+# Frozen parts (EMA copies, frozen encoders) are kept in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -39,6 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"))
     export = ExportModels(cfg, cfg.paths.checkpoint_dir)
     callbacks = _instantiate_all(cfg.get("callbacks")) + [export]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     if trainer.is_global_zero:
         log_run_metadata(loggers, cfg, hydra_choices())
