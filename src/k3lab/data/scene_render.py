@@ -9,6 +9,11 @@ from PIL import Image, ImageDraw
 from k3lab.data.scene_spec import BACKGROUND, COLORS, Scene, SceneObject
 
 
+# Farthest point of each drawn shape from its centre, in units of the object's radius (square: 0.85 * sqrt 2;
+# cross: arm end corners). Placement keeps these discs apart, so objects never touch.
+EXTENT: dict[str, float] = {"circle": 1.0, "square": 0.85 * math.sqrt(2), "triangle": 1.0, "cross": math.hypot(1.0, 1.0 / 3.0)}
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
     cx, cy, r = obj.x * side, obj.y * side, obj.radius * side
     fill = COLORS[obj.color]

@@ -21,6 +21,7 @@ import numpy as np
 from k3lab.checkpoint import atomic_write_bytes
 from k3lab.data.scene_captions import caption_for
 from k3lab.data.scene_render import render
+from k3lab.data.scene_render import EXTENT
 from k3lab.data.scene_spec import COLORS, KINDS, RELATIONS, SHAPES, SIZES, Scene, SceneObject, relation_between
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
 DEFAULT_HELDOUT: tuple[tuple[str, str], ...] = (
     ("red", "triangle"), ("green", "circle"), ("blue", "cross"), ("yellow", "square"),
 )
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -178,9 +179,10 @@ class SceneWorld:
         margin = 1.5 / self.resolution
         for shape, color, size in attrs:
             r = SIZES[size]
+            e = r * EXTENT[shape]
             for _ in range(60):
-                x, y = (float(v) for v in rng.uniform(r + margin, 1 - r - margin, size=2))
-                ok = all(np.hypot(x - o.x, y - o.y) > r + o.radius + 2 * margin and abs(x - o.x) >= min_dx for o in placed)
+                x, y = (float(v) for v in rng.uniform(e + margin, 1 - e - margin, size=2))
+                ok = all(np.hypot(x - o.x, y - o.y) > e + o.radius * EXTENT[o.shape] + 2 * margin and abs(x - o.x) >= min_dx for o in placed)
                 if ok:
                     placed.append(SceneObject(shape, color, size, round(x, 4), round(y, 4), r))
                     break

@@ -1,0 +1,103 @@
+"""FID/KID through clean-fid with a custom extractor, CLIP score and the reference CLIP, all offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from evaluation import fid
+from evaluation.clip_score import clip_score, load_clip
+from evaluation.images import ImageRecord, load_folder, load_shards, write_folder
+
+
+def random_features_net() -> torch.nn.Module:
+    """A fixed random conv net: a deterministic custom feature extractor (clean-fid's custom_feat_extractor contract)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 5, stride=4),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
+
+
+@pytest.fixture(scope="module")
+def scene_records(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[ImageRecord]]:
+    from k3lab.data.scene_world import SceneWorld
+
+    shards = SceneWorld(root=str(tmp_path_factory.mktemp("m")), seed=5, num_train=2000, num_val=300, num_test=0, num_heldout=0,
+                        shard_size=1000).build()
+    return {"train": list(load_shards(shards["train"])), "val": list(load_shards(shards["val"]))}
+
+
+def blur(records: list[ImageRecord], radius: float) -> list[ImageRecord]:
+    if radius == 0:
+        return records
+    return [ImageRecord(np.asarray(Image.fromarray(r.image).filter(ImageFilter.GaussianBlur(radius))), r.prompt_id, r.prompt, r.seed)
+            for r in records]
+
+
+def test_fid_self_is_zero_and_grows_with_distortion(scene_records: dict, tmp_path: Path) -> None:
+    net = random_features_net()
+    extractor = lambda x: net(x / 255.0)
+    base = scene_records["val"][:200]
+    ref = fid.record_features(base, extractor, verbose=False)
+    values = [fid.distances(fid.record_features(blur(base, r), extractor, verbose=False), ref)["fid"] for r in (0, 0.5, 1.0, 2.0)]
+    assert abs(values[0]) < 1e-3, values
+    assert all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_fid_equals_a_direct_clean_fid_call(scene_records: dict, tmp_path: Path) -> None:
+    from cleanfid import fid as cfid
+
+    net = random_features_net()
+    extractor = lambda x: net(x / 255.0)
+    a, b = write_folder(scene_records["val"][:100], tmp_path / "a"), write_folder(blur(scene_records["val"][100:200], 1.0), tmp_path / "b")
+    ours = fid.distances(fid.folder_features(a, extractor, verbose=False), fid.folder_features(b, extractor, verbose=False))["fid"]
+    direct = cfid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=extractor, device=torch.device("cpu"),
+                              num_workers=0, verbose=False, use_dataparallel=False)
+    assert ours == pytest.approx(direct, rel=1e-6)
+
+
+def test_inception_missing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"Inception weights not found at {tmp_path}/inception-2015-12-05\.pt"):
+        fid.inception_extractor(tmp_path)
+
+
+def test_wrong_extractor_shape_is_named(scene_records: dict) -> None:
+    with pytest.raises(ValueError, match=r"feature extractor returned \(4, 3, 2\) for a batch of 4"):
+        fid.checked(lambda x: torch.zeros(4, 3, 2))(torch.zeros(4, 3, 299, 299))
+
+
+def test_reference_clip_learns_and_scores(scene_records: dict, tmp_path: Path) -> None:
+    from evaluation import reference_clip
+
+    report = reference_clip.train(scene_records["train"], scene_records["val"][:100], tmp_path / "clip", steps=120, batch_size=64, lr=2e-3)
+    r = report["heldout_retrieval"]
+    assert r["image_to_text_top1"] > 5 * r["chance"], r
+    clip = reference_clip.load_reference(tmp_path / "clip")
+    val = scene_records["val"][:64]
+    matched = clip_score(clip, [x.image for x in val], [x.prompt for x in val])["clip_score"]
+    shuffled = clip_score(clip, [x.image for x in val], [x.prompt for x in val[1:] + val[:1]])["clip_score"]
+    assert matched > shuffled, (matched, shuffled)
+    assert json.loads((tmp_path / "clip" / "report.json").read_text())["heldout_retrieval"] == r
+
+
+def test_clip_score_definition_and_missing_weights(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"CLIP weights for 'ViT-B-32' not found at .*nope\.pt"):
+        load_clip("ViT-B-32", tmp_path / "nope.pt")
+
+
+def test_folder_errors_name_the_file(tmp_path: Path) -> None:
+    rec = ImageRecord(np.zeros((8, 8, 3), dtype=np.uint8), "p0", "a prompt")
+    folder = write_folder([rec], tmp_path / "f")
+    assert len(load_folder(folder, expected=1)) == 1
+    with pytest.raises(ValueError, match=r"1 images but 2 expected"):
+        load_folder(folder, expected=2)
+    (folder / "p0_0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"unreadable image .*p0_0\.png"):
+        load_folder(folder)
+    (folder / "p0_0.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"line 1: image not found: .*p0_0\.png"):
+        load_folder(folder)

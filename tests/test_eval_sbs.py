@@ -1,0 +1,152 @@
+"""Side-by-side: blinded export, aggregation against hand-computed values, agreement on real data, the HTML page."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation import sbs
+from evaluation.stats import fleiss_kappa, krippendorff_alpha_nominal, wilson_interval
+
+from conftest import SHARED
+
+
+def make_pairs(tmp_path: Path, n: int = 10) -> list[sbs.Pair]:
+    pairs = []
+    for i in range(n):
+        for model, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+            (tmp_path / model).mkdir(exist_ok=True)
+            Image.new("RGB", (32, 32), colour).save(tmp_path / model / f"{i}.png")
+        pairs.append(sbs.Pair(f"p{i}", f"prompt {i}", "cat" + str(i % 2), 0, tmp_path / "a" / f"{i}.png", tmp_path / "b" / f"{i}.png"))
+    return pairs
+
+
+def test_export_is_blinded_and_reproducible(tmp_path: Path) -> None:
+    pairs = make_pairs(tmp_path)
+    out = sbs.export(pairs, tmp_path / "pkg", "model-a", "model-b", seed=3, repeat_fraction=0.2)
+    items = json.loads(out["items"].read_text())
+    key = json.loads(out["key"].read_text())
+    assert len(items) == 12 and out["key"].parent == tmp_path  # 10 + 2 repeats; key kept outside the package
+    shared = "".join(p.read_text() for p in (tmp_path / "pkg").rglob("*") if p.suffix in (".json", ".html"))
+    assert "model-a" not in shared and "model-b" not in shared and "p3" not in shared
+    lefts = [key["items"][it["item_id"]]["left"] for it in items]
+    assert 2 <= lefts.count("model-a") <= 10  # sides randomised
+    repeats = [k for k, v in key["items"].items() if v["repeat_of"]]
+    assert len(repeats) == 2
+    for r in repeats:
+        orig = key["items"][key["items"][r]["repeat_of"]]
+        assert orig["left"] == key["items"][r]["right"]  # the repeat swaps the sides
+    red = np.asarray(Image.open(tmp_path / "pkg" / items[0]["left"]))[0, 0]
+    assert (red[0] > red[2]) == (lefts[0] == "model-a")  # image files follow the key
+    again = sbs.export(pairs, tmp_path / "pkg2", "model-a", "model-b", seed=3, repeat_fraction=0.2)
+    assert json.loads(again["key"].read_text())["items"] == key["items"]
+
+
+def write_key(path: Path) -> Path:
+    key = {"model_a": "A", "model_b": "B", "seed": 0, "items": {
+        "i1": {"prompt_id": "p1", "category": "x", "seed": 0, "left": "A", "right": "B", "repeat_of": None},
+        "i2": {"prompt_id": "p2", "category": "x", "seed": 0, "left": "B", "right": "A", "repeat_of": None},
+        "i3": {"prompt_id": "p3", "category": "y", "seed": 0, "left": "A", "right": "B", "repeat_of": None},
+        "i4": {"prompt_id": "p1", "category": "x", "seed": 0, "left": "B", "right": "A", "repeat_of": "i1"},
+    }}
+    path.write_text(json.dumps(key))
+    return path
+
+
+ROWS = [("i1", "r1", "left"), ("i2", "r1", "left"), ("i3", "r1", "tie"), ("i4", "r1", "right"),
+        ("i1", "r2", "left"), ("i2", "r2", "right"), ("i3", "r2", "left")]
+
+
+def write_annotations(path: Path, rows: list[tuple[str, str, str]], question: str = "alignment") -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "annotator_id", "question", "choice"])
+        for item, rater, choice in rows:
+            w.writerow([item, rater, question, choice])
+    return path
+
+
+def test_aggregation_matches_hand_computed_values(tmp_path: Path) -> None:
+    report = sbs.ingest(write_annotations(tmp_path / "ann.csv", ROWS), write_key(tmp_path / "key.json"), bootstrap_samples=500)
+    res = report["questions"]["alignment"]
+    o = res["overall"]
+    # r1: i1 A, i2 B, i3 tie; r2: i1 A, i2 A, i3 A  -> W 4, T 1, L 1 (the repeat i4 only feeds consistency)
+    assert (o["wins"], o["ties"], o["losses"]) == (4, 1, 1)
+    assert o["win_rate_ties_half"] == pytest.approx(4.5 / 6) and o["win_rate_no_ties"] == pytest.approx(0.8)
+    assert o["wilson95_ties_half"] == pytest.approx((0.3648, 0.9400), abs=1e-3)  # by hand, z = 1.96
+    assert o["wilson95_no_ties"] == pytest.approx(wilson_interval(4, 5))
+    lo, hi = o["bootstrap95_ties_half"]
+    assert 0.0 <= lo <= 0.75 <= hi <= 1.0
+    assert (res["by_category"]["x"]["wins"], res["by_category"]["x"]["losses"]) == (3, 1)
+    assert (res["by_category"]["y"]["wins"], res["by_category"]["y"]["ties"]) == (1, 1)
+    assert res["consistency"] == {"pairs": 1, "consistent": 1, "rate": 1.0}
+    assert report["questions"]["quality"]["overall"]["n"] == 0
+    files = sbs.write_report(report, tmp_path / "report")
+    assert files["plot"].stat().st_size > 1000 and "| all | 4 | 1 | 1 | 0.750 |" in files["markdown"].read_text()
+
+
+def test_bad_annotations_name_row_and_value(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "key.json")
+    with pytest.raises(ValueError, match=r"row 2: unknown item id 'zz'"):
+        sbs.ingest(write_annotations(tmp_path / "a.csv", [("i1", "r", "left"), ("zz", "r", "left")]), key)
+    with pytest.raises(ValueError, match=r"row 1: invalid choice 'both'"):
+        sbs.ingest(write_annotations(tmp_path / "b.csv", [("i1", "r", "both")]), key)
+
+
+def test_agreement_statistics() -> None:
+    assert krippendorff_alpha_nominal([["a", "a"], ["b", "b"], ["a", "a", "a"]]) == pytest.approx(1.0)
+    # Krippendorff's own nominal example (2004, 4 coders with missing values): alpha = 0.743
+    data = [[1, 1, None, 1], [2, 2, 3, 2], [3, 3, 3, 3], [3, 3, 3, 3], [2, 2, 2, 2], [1, 2, 3, 4], [4, 4, 4, 4],
+            [1, 1, 2, 1], [2, 2, 2, 2], [None, 5, 5, 5], [None, None, 1, 1], [None, None, 3, None]]
+    assert krippendorff_alpha_nominal(data) == pytest.approx(0.743, abs=1e-3)
+    # Fleiss (1971)-style check: perfect agreement is 1, and kappa is below 1 with disagreement
+    assert fleiss_kappa([["a", "a", "a"], ["b", "b", "b"]]) == pytest.approx(1.0)
+    assert fleiss_kappa([["a", "a", "b"], ["b", "b", "a"], ["a", "a", "a"]]) < 1.0
+
+
+def test_agreement_on_real_geneval_annotations() -> None:
+    path = SHARED / "prompt-sets" / "geneval" / "annotations_sdv2.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    units: dict[str, list[str]] = {}
+    for r in rows:
+        units.setdefault(r["Input.index"], []).append(r["Answer.task-quality"])
+    alpha = krippendorff_alpha_nominal(units.values())
+    assert len(rows) == 2000 and -1.0 <= alpha <= 1.0 and not np.isnan(alpha)
+
+
+def test_html_records_a_key_press_in_headless_chromium(tmp_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are required (.ci/run installs them)"
+    out = sbs.export(make_pairs(tmp_path, 3), tmp_path / "pkg", "A", "B", seed=0, repeat_fraction=0.0)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(out["html"].resolve().as_uri())
+        box = driver.find_element(By.ID, "annotator")
+        box.send_keys("rater-1", Keys.ENTER)
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys(Keys.ARROW_LEFT)
+        body.send_keys("3")
+        rows = driver.execute_script("return window.k3labAnnotations();")
+        first_item = json.loads(out["items"].read_text())[0]["item_id"]
+        assert rows == [{"item_id": first_item, "annotator_id": "rater-1", "question": "alignment", "choice": "left"},
+                        {"item_id": first_item, "annotator_id": "rater-1", "question": "quality", "choice": "tie"}]
+        assert "item 2 of 3" in driver.find_element(By.ID, "progress").text
+    finally:
+        driver.quit()
