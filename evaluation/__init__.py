@@ -1,7 +1,9 @@
-"""k3lab's evaluation package: metrics for images from any model (FID/KID, CLIP score, a compositional
-benchmark, human side-by-side exports). It never imports k3lab, so it can score any generator.
+"""k3lab's evaluation package: metrics for images from any model. It never imports k3lab.
 
-The metrics themselves are filled in by the evaluation issue; this is the installable skeleton.
+Modules: ``prompts`` (prompt sets and loaders), ``images`` (folders, shards, generators), ``detector`` and
+``compbench`` (the scene world's compositional benchmark), ``fid`` (FID/KID through clean-fid),
+``clip_score`` and ``reference_clip`` (CLIP score, the evaluation's own CLIP), ``sbs`` and ``stats``
+(human side-by-side export, ingestion and statistics). Command line: ``python -m evaluation --help``.
 """
 
 from __future__ import annotations

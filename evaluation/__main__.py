@@ -32,7 +32,7 @@ def cmd_compbench(args: argparse.Namespace) -> Any:
     from evaluation import compbench
     from evaluation.images import load_folder
 
-    records = load_folder(args.images)
+    records = load_folder(args.images, expected=args.expected)
     missing = [r.prompt_id for r in records if r.spec is None]
     if missing:
         raise ValueError(f"{args.images}: {len(missing)} images have no scene spec in metadata.jsonl, e.g. {missing[0]!r}")
@@ -65,7 +65,7 @@ def cmd_clip_score(args: argparse.Namespace) -> Any:
     from evaluation.clip_score import clip_score, load_clip
     from evaluation.images import load_folder
 
-    records = load_folder(args.images)
+    records = load_folder(args.images, expected=args.expected)
     return clip_score(load_clip(args.clip_model, args.clip_weights, args.clip_config), [r.image for r in records], [r.prompt for r in records])
 
 
@@ -94,7 +94,7 @@ def cmd_sbs_export(args: argparse.Namespace) -> Any:
     pairs = [sbs.Pair(pid, a[(pid, s)]["prompt"], a[(pid, s)].get("category", ""), s, args.images_a / a[(pid, s)]["file"],
                       args.images_b / b[(pid, s)]["file"]) for pid, s in common]
     paths = sbs.export(pairs, args.out_dir, args.model_a, args.model_b, seed=args.seed, repeat_fraction=args.repeat_fraction, key_path=args.key)
-    return {k: str(v) for k, v in paths.items()} | {"items": len(pairs), "only_in_one": len(set(a) ^ set(b))}
+    return {k: str(v) for k, v in paths.items()} | {"num_pairs": len(pairs), "only_in_one": len(set(a) ^ set(b))}
 
 
 def cmd_sbs_ingest(args: argparse.Namespace) -> Any:
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
         return sp
 
+    def expected(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--expected", type=int, default=None, help="prompts x seeds: a different image count is an error")
+
     def clip_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (or the stem of --clip-config)")
         sp.add_argument("--clip-weights", type=Path, required=False, help="local open_clip weights file")
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = common(sub.add_parser("compbench", help="compositional accuracy of scene-world images"))
     sp.add_argument("images", type=Path, help="folder with metadata.jsonl (each line with the scene 'spec')")
     sp.add_argument("--group-key", default="split", help="spec field for the breakdown (seen vs heldout)")
+    expected(sp)
     sp.set_defaults(func=cmd_compbench)
     sp = common(sub.add_parser("fid", help="FID and KID between two image folders"))
     sp.add_argument("images", type=Path)
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = common(sub.add_parser("clip-score", help="CLIP score of a folder's images against their prompts"))
     sp.add_argument("images", type=Path)
     clip_args(sp)
+    expected(sp)
     sp.set_defaults(func=cmd_clip_score)
     sp = common(sub.add_parser("train-reference-clip", help="train the reference CLIP on scene-world shards"))
     sp.add_argument("--train", required=True, help="shards, brace pattern allowed")

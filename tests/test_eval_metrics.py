@@ -82,6 +82,30 @@ def test_reference_clip_learns_and_scores(scene_records: dict, tmp_path: Path) -
     shuffled = clip_score(clip, [x.image for x in val], [x.prompt for x in val[1:] + val[:1]])["clip_score"]
     assert matched > shuffled, (matched, shuffled)
     assert json.loads((tmp_path / "clip" / "report.json").read_text())["heldout_retrieval"] == r
+    # FD on CLIP features: the open_clip image tower as clean-fid's custom extractor
+    size = clip.model.visual.image_size
+    extractor = fid.open_clip_extractor(clip.model, size[0] if isinstance(size, tuple) else size, reference_clip.OPENAI_MEAN, reference_clip.OPENAI_STD)
+    ref = fid.record_features(val, extractor, verbose=False)
+    assert ref.shape == (64, 64)
+    assert abs(fid.distances(ref, ref)["fid"]) < 1e-3
+    assert fid.compute(blur(val, 2.0), ref, extractor, clip.name)["fid"] > fid.compute(val, ref, extractor, clip.name)["fid"] + 1e-3
+
+
+def test_reference_statistics_are_cached_by_key(scene_records: dict, tmp_path: Path) -> None:
+    net = random_features_net()
+    calls = []
+
+    def extractor(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return net(x / 255.0)
+
+    records = lambda: scene_records["val"][:40]
+    first = fid.reference_features(tmp_path, "scene_world", "val", 64, "randnet", records, extractor)
+    n_calls = len(calls)
+    second = fid.reference_features(tmp_path, "scene_world", "val", 64, "randnet", records, extractor)
+    assert np.array_equal(first, second) and len(calls) == n_calls  # served from the cache
+    fid.reference_features(tmp_path, "scene_world", "val", 64, "other-extractor", records, extractor)
+    assert len(calls) > n_calls and len(list(tmp_path.glob("*.npz"))) == 2  # the extractor is part of the key
 
 
 def test_clip_score_definition_and_missing_weights(tmp_path: Path) -> None:
