@@ -15,7 +15,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+def find_shared() -> Path:
+    """The steering repo's ``shared/`` folder (prompt sets): ``$K3LAB_SHARED``, else ``../shared`` beside the
+    checkout or beside any folder above it. Tests that need it fail (never skip) when it is absent."""
+    if os.environ.get("K3LAB_SHARED"):
+        return Path(os.environ["K3LAB_SHARED"])
+    repo = Path(__file__).resolve().parents[1]
+    for folder in (repo, *repo.parents):
+        if (folder.parent / "shared" / "prompt-sets").is_dir():
+            return folder.parent / "shared"
+    return repo.parent / "shared"
+
+
+SHARED = find_shared()
 
 # Small but real scene world used across tests (built once per session).
 SMALL_WORLD = [
