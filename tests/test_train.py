@@ -69,6 +69,7 @@ def test_cli_end_to_end_with_mlflow(tmp_path: Path, data_root: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"Epoch 0: +\d+%\|", out.stdout)  # a tqdm bar, visible even when the output is not a terminal
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/logs/mlflow.db" in out.stdout + out.stderr
     run_dirs = list((tmp_path / "logs" / "debug" / "runs").iterdir())
     assert len(run_dirs) == 1
     ckpt_dir = run_dirs[0] / "checkpoints"

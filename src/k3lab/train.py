@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from k3lab.callbacks import ExportModels
 from k3lab.config import CONF_DIR, validate
-from k3lab.tracking import log_run_metadata, log_tag
+from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_hyperparams({"checkpoint_dir": str(Path(cfg.paths.checkpoint_dir))})
         log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        log.info("run folder: %s", cfg.paths.output_dir)
+        mlf = find_mlflow_logger(loggers)
+        if mlf is not None:
+            uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
+            log.info("look at it: mlflow ui --backend-store-uri %s  (run %s)", uri, mlf.run_id)
     return metrics
 
 
