@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf

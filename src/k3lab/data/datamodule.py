@@ -72,7 +72,6 @@ class ShardDataModule(L.LightningDataModule):
         self.min_image_size = self.resolution if min_image_size is None else int(min_image_size)
         self.require_caption, self.shuffle_buffer, self.seed = require_caption, shuffle_buffer, seed
         self.val_split, self.test_split = val_split, test_split
-        self._urls: dict[str, list[str]] = {}
         self.datasets: dict[str, ShardDataset] = {}
 
     def prepare_data(self) -> None:
@@ -91,10 +90,10 @@ class ShardDataModule(L.LightningDataModule):
         return urls
 
     def setup(self, stage: str | None = None) -> None:
-        self._urls = self.split_urls()
+        urls = self.split_urls()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        for split, items in self._urls.items():
+        for split, items in urls.items():
             train = split == "train"
             self.datasets[split] = ShardDataset(
                 items, self.resolution, self.image_keys, self.caption_key, self.metadata_key,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 # torchvision VGG16 ``features`` index ranges that make up LPIPS' five slices.

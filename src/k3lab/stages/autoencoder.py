@@ -8,7 +8,7 @@ the discriminator is on, ``trainer.max_steps`` advances by 2 per batch. ``disc_s
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import lightning as L
 import torch
@@ -69,7 +69,7 @@ class AutoencoderStage(L.LightningModule):
 
     def exportable_modules(self) -> dict[str, nn.Module]:
         """What a later stage loads: the EMA weights when kept, else the live ones."""
-        return {"autoencoder": self.autoencoder_ema.module if self.autoencoder_ema is not None else self.autoencoder}
+        return {"autoencoder": self.eval_model()}
 
     def configure_optimizers(self) -> list[Optimizer]:
         opts = [self.optimizer_factory(self.autoencoder.parameters())]
@@ -125,6 +125,7 @@ class AutoencoderStage(L.LightningModule):
         return loss.detach()
 
     def eval_model(self) -> MoVQ:
+        """The weights validation and export use: the EMA copy when kept."""
         return self.autoencoder_ema.module if self.autoencoder_ema is not None else self.autoencoder
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

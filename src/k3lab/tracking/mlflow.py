@@ -22,17 +22,6 @@ def find_mlflow_logger(loggers: Iterable[Logger] | Logger | None) -> MLFlowLogge
     return next((lg for lg in items if isinstance(lg, MLFlowLogger)), None)
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
-
-
 def log_run_metadata(loggers: Iterable[Logger], cfg: DictConfig, choices: Mapping[str, str] | None) -> None:
     """Params: the Hydra group choices (``choice/<group>``), seed and task; artifact: the resolved config."""
     params: dict[str, Any] = {"seed": cfg.get("seed"), "task_name": cfg.get("task_name")}
