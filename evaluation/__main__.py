@@ -49,8 +49,10 @@ def _extractor(args: argparse.Namespace) -> tuple[Any, str]:
     clip = load_clip(args.clip_model, args.clip_weights, args.clip_config)
     size = clip.model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return fid.open_clip_extractor(clip.model, size, clip.model.visual.image_mean or (0.48145466, 0.4578275, 0.40821073),
-                                   clip.model.visual.image_std or (0.26862954, 0.26130258, 0.27577711)), clip.name
+    from evaluation.reference_clip import OPENAI_MEAN, OPENAI_STD
+
+    return fid.open_clip_extractor(clip.model, size, getattr(clip.model.visual, "image_mean", None) or OPENAI_MEAN,
+                                   getattr(clip.model.visual, "image_std", None) or OPENAI_STD), clip.name
 
 
 def cmd_fid(args: argparse.Namespace) -> Any:
@@ -82,17 +84,13 @@ def cmd_sbs_export(args: argparse.Namespace) -> Any:
     from evaluation import sbs
     from evaluation.images import load_folder
 
-    def index(folder: Path) -> dict[tuple[str, int], dict]:
-        rows = [json.loads(l) for l in (folder / "metadata.jsonl").read_text().splitlines() if l.strip()]
-        return {(str(r["prompt_id"]), int(r.get("seed", 0))): r for r in rows}
-
-    load_folder(args.images_a), load_folder(args.images_b)  # validates every file is present and readable
-    a, b = index(args.images_a), index(args.images_b)
+    # load_folder checks every file is present and readable; records keep their paths
+    a = {(r.prompt_id, r.seed): r for r in load_folder(args.images_a)}
+    b = {(r.prompt_id, r.seed): r for r in load_folder(args.images_b)}
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError(f"{args.images_a} and {args.images_b} share no (prompt_id, seed)")
-    pairs = [sbs.Pair(pid, a[(pid, s)]["prompt"], a[(pid, s)].get("category", ""), s, args.images_a / a[(pid, s)]["file"],
-                      args.images_b / b[(pid, s)]["file"]) for pid, s in common]
+    pairs = [sbs.Pair(a[k].prompt_id, a[k].prompt, a[k].category, a[k].seed, a[k].path, b[k].path) for k in common]
     paths = sbs.export(pairs, args.out_dir, args.model_a, args.model_b, seed=args.seed, repeat_fraction=args.repeat_fraction, key_path=args.key)
     return {k: str(v) for k, v in paths.items()} | {"num_pairs": len(pairs), "only_in_one": len(set(a) ^ set(b))}
 

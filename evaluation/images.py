@@ -31,6 +31,7 @@ class ImageRecord:
     seed: int = 0
     category: str = ""
     spec: dict[str, Any] | None = field(default=None, repr=False)
+    path: Path | None = None  # the file it was read from, when it came from a folder
 
 
 def read_image(data: bytes | str | Path, name: str = "") -> np.ndarray:
@@ -60,7 +61,7 @@ def load_folder(directory: str | Path, expected: int | None = None) -> list[Imag
         if not path.is_file():
             raise FileNotFoundError(f"{meta_path}: line {i + 1}: image not found: {path}")
         records.append(ImageRecord(read_image(path), str(meta["prompt_id"]), meta["prompt"], int(meta.get("seed", 0)),
-                                   meta.get("category", ""), meta.get("spec")))
+                                   meta.get("category", ""), meta.get("spec"), path))
     if expected is not None and len(records) != expected:
         raise ValueError(f"{meta_path}: {len(records)} images but {expected} expected (prompts x seeds)")
     return records

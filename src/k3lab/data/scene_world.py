@@ -20,8 +20,7 @@ import numpy as np
 
 from k3lab.checkpoint import atomic_write_bytes
 from k3lab.data.scene_captions import caption_for
-from k3lab.data.scene_render import render
-from k3lab.data.scene_render import EXTENT
+from k3lab.data.scene_render import EXTENT, render
 from k3lab.data.scene_spec import COLORS, KINDS, RELATIONS, SHAPES, SIZES, Scene, SceneObject, relation_between
 
 log = logging.getLogger(__name__)

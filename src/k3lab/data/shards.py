@@ -67,24 +67,16 @@ def iter_tar_samples(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]
     A truncated local shard (tarfile alone stops quietly at a cut between members) is counted as
     ``corrupt_shard``; its complete samples are still read, the last, possibly cut one is dropped.
     """
-    truncated = False
-    if is_local(url):
-        path = url.removeprefix("file://")
-        try:
-            truncated = local_tar_is_truncated(path)
-        except OSError as e:
-            skipped["unreadable_shard"] += 1
-            log.warning("skipping shard %s: cannot open (%s)", url, e)
-            return
-        if truncated:
-            skipped["corrupt_shard"] += 1
-            log.warning("shard %s is truncated: reading its complete samples, dropping the last one", url)
     try:
+        truncated = is_local(url) and local_tar_is_truncated(url.removeprefix("file://"))
         stream = _open(url)
     except OSError as e:
         skipped["unreadable_shard"] += 1
         log.warning("skipping shard %s: cannot open (%s)", url, e)
         return
+    if truncated:
+        skipped["corrupt_shard"] += 1
+        log.warning("shard %s is truncated: reading its complete samples, dropping the last one", url)
     current: dict[str, Any] = {}
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:

@@ -131,11 +131,12 @@ class AutoencoderStage(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         model = self.eval_model()
         x = batch["image"]
-        x_hat = model(x, quantize=self.hparams.quantize).reconstruction
+        latent = model.encode(x)  # encoded once for both decode paths
+        x_hat = model.decode(latent, quantize=self.hparams.quantize)
         x01, xh01 = (x + 1) / 2, ((x_hat + 1) / 2).clamp(0, 1)
         self.val_psnr.update(xh01, x01)
         self.val_ssim.update(xh01, x01)
-        x_cont = ((model.decode(model.encode(x), quantize=False) + 1) / 2).clamp(0, 1)
+        x_cont = xh01 if not self.hparams.quantize else ((model.decode(latent, quantize=False) + 1) / 2).clamp(0, 1)
         self.val_psnr_continuous.update(x_cont, x01)
         if batch_idx == 0:
             n = min(self.hparams.num_grid_images, x.shape[0])
