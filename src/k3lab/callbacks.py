@@ -20,13 +20,13 @@ class ExportModels(L.Callback):
     ``stage.exportable_modules()`` as ``<name>.safetensors`` beside it at every checkpoint and at the end.
     """
 
-    def __init__(self, cfg: DictConfig, dirpath: str | Path) -> None:
-        self.cfg, self.dirpath = cfg, Path(dirpath)
+    def __init__(self, cfg: DictConfig, dirpath: str | Path, choices: dict[str, str] | None = None) -> None:
+        self.cfg, self.dirpath, self.choices = cfg, Path(dirpath), choices
         self.exported: dict[str, Path] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_config(self.cfg, self.dirpath)
+            save_config(self.cfg, self.dirpath, self.choices)
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not hasattr(pl_module, "exportable_modules"):

@@ -67,11 +67,40 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def save_config(cfg: DictConfig, directory: str | Path) -> Path:
-    """Write the resolved config as ``config.yaml`` in ``directory``."""
+STAGE_NAMES = {"AutoencoderStage": "autoencoder", "DiffusionStage": "diffusion", "PriorStage": "prior"}
+
+
+def save_config(cfg: DictConfig, directory: str | Path, choices: Mapping[str, str] | None = None) -> Path:
+    """Write the resolved config as ``config.yaml`` in ``directory``, with the config-group choices
+    (``model/unet: tiny``...) under ``choices`` so a checkpoint can say which presets built it."""
     path = Path(directory) / CONFIG_NAME
-    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if choices:
+        resolved["choices"] = {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra")}  # type: ignore[index]
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(resolved)).encode())
     return path
+
+
+def stage_of(cfg: DictConfig) -> str:
+    """'autoencoder' | 'diffusion' | 'prior' from a saved config's ``stage._target_``."""
+    target = str(OmegaConf.select(cfg, "stage._target_") or "")
+    return STAGE_NAMES.get(target.rsplit(".", 1)[-1], target or "unknown")
+
+
+def describe(cfg: DictConfig) -> str:
+    """'diffusion stage (model/unet=tiny, model/unet/block=resnet, ...)' for error messages."""
+    choices = cfg.get("choices") or {}
+    models = ", ".join(f"{k}={v}" for k, v in sorted(choices.items()) if str(k).startswith("model/"))
+    return f"{stage_of(cfg)} stage" + (f" ({models})" if models else "")
+
+
+def check_stage(path: str | Path, expected: str) -> DictConfig:
+    """The config beside ``path``; raises naming both stages when it was written by another stage."""
+    cfg = load_config_beside(path)
+    found = stage_of(cfg)
+    if found != expected:
+        raise CheckpointError(f"{path}: is a checkpoint of the {describe(cfg)}, but the {expected} stage's checkpoint is needed here")
+    return cfg
 
 
 def export_model(module: nn.Module, path: str | Path) -> Path:

@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     stage = instantiate(cfg.stage)
     loggers = _instantiate_all(cfg.get("logger"))
-    export = ExportModels(cfg, cfg.paths.checkpoint_dir)
+    export = ExportModels(cfg, cfg.paths.checkpoint_dir, hydra_choices())
     callbacks = _instantiate_all(cfg.get("callbacks")) + [export]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
@@ -16,6 +16,10 @@ class Batch(TypedDict):
     key:      B sample keys (``<shard name>/<key>``), to trace any sample back to its shard.
     metadata: B parsed ``key.json`` dicts (``{}`` when a sample has none; scene world: the scene spec).
     skipped:  samples skipped by reason since the previous batch of the same loader worker.
+    Precomputed shards (``python -m k3lab.precompute``) add:
+    text_embedding: [B, L, D] frozen text-encoder outputs, zero-padded to the longest caption.
+    text_mask:      [B, L] bool, True for real tokens.
+    latent:         [B, C, h, w] frozen first-stage latents (unscaled).
     """
 
     image: torch.Tensor
@@ -23,6 +27,9 @@ class Batch(TypedDict):
     key: list[str]
     metadata: list[dict[str, Any]]
     skipped: dict[str, int]
+    text_embedding: NotRequired[torch.Tensor]
+    text_mask: NotRequired[torch.Tensor]
+    latent: NotRequired[torch.Tensor]
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
@@ -30,10 +37,19 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     skipped: Counter[str] = Counter()
     for s in samples:
         skipped.update(s.get("skipped", {}))
-    return Batch(
+    extra: dict[str, torch.Tensor] = {}
+    if samples and "text_embedding" in samples[0]:
+        embs = [s["text_embedding"] for s in samples]
+        length = max(e.shape[0] for e in embs)
+        extra["text_embedding"] = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs])
+        extra["text_mask"] = torch.stack([torch.arange(length) < e.shape[0] for e in embs])
+    if samples and "latent" in samples[0]:
+        extra["latent"] = torch.stack([s["latent"] for s in samples])
+    return Batch(  # type: ignore[typeddict-item]
         image=torch.stack([s["image"] for s in samples]),
         caption=[s["caption"] for s in samples],
         key=[s["key"] for s in samples],
         metadata=[s["metadata"] for s in samples],
         skipped=dict(skipped),
+        **extra,
     )

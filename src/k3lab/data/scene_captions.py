@@ -68,3 +68,21 @@ def caption_for(rng: np.random.Generator, scene: Scene) -> str:
         order = rng.permutation(len(phrases))
         return _join([phrases[i] for i in order])
     raise ValueError(f"unknown scene kind {scene.kind!r}")
+
+
+TEMPLATE_WORDS = "a an is there on plain background image of picture showing group exactly from left to right and the top over under".split()
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word (and punctuation mark) a scene-world caption can contain, sorted: the vocabulary of the
+    embedded default's offline word-level tokenizer."""
+    from k3lab.data.scene_spec import COLORS
+
+    words = set(TEMPLATE_WORDS) | set(COLORS) | {",", ":"} | {str(n) for n in NUMBER_WORDS} | set(NUMBER_WORDS.values())
+    for phrases in (*SHAPE_WORDS.values(),):
+        for singular, plural in phrases:
+            words |= set(singular.split()) | set(plural.split())
+    for options in (*SIZE_WORDS.values(), *RELATION_WORDS.values()):
+        for phrase in options:
+            words |= set(phrase.split())
+    return sorted(words)

@@ -1,0 +1,141 @@
+"""Samplers as pure functions with one signature:
+
+    sampler(denoise, noise, schedule, steps, *, generator=None, callback=None, **options) -> x0
+
+``denoise(x_t, t) -> eps`` takes integer timesteps ``t`` [B] and returns an epsilon prediction (guidance and
+v-to-eps conversion are wrapped around the model beforehand, see ``guidance.py``). ``callback(i, t, x0_hat)``
+is called after every step (progress bars, previews).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from k3lab.diffusion.schedule import Schedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None] | None
+
+
+def strided_timesteps(num_train_steps: int, steps: int) -> list[int]:
+    """Kandinsky 3's spacing: T-1, T-1-k, ... down to above 0 with k = T // steps (999, 979, ..., 19 for 50)."""
+    if not 1 <= steps <= num_train_steps:
+        raise ValueError(f"steps={steps}: must be in 1..{num_train_steps}")
+    return list(range(num_train_steps - 1, 0, -(num_train_steps // steps)))[:steps]
+
+
+def threshold_x0(x0: torch.Tensor, quantile: float | None) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, arXiv 2205.11487): s = max(q-quantile of |x0|, 1) per
+    sample; clip to [-s, s], divide by s. ``quantile=None`` leaves x0 unchanged."""
+    if quantile is None:
+        return x0
+    s = torch.quantile(x0.flatten(1).abs().float(), quantile, dim=1).clamp(min=1.0).to(x0.dtype)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return x0.clamp(-s, s) / s
+
+
+def _x0_from_eps(x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def _eps_from_x0(x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def _t(value: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), value, device=x.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_kandinsky3(
+    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 50, *, generator: torch.Generator | None = None,
+    callback: Callback = None, x0_threshold: float | None = 0.99, eta: float = 1.0,
+) -> torch.Tensor:
+    """The official Kandinsky 3 sampler: ancestral DDPM (Ho et al. 2020, arXiv 2006.11239) on a strided
+    schedule (DDIM's generalised step with eta = 1), dynamic thresholding of x0, no noise on the last step."""
+    x = noise
+    times = strided_timesteps(schedule.num_steps, steps)
+    for i, (t, prev) in enumerate(zip(times, times[1:] + [0])):
+        tt = _t(t, x)
+        a, a_prev = schedule.alpha_bar(tt, x), schedule.alpha_bar(_t(prev, x), x)
+        x0 = threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
+        eps = _eps_from_x0(x, x0, a)
+        sigma = (eta * (1 - a / a_prev) * (1 - a_prev) / (1 - a)).clamp(min=0).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if prev != 0:
+            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        if callback is not None:
+            callback(i, t, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 50, *, generator: torch.Generator | None = None,
+    callback: Callback = None, x0_threshold: float | None = None, eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, arXiv 2010.02502) on the strided schedule; the last step returns x0_hat."""
+    x = noise
+    times = strided_timesteps(schedule.num_steps, steps)
+    for i, t in enumerate(times):
+        tt = _t(t, x)
+        a = schedule.alpha_bar(tt, x)
+        x0 = threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
+        if i == len(times) - 1:
+            x = x0
+        else:
+            a_prev = schedule.alpha_bar(_t(times[i + 1], x), x)
+            eps = _eps_from_x0(x, x0, a)
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+            if eta > 0:
+                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        if callback is not None:
+            callback(i, t, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 20, *, generator: torch.Generator | None = None,
+    callback: Callback = None, x0_threshold: float | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095): second-order multistep in x0-prediction over
+    lambda = log(alpha / sigma); first order on the first step; the last step goes to sigma = 0 (x0_hat)."""
+    x = noise
+    times = strided_timesteps(schedule.num_steps, steps)
+    lam = lambda a: 0.5 * (a.log() - (1 - a).log())  # noqa: E731
+    old_x0, h_prev = None, None
+    for i, t in enumerate(times):
+        tt = _t(t, x)
+        a = schedule.alpha_bar(tt, x)
+        x0 = threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
+        if i == len(times) - 1:
+            x = x0
+        else:
+            a_next = schedule.alpha_bar(_t(times[i + 1], x), x)
+            h = lam(a_next) - lam(a)
+            d = x0
+            if old_x0 is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+            x = ((1 - a_next) / (1 - a)).sqrt() * x - a_next.sqrt() * torch.expm1(-h) * d
+            old_x0, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "kandinsky3": sample_kandinsky3,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: use one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]

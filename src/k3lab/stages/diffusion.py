@@ -1,0 +1,185 @@
+"""The diffusion stage: trains the Kandinsky 3 U-Net (and the text projection + null embedding) on frozen
+text-encoder outputs and frozen first-stage latents. Precomputed embeddings/latents in the batch
+(``text_embedding``/``text_mask``/``latent``) replace the frozen encoders when present."""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from typing import Callable, Iterable, Sequence
+
+import lightning as L
+import torch
+import torchvision
+from torch import nn
+from torch.optim import Optimizer
+
+from k3lab.data.batch import Batch
+from k3lab.diffusion import Schedule, diffusion_loss
+from k3lab.generate import Generator, check_resolution
+from k3lab.nn.ema import EMA
+from k3lab.nn.text_conditioning import TextConditioning
+from k3lab.tracking import log_image
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf training loss; the message names the step and the batch's sample keys."""
+
+
+class DiffusionStage(L.LightningModule):
+    """Epsilon/v-prediction training with uniform t, caption dropout to the null embedding, EMA, AdamW with
+    linear warm-up; validation reports the loss at fixed timesteps and samples ``val_prompts`` into a grid."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        first_stage: nn.Module,                       # frozen MoVQ or Identity (k3lab.nn.first_stage)
+        text_encoder: nn.Module | None = None,        # frozen; None when batches carry precomputed embeddings
+        encoder_dim: int | None = None,               # text-encoder width (default: text_encoder.dim)
+        optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
+        warmup_steps: int = 1000,                     # linear learning-rate warm-up (optimizer steps)
+        schedule: str = "cosine",
+        num_timesteps: int = 1000,
+        prediction: str = "epsilon",                  # epsilon | v
+        caption_dropout: float = 0.1,                 # p of training a caption as the null embedding (for CFG)
+        ema_decay: float | None = 0.9999,
+        grad_clip: float | None = 1.0,
+        latent_scale: float | str = 1.0,              # multiply latents by this; "auto" = 1/std of the first batch
+        diffusers_compat: bool = False,               # text conditioning as diffusers does it (see TextConditioning)
+        resolution: int | None = None,                # image resolution (checked against the factors up front)
+        sampler: str = "kandinsky3",                  # validation sampling
+        sample_steps: int = 50,
+        guidance_weight: float = 3.0,
+        val_prompts: Sequence[str] = (),
+        val_seed: int = 0,
+        image_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        val_prompts = [str(p) for p in val_prompts]
+        if any(not isinstance(p, str) for p in val_prompts):
+            raise ValueError("stage.val_prompts must be a list of strings (quote prompts that contain ': ')")
+        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "optimizer"])
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"stage.caption_dropout={caption_dropout}: must be in [0, 1)")
+        if prediction not in ("epsilon", "v"):
+            raise ValueError(f"stage.prediction={prediction!r}: use epsilon or v")
+        if not (latent_scale == "auto" or (isinstance(latent_scale, (int, float)) and latent_scale > 0)):
+            raise ValueError(f"stage.latent_scale={latent_scale!r}: a positive number or 'auto'")
+        if encoder_dim is None:
+            if text_encoder is None:
+                raise ValueError("stage.encoder_dim is needed when no text encoder is given (precomputed embeddings)")
+            encoder_dim = int(text_encoder.dim)
+        elif text_encoder is not None and int(text_encoder.dim) != int(encoder_dim):
+            raise ValueError(f"stage.encoder_dim={encoder_dim} but the text encoder {getattr(text_encoder, 'path', '')} outputs {text_encoder.dim}")
+        if int(first_stage.latent_channels) != int(unet.in_channels):
+            raise ValueError(f"the first stage gives {first_stage.latent_channels}-channel latents but model.unet.in_channels={unet.in_channels}")
+        if resolution is not None:
+            check_resolution(int(resolution), first_stage, unet)
+        self.unet = unet
+        self.text_conditioning = TextConditioning(encoder_dim, unet.context_dim, diffusers_compat)
+        self.first_stage = first_stage.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
+        self.optimizer_factory = optimizer
+        self.schedule = Schedule.named(schedule, num_timesteps)
+        self.unet_ema = EMA(unet, ema_decay) if ema_decay is not None else None
+        self.text_conditioning_ema = EMA(self.text_conditioning, ema_decay) if ema_decay is not None else None
+        scale = float("nan") if latent_scale == "auto" else float(latent_scale)
+        self.register_buffer("latent_scale", torch.tensor(scale))
+
+    # ------------------------------------------------------------------ parts
+    def exportable_modules(self) -> dict[str, nn.Module]:
+        unet, conditioning = self.eval_modules()
+        return {"unet": unet, "text_conditioning": conditioning}
+
+    def eval_modules(self) -> tuple[nn.Module, TextConditioning]:
+        """The weights sampling and export use: the EMA copies when kept."""
+        if self.unet_ema is not None and self.text_conditioning_ema is not None:
+            return self.unet_ema.module, self.text_conditioning_ema.module  # type: ignore[return-value]
+        return self.unet, self.text_conditioning
+
+    def generator(self) -> Generator:
+        unet, conditioning = self.eval_modules()
+        if self.text_encoder is None:
+            raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
+        return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale))
+
+    def configure_optimizers(self) -> dict:
+        params = list(self.unet.parameters()) + list(self.text_conditioning.parameters())
+        opt = self.optimizer_factory(params)
+        warmup = max(int(self.hparams.warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        clip = self.hparams.grad_clip if gradient_clip_val is None else gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # ------------------------------------------------------------------ inputs
+    def text_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw encoder outputs [B, L, D] and mask: precomputed when the batch has them, else encoded now."""
+        if "text_embedding" in batch:
+            return batch["text_embedding"].float(), batch["text_mask"].bool()  # type: ignore[typeddict-item]
+        if self.text_encoder is None:
+            raise RuntimeError("the batch has no precomputed text_embedding and the stage has no text encoder")
+        return self.text_encoder.encode(batch["caption"])
+
+    def latents(self, batch: Batch) -> torch.Tensor:
+        z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
+        if math.isnan(float(self.latent_scale)):
+            self.latent_scale.fill_(1.0 / float(z.float().std().clamp(min=1e-6)))
+            log.info("latent scale measured on the first batch: %.4f (1/std)", float(self.latent_scale))
+        return z * self.latent_scale.to(z.dtype)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        z = self.latents(batch)
+        hidden, mask = self.text_inputs(batch)
+        context, mask = self.text_conditioning(hidden.to(z.device), mask.to(z.device))
+        drop = torch.rand(z.shape[0], device=z.device) < self.hparams.caption_dropout
+        context, mask = self.text_conditioning.replace_with_null(context, mask, drop)
+        loss = diffusion_loss(lambda x, t: self.unet(x, t, context, mask), z, self.schedule, self.hparams.prediction)
+        if not torch.isfinite(loss):
+            keys = batch.get("key", [])[:4]
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at optimizer step {self.global_step}, batch {batch_idx} (sample keys {keys}); "
+                "training stopped before this update, the last checkpoint and an on-exception checkpoint are kept in the run's checkpoints folder"
+            )
+        self.log("train/loss", loss.detach(), batch_size=z.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=z.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+        if self.unet_ema is not None and self.text_conditioning_ema is not None:
+            self.unet_ema.update(self.unet)
+            self.text_conditioning_ema.update(self.text_conditioning)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Loss of the EMA model at 10 fixed timesteps with fixed noise (comparable across runs and steps)."""
+        unet, conditioning = self.eval_modules()
+        z = self.latents(batch)
+        hidden, mask = self.text_inputs(batch)
+        context, mask = conditioning(hidden.to(z.device), mask.to(z.device))
+        gen = torch.Generator(device=z.device).manual_seed(self.hparams.val_seed + batch_idx)
+        losses = []
+        for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
+            tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
+            losses.append(diffusion_loss(lambda x, s: unet(x, s, context, mask), z, self.schedule, self.hparams.prediction, generator=gen, t=tt))
+        self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        prompts = list(self.hparams.val_prompts)
+        if not prompts or self.text_encoder is None or self.trainer.sanity_checking:
+            return
+        res = int(self.hparams.resolution or 0)
+        if not res:
+            return
+        images = self.generator()(prompts, [self.hparams.val_seed + i for i in range(len(prompts))], res,
+                                  self.hparams.sampler, self.hparams.sample_steps, self.hparams.guidance_weight)
+        grid = torchvision.utils.make_grid(images, nrow=min(8, len(prompts)), padding=1)
+        log_image(self.loggers, grid, "val/samples", int(self.global_step), self.hparams.image_dir)
