@@ -157,3 +157,19 @@ def load_model(path: str | Path, part: str) -> nn.Module:
         raise CheckpointError(f"{path}: its {CONFIG_NAME} has no model.{part}")
     module = instantiate(node)
     return load_weights(module, _select_prefix(load_state_dict(path), part), path)
+
+
+def check_resume(ckpt_path: str | Path, stage_target: str, choices: Mapping[str, str]) -> None:
+    """Before resuming: the checkpoint must come from the same stage and the same model presets (names both)."""
+    beside = Path(ckpt_path).parent / CONFIG_NAME
+    if not beside.is_file():
+        return  # a checkpoint moved on its own: Lightning's strict load still names mismatched keys
+    saved = OmegaConf.load(beside)
+    want = STAGE_NAMES.get(stage_target.rsplit(".", 1)[-1], stage_target)
+    if stage_of(saved) != want:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: is a checkpoint of the {describe(saved)}, but this run trains the {want} stage")
+    old = saved.get("choices") or {}
+    differ = {k: (old[k], choices[k]) for k in old if k.startswith("model/") and k in choices and str(old[k]) != str(choices[k])}
+    if differ:
+        names = ", ".join(f"{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(differ.items()))
+        raise CheckpointError(f"ckpt_path={ckpt_path}: built with other presets ({names})")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from k3lab.checkpoint import CheckpointError
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
+from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_conditioning import TextConditioning
 
 log = logging.getLogger(__name__)
@@ -73,3 +76,54 @@ class Generator:
         z = get_sampler(sampler)(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
         images = self.first_stage.decode(z / self.latent_scale)
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
+    """``part``'s weights from an exported ``<part>.safetensors`` beside ``path``, or from a Lightning ``.ckpt``."""
+    from k3lab.checkpoint import _select_prefix, load_state_dict
+
+    if path.suffix == ".ckpt":
+        state = load_state_dict(path)
+        sub = _select_prefix(state, part)
+        if sub is state:
+            raise CheckpointError(f"{path}: has no '{part}' weights")
+        return sub
+    return load_state_dict(path.parent / f"{part}.safetensors")
+
+
+def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None) -> tuple[Generator, dict]:
+    """Rebuild a :class:`Generator` from a diffusion run: its checkpoints folder, an exported ``unet.safetensors``
+    in it, or a Lightning ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config.
+    ``unet_preset`` (e.g. 'kandinsky3') asserts which U-Net preset the checkpoint must hold."""
+    from hydra.utils import instantiate
+
+    from k3lab.checkpoint import check_stage, describe, load_weights
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "unet.safetensors"
+    cfg = check_stage(path, "diffusion")
+    found = (cfg.get("choices") or {}).get("model/unet")
+    if unet_preset and found and found != unet_preset:
+        raise CheckpointError(f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})")
+    unet = instantiate(cfg.model.unet)
+    try:
+        load_weights(unet, _part_state(path, "unet"), path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
+    conditioning = TextConditioning(int(cfg.stage.encoder_dim), unet.context_dim, bool(cfg.stage.get("diffusers_compat", False)))
+    load_weights(conditioning, _part_state(path, "text_conditioning"), path)
+    scale = LatentScale()
+    load_weights(scale, _part_state(path, "latent_scale"), path)
+    if not scale.measured():
+        raise CheckpointError(f"{path}: its latent scale was never measured (the run stopped before its first batch)")
+    encoder_cfg = cfg.model.text_encoder.encoder
+    if text_encoder_path:
+        encoder_cfg.path = text_encoder_path
+    text_encoder = instantiate(encoder_cfg)
+    first_stage = instantiate(cfg.stage.first_stage)
+    modules = [unet, conditioning, text_encoder, first_stage]
+    for m in modules:
+        m.to(device).eval()
+    schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
+    return Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value)), cfg

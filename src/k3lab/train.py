@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from k3lab.callbacks import ExportModels
+from k3lab.checkpoint import check_resume
 from k3lab.config import CONF_DIR, validate
 from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
 
@@ -39,6 +40,8 @@ def hydra_choices() -> dict[str, str]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, build data / stage / trainer from the config, fit, export; returns the final metrics."""
     validate(cfg)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, str(cfg.stage._target_), hydra_choices())
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     stage = instantiate(cfg.stage)

@@ -54,6 +54,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         val_split: str = "val",
         test_split: str = "test",
+        feature_keys: Sequence[str] = (),  # precomputed members (text.npy, latent.npy), see k3lab.precompute
     ) -> None:
         super().__init__()
         if shards is None and source is None:
@@ -72,6 +73,7 @@ class ShardDataModule(L.LightningDataModule):
         self.min_image_size = self.resolution if min_image_size is None else int(min_image_size)
         self.require_caption, self.shuffle_buffer, self.seed = require_caption, shuffle_buffer, seed
         self.val_split, self.test_split = val_split, test_split
+        self.feature_keys = list(feature_keys)
         self.datasets: dict[str, ShardDataset] = {}
 
     def prepare_data(self) -> None:
@@ -98,7 +100,7 @@ class ShardDataModule(L.LightningDataModule):
             self.datasets[split] = ShardDataset(
                 items, self.resolution, self.image_keys, self.caption_key, self.metadata_key,
                 self.min_image_size, self.require_caption, shuffle=train, shuffle_buffer=self.shuffle_buffer if train else 0,
-                seed=self.seed, rank=rank, world_size=world,
+                seed=self.seed, rank=rank, world_size=world, feature_keys=self.feature_keys,
             )
 
     def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:

@@ -18,7 +18,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_image", "undecodable_image", "image_too_small", "missing_caption", "empty_caption", "corrupt_shard", "unreadable_shard")
+SKIP_REASONS = ("missing_image", "undecodable_image", "image_too_small", "missing_caption", "empty_caption", "missing_features",
+                "corrupt_features", "corrupt_shard", "unreadable_shard")
+FEATURES = {"text.npy": "text_embedding", "latent.npy": "latent"}  # precomputed members -> sample keys
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
@@ -136,8 +138,13 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        feature_keys: Sequence[str] = (),  # precomputed members to read (``text.npy``, ``latent.npy``)
     ) -> None:
         super().__init__()
+        unknown = [k for k in feature_keys if k not in FEATURES]
+        if unknown:
+            raise ValueError(f"data.feature_keys: unknown {unknown} (known: {sorted(FEATURES)})")
+        self.feature_keys = list(feature_keys)
         self.urls, self.resolution = list(urls), resolution
         self.image_keys, self.caption_key, self.metadata_key = [k.lower() for k in image_keys], caption_key.lower(), metadata_key.lower()
         self.min_image_size, self.require_caption = min_image_size, require_caption
@@ -192,7 +199,22 @@ class ShardDataset(IterableDataset):
             except (json.JSONDecodeError, UnicodeDecodeError):
                 metadata = {}
         text = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
-        return {"image": image, "caption": text, "key": key, "metadata": metadata}
+        sample = {"image": image, "caption": text, "key": key, "metadata": metadata}
+        for member in self.feature_keys:
+            if member not in raw:
+                reason = "missing_features"
+            else:
+                try:
+                    sample[FEATURES[member]] = torch.from_numpy(np.load(io.BytesIO(raw[member]), allow_pickle=False).astype(np.float32))
+                    continue
+                except (ValueError, OSError, EOFError) as e:
+                    reason = "corrupt_features"
+                    log.debug("%s: %s", key, e)
+            skipped[reason] += 1
+            if sum(skipped.values()) <= 20:
+                log.warning("skipping sample %s: %s (%s)", key, reason, member)
+            return None
+        return sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Read the epoch now (not lazily in the generator): the loader bumps it right after.

@@ -57,3 +57,15 @@ def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)")
     return FrozenMoVQ(load_model(checkpoint, "autoencoder"))
+
+
+class LatentScale(nn.Module):
+    """The factor latents are multiplied by before diffusion (a buffer, so checkpoints and exports keep it);
+    NaN until measured when the stage is configured with ``latent_scale: auto``."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.tensor(float(value)))
+
+    def measured(self) -> bool:
+        return not bool(torch.isnan(self.value))

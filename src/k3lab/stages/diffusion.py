@@ -5,7 +5,6 @@ text-encoder outputs and frozen first-stage latents. Precomputed embeddings/late
 from __future__ import annotations
 
 import logging
-import math
 from functools import partial
 from typing import Callable, Iterable, Sequence
 
@@ -19,6 +18,7 @@ from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.generate import Generator, check_resolution
 from k3lab.nn.ema import EMA
+from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.tracking import log_image
 
@@ -88,13 +88,12 @@ class DiffusionStage(L.LightningModule):
         self.schedule = Schedule.named(schedule, num_timesteps)
         self.unet_ema = EMA(unet, ema_decay) if ema_decay is not None else None
         self.text_conditioning_ema = EMA(self.text_conditioning, ema_decay) if ema_decay is not None else None
-        scale = float("nan") if latent_scale == "auto" else float(latent_scale)
-        self.register_buffer("latent_scale", torch.tensor(scale))
+        self.latent_scale = LatentScale(float("nan") if latent_scale == "auto" else float(latent_scale))
 
     # ------------------------------------------------------------------ parts
     def exportable_modules(self) -> dict[str, nn.Module]:
         unet, conditioning = self.eval_modules()
-        return {"unet": unet, "text_conditioning": conditioning}
+        return {"unet": unet, "text_conditioning": conditioning, "latent_scale": self.latent_scale}
 
     def eval_modules(self) -> tuple[nn.Module, TextConditioning]:
         """The weights sampling and export use: the EMA copies when kept."""
@@ -106,7 +105,7 @@ class DiffusionStage(L.LightningModule):
         unet, conditioning = self.eval_modules()
         if self.text_encoder is None:
             raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
-        return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale))
+        return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale.value))
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.text_conditioning.parameters())
@@ -131,10 +130,10 @@ class DiffusionStage(L.LightningModule):
 
     def latents(self, batch: Batch) -> torch.Tensor:
         z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
-        if math.isnan(float(self.latent_scale)):
-            self.latent_scale.fill_(1.0 / float(z.float().std().clamp(min=1e-6)))
-            log.info("latent scale measured on the first batch: %.4f (1/std)", float(self.latent_scale))
-        return z * self.latent_scale.to(z.dtype)
+        if not self.latent_scale.measured():
+            self.latent_scale.value.fill_(1.0 / float(z.float().std().clamp(min=1e-6)))
+            log.info("latent scale measured on the first batch: %.4f (1/std)", float(self.latent_scale.value))
+        return z * self.latent_scale.value.to(z.dtype)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Sample a trained diffusion run: ``python -m k3lab.sample <checkpoint> --prompt "a red circle" [--prompt-file F]``.
+
+Writes ``<out>/<prompt_id>_<seed>.png`` and ``<out>/metadata.jsonl`` (one line per image: file, prompt_id,
+prompt, seed, sampler, steps, guidance, resolution, checkpoint; category/spec from a .jsonl prompt file), the
+layout ``python -m evaluation`` reads. The checkpoint is a diffusion run's checkpoints folder, its
+exported ``unet.safetensors``, or a Lightning ``.ckpt`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from k3lab.checkpoint import atomic_write_bytes
+from k3lab.diffusion import SAMPLERS
+
+log = logging.getLogger("k3lab.sample")
+
+
+def read_prompts(prompts: list[str], prompt_file: str | None) -> list[dict]:
+    """Prompt rows ``{"prompt_id", "prompt", ...}`` from the command line and/or a file (.txt: one per line;
+    .jsonl: a "prompt" or "text" field, plus "id"/"prompt_id", "category" and "spec" carried into the metadata)."""
+    out = [{"prompt_id": f"cli{i:04d}", "prompt": q} for i, q in enumerate(prompts)]
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                row = json.loads(line)
+                text = row.get("prompt", row.get("text"))
+                if text is None:
+                    raise ValueError(f"{path}:{i + 1}: no 'prompt' or 'text' field")
+                extra = {k: row[k] for k in ("category", "spec") if k in row}
+                out.append({"prompt_id": str(row.get("prompt_id", row.get("id", f"line{i + 1:05d}"))), "prompt": str(text), **extra})
+            else:
+                out.append({"prompt_id": f"line{i + 1:05d}", "prompt": line.strip()})
+    if not out:
+        raise ValueError("no prompts: give --prompt and/or --prompt-file")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m k3lab.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="diffusion run checkpoints folder, unet.safetensors, or .ckpt")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help=".txt (one per line) or .jsonl with a prompt/text field")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--sampler", default="kandinsky3", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.0, help="w in eps = (w+1) eps_cond - w eps_uncond")
+    p.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--text-encoder", default=None, help="override the text encoder's local folder")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from k3lab.generate import load_generator
+
+    rows_in = read_prompts(args.prompt, args.prompt_file)
+    jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
+    generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder)
+    resolution = int(args.resolution or cfg.data.resolution)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    bar = tqdm(total=len(jobs) * args.steps, desc="sampling", unit="step", file=sys.stdout)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        prompts, seeds = [row["prompt"] for row, _ in batch], [seed for _, seed in batch]
+        images = generator(prompts, seeds, resolution, args.sampler, args.steps, args.guidance, callback=lambda i, t, x0: bar.update(len(batch)))
+        for (row, seed), image in zip(batch, images):
+            name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"
+            array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+            Image.fromarray(array).save(out / name)
+            rows.append({"file": name, **row, "seed": seed, "sampler": args.sampler, "steps": args.steps,
+                         "guidance": args.guidance, "resolution": resolution, "checkpoint": str(Path(args.checkpoint).resolve())})
+        atomic_write_bytes(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    bar.close()
+    log.info("wrote %d images and metadata.jsonl to %s", len(rows), out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
