@@ -74,7 +74,7 @@ def sample_kandinsky3(
 @torch.no_grad()
 def sample_ddim(
     denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 50, *, generator: torch.Generator | None = None,
-    callback: Callback = None, x0_threshold: float | None = None, eta: float = 0.0,
+    callback: Callback = None, x0_threshold: float | None = 0.99, eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, arXiv 2010.02502) on the strided schedule; the last step returns x0_hat."""
     x = noise
@@ -100,7 +100,7 @@ def sample_ddim(
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 20, *, generator: torch.Generator | None = None,
-    callback: Callback = None, x0_threshold: float | None = None,
+    callback: Callback = None, x0_threshold: float | None = 0.99,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095): second-order multistep in x0-prediction over
     lambda = log(alpha / sigma); first order on the first step; the last step goes to sigma = 0 (x0_hat)."""
