@@ -27,6 +27,8 @@ def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
     overrides = [f"experiment={experiment}"]
     if experiment.endswith("movq270m"):
         overrides.append(f"data.shards.train='{tmp_path}/shard-{{000..001}}.tar'")
+    if experiment.startswith("text2image"):
+        overrides.append(f"stage.first_stage.checkpoint={tmp_path}/autoencoder.safetensors")
     cfg = compose_config(overrides, tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg.task_name == experiment
@@ -37,7 +39,8 @@ def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "group", ["trainer", "logger", "callbacks", "data", "model/autoencoder", "model/prior", "debug", "stage", "paths"]
+    "group", ["trainer", "logger", "callbacks", "data", "model/autoencoder", "model/prior", "model/text_encoder", "model/unet",
+              "model/unet/block", "debug", "stage", "paths"]
 )
 def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
     for option in options(group):

@@ -76,6 +76,11 @@ def validate(cfg: DictConfig) -> None:
             value = stage.get(key)
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
                 problems.append(f"stage.{key}={value!r}: must be a number >= 0")
+        first = OmegaConf.select(stage, "first_stage.checkpoint", throw_on_missing=False, default=None)
+        if OmegaConf.is_missing(stage, "first_stage") or (stage.get("first_stage") is not None and OmegaConf.is_missing(stage.first_stage, "checkpoint")):
+            problems.append("stage.first_stage.checkpoint is not set: give the autoencoder stage's autoencoder.safetensors (python -m k3lab.train experiment=autoencoder_tiny writes one), or null for pixel space")
+        elif first and not Path(first).is_file():
+            problems.append(f"stage.first_stage.checkpoint={first!r}: no such file (train the autoencoder first: python -m k3lab.train experiment=autoencoder_tiny)")
         if stage.get("perceptual_weight", 0) and stage.get("vgg_weights") and not Path(stage.vgg_weights).is_file():
             problems.append(f"stage.vgg_weights={stage.vgg_weights!r}: no such file (LPIPS needs a local VGG16 state dict)")
     ckpt = cfg.get("ckpt_path")
