@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all bench-autoencoder clean
+.PHONY: venv quickstart test test-all bench-autoencoder bench-text2image clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -29,6 +29,9 @@ test-all: $(STAMP)
 
 bench-autoencoder: $(STAMP)
 	$(PY) benchmarks/autoencoder_tiny.py
+
+bench-text2image: $(STAMP)
+	$(PY) benchmarks/text2image_tiny.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
