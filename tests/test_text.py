@@ -80,8 +80,10 @@ def test_conditioning_zeroes_pads_after_projection_and_crops() -> None:
     compat = TextConditioning(8, 16, diffusers_compat=True)
     compat.load_state_dict(cond.state_dict())
     cctx, cm = compat(hidden, mask)
-    assert cctx.shape == (2, 6, 16)
+    assert cctx.shape == (2, 4, 16)
     assert (cctx[0, 3] - cond.projection[1].bias).abs().max() < 1e-5  # diffusers: pads carry the LayerNorm bias
+    null, null_mask = compat.null(cctx, cm)
+    assert not null_mask.any() and (null - cond.projection[1].bias).abs().max() < 1e-5  # projected zeros, all masked
 
 
 def test_null_context_and_caption_dropout() -> None:

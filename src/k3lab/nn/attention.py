@@ -30,8 +30,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.to_query(x)), self._heads(self.to_key(context)), self._heads(self.to_value(context))
-        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale head_dim ** -0.5
+        bias = None
+        if mask is not None:  # additive, as the official masked_fill(-max): a fully masked row attends uniformly, never NaN
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask.bool(), -torch.finfo(q.dtype).max)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale head_dim ** -0.5
         b, _, n, _ = out.shape
         return self.output_layer(out.transpose(1, 2).reshape(b, n, -1))
 

@@ -3,7 +3,9 @@
 The official order: Linear(no bias) -> LayerNorm, THEN zero the padded positions, then crop context and
 mask to ``max(mask.sum()) + 1`` tokens (one masked pad kept). The unconditional branch is the learned
 ``null_embedding`` at token 0 (mask 1), every other token zero and masked. ``diffusers_compat=True``
-reproduces diffusers' variant instead (pads zeroed BEFORE the projection, all-zero fully-masked null).
+reproduces diffusers' pipeline instead: pads zeroed BEFORE the projection (so they carry the LayerNorm bias
+into the pooling mean), and an unconditional branch of projected zeros (= the LayerNorm bias) with every
+token masked.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ class TextConditioning(nn.Module):
             context = self.projection(hidden * mask[..., None])
         else:
             context = self.projection(hidden) * mask[..., None]
-            keep = min(int(mask.sum(dim=1).max()) + 1, mask.shape[1])
-            context, mask = context[:, :keep], mask[:, :keep]
-        return context, mask
+        keep = min(int(mask.sum(dim=1).max()) + 1, mask.shape[1])
+        return context[:, :keep], mask[:, :keep]
 
     def null(self, context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unconditional context with the shape of ``context``."""
-        null_context = torch.zeros_like(context)
         null_mask = torch.zeros_like(mask, dtype=torch.bool)
+        if self.diffusers_compat:
+            return self.projection(torch.zeros(*context.shape[:2], self.encoder_dim, dtype=context.dtype, device=context.device)), null_mask
+        null_context = torch.zeros_like(context)
         if not self.diffusers_compat:
             null_context[:, 0] = self.null_embedding.to(context.dtype)
             null_mask[:, 0] = True

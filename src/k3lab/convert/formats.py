@@ -1,0 +1,182 @@
+"""Reading and writing the official Kandinsky 3 and the diffusers layouts (lazily: safetensors / mmap, meta init)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from k3lab.checkpoint import CheckpointError
+from k3lab.convert.keymaps import (PROJECTION_DIFFUSERS, PROJECTION_OFFICIAL_30, PROJECTION_OFFICIAL_31, is_movq_attention_projection,
+                                   movq_to_diffusers, unet_to_diffusers)
+from k3lab.convert.remap import invert, remap
+from k3lab.nn.movq import MoVQ
+from k3lab.nn.text_conditioning import TextConditioning
+from k3lab.nn.unet import KandinskyUNet
+from k3lab.nn.unet_blocks import BigGANDeepBlock
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+OFFICIAL_UNET = dict(in_channels=4, out_channels=4, model_channels=384, init_channels=192, time_embed_dim=1536, context_dim=4096, groups=32,
+                     head_dim=64, expansion_ratio=4, dim_mult=(1, 2, 4, 8), num_blocks=(3, 3, 3, 3),
+                     add_cross_attention=(False, True, True, True), add_self_attention=(False, True, True, True))
+
+
+# ----------------------------------------------------------------------------- configs
+def unet_kwargs_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
+    """KandinskyUNet arguments equal to a diffusers ``Kandinsky3UNet`` config (its fixed choices made explicit)."""
+    boc = list(config.get("block_out_channels", (384, 768, 1536, 3072)))
+    lpb = config.get("layers_per_block", 3)
+    if any(b % boc[0] for b in boc):
+        raise CheckpointError(f"diffusers U-Net block_out_channels={boc}: not multiples of the first width")
+    return dict(in_channels=config.get("in_channels", 4), out_channels=config.get("in_channels", 4), model_channels=boc[0],
+                init_channels=boc[0] // 2, time_embed_dim=config.get("time_embedding_dim", 1536), context_dim=config.get("cross_attention_dim", 4096),
+                groups=config.get("groups", 32), head_dim=config.get("attention_head_dim", 64), expansion_ratio=4,
+                dim_mult=tuple(b // boc[0] for b in boc), num_blocks=tuple(lpb if isinstance(lpb, int) else lpb[i] for i in range(len(boc))),
+                add_cross_attention=(False, True, True, True), add_self_attention=(False, True, True, True))
+
+
+def diffusers_unet_config(unet: KandinskyUNet, kwargs: dict[str, Any], encoder_dim: int) -> dict[str, Any]:
+    """The diffusers config for a k3lab U-Net; an error naming the setting diffusers cannot express."""
+    problems = []
+    if not isinstance(unet.down_samples[0].resnet_attn_blocks[0][0], BigGANDeepBlock):
+        problems.append("block must be biggan_deep (diffusers has no plain ResBlock variant)")
+    for key, want in (("expansion_ratio", 4), ("add_cross_attention", (False, True, True, True)), ("add_self_attention", (False, True, True, True))):
+        have = tuple(kwargs[key]) if isinstance(want, tuple) else kwargs[key]
+        if have != want:
+            problems.append(f"{key}={kwargs[key]} (diffusers fixes {want})")
+    if (kwargs.get("init_channels") or kwargs["model_channels"]) != kwargs["model_channels"] // 2:
+        problems.append(f"init_channels={kwargs.get('init_channels')} (diffusers fixes model_channels // 2)")
+    if kwargs["in_channels"] != kwargs["out_channels"]:
+        problems.append("in_channels != out_channels")
+    if len(set(kwargs["num_blocks"])) != 1:
+        problems.append(f"num_blocks={kwargs['num_blocks']} (diffusers: one layers_per_block)")
+    if problems:
+        raise CheckpointError("this U-Net cannot be written in the diffusers layout: " + "; ".join(problems))
+    return {"_class_name": "Kandinsky3UNet", "in_channels": kwargs["in_channels"], "time_embedding_dim": kwargs["time_embed_dim"],
+            "groups": kwargs["groups"], "attention_head_dim": kwargs["head_dim"], "layers_per_block": kwargs["num_blocks"][0],
+            "block_out_channels": [kwargs["model_channels"] * m for m in kwargs["dim_mult"]],
+            "cross_attention_dim": kwargs["context_dim"], "encoder_hid_dim": encoder_dim}
+
+
+def movq_kwargs_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
+    if config.get("norm_type") != "spatial":
+        raise CheckpointError(f"diffusers VQModel norm_type={config.get('norm_type')!r}: Kandinsky 3's MoVQ needs norm_type='spatial'")
+    boc = list(config["block_out_channels"])
+    return dict(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3), ch=boc[0], ch_mult=tuple(b // boc[0] for b in boc),
+                num_res_blocks=config.get("layers_per_block", 1), z_channels=config.get("latent_channels", 4),
+                attn_levels=tuple(i for i, t in enumerate(config["down_block_types"]) if t.startswith("Attn")),
+                embed_dim=config.get("vq_embed_dim") or config.get("latent_channels", 4), n_embed=config.get("num_vq_embeddings", 256),
+                num_groups=config.get("norm_num_groups", 32))
+
+
+def diffusers_movq_config(kwargs: dict[str, Any]) -> dict[str, Any]:
+    n = len(kwargs["ch_mult"])
+    attn = set(kwargs.get("attn_levels") or (n - 1,))
+    if kwargs.get("num_groups", 32) != 32:
+        raise CheckpointError(f"MoVQ num_groups={kwargs.get('num_groups')}: diffusers' SpatialNorm fixes 32 groups")
+    return {"_class_name": "VQModel", "in_channels": kwargs.get("in_channels", 3), "out_channels": kwargs.get("out_channels", 3),
+            "block_out_channels": [kwargs["ch"] * m for m in kwargs["ch_mult"]], "layers_per_block": kwargs["num_res_blocks"],
+            "down_block_types": ["AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D" for i in range(n)],
+            "up_block_types": ["AttnUpDecoderBlock2D" if (n - 1 - i) in attn else "UpDecoderBlock2D" for i in range(n)],
+            "latent_channels": kwargs["z_channels"], "vq_embed_dim": kwargs["embed_dim"], "num_vq_embeddings": kwargs["n_embed"],
+            "norm_num_groups": 32, "norm_type": "spatial", "mid_block_add_attention": True, "act_fn": "silu", "sample_size": 32,
+            "scaling_factor": 1.0, "force_upcast": False, "lookup_from_codebook": False}
+
+
+# ----------------------------------------------------------------------------- files
+def read_safetensors_folder(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """``diffusion_pytorch_model[.variant].safetensors`` or its sharded index, read without a second copy."""
+    from safetensors.torch import load_file
+
+    stem = WEIGHTS if variant is None else WEIGHTS.replace(".safetensors", f".{variant}.safetensors")
+    single, index = folder / stem, folder / f"{stem}.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(load_file(str(folder / shard)))
+        return out
+    raise FileNotFoundError(f"{folder}: no {stem} (or its .index.json)")
+
+
+def _meta_module(cls: type[nn.Module], **kwargs: Any) -> nn.Module:
+    with torch.device("meta"):
+        return cls(**kwargs)
+
+
+def _movq_reshape(src: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return tensor.reshape(shape) if is_movq_attention_projection(src) and tensor.ndim == 2 else tensor
+
+
+# ----------------------------------------------------------------------------- import
+def load_diffusers_unet(folder: Path, variant: str | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
+    """A diffusers ``unet/`` folder -> (k3lab U-Net, text conditioning with a zero null embedding, U-Net kwargs)."""
+    config = json.loads((folder / "config.json").read_text())
+    kwargs = unet_kwargs_from_diffusers(config)
+    source = read_safetensors_folder(folder, variant)
+    proj_src = {k: source.pop(v) for k, v in PROJECTION_DIFFUSERS.items() if v in source}
+    unet = _meta_module(KandinskyUNet, **kwargs)
+    unet.load_state_dict(remap(source, unet, unet_to_diffusers, f"{folder} (diffusers Kandinsky3UNet)"), assign=True)
+    cond = TextConditioning(config.get("encoder_hid_dim", 4096), kwargs["context_dim"], diffusers_compat=True)
+    proj_src["null_embedding"] = torch.zeros(kwargs["context_dim"], dtype=next(iter(proj_src.values())).dtype) if proj_src else torch.zeros(0)
+    cond.load_state_dict(remap(proj_src, cond, lambda k: k, f"{folder} (encoder_hid_proj)"))
+    return unet.float(), cond, kwargs
+
+
+def load_diffusers_movq(folder: Path, variant: str | None = None) -> tuple[MoVQ, dict[str, Any]]:
+    config = json.loads((folder / "config.json").read_text())
+    kwargs = movq_kwargs_from_diffusers(config)
+    movq = MoVQ(**kwargs)  # 0.27B at most: built for real (the quantiser's usage buffers need values)
+    n = len(kwargs["ch_mult"])
+    movq.load_state_dict(remap(read_safetensors_folder(folder, variant), movq, lambda k: movq_to_diffusers(k, n), f"{folder} (diffusers VQModel)", _movq_reshape))
+    return movq.float(), kwargs
+
+
+def load_official(path: Path, projection: Path | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
+    """Official ``kandinsky3.pt``: 3.0 (unet, null_embedding, projections) or 3.1 (unet, null_embedding) + ``projection.pt``."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise CheckpointError(f"{path}: cannot be read as an official Kandinsky 3 checkpoint with weights_only=True ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "unet" not in ckpt or "null_embedding" not in ckpt:
+        raise CheckpointError(f"{path}: not an official kandinsky3.pt (expected keys unet, null_embedding; found {sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    if "projections" in ckpt:
+        proj_src, names = dict(ckpt["projections"]), PROJECTION_OFFICIAL_30
+    elif projection is not None:
+        proj_src, names = dict(torch.load(projection, map_location="cpu", weights_only=True, mmap=True)), PROJECTION_OFFICIAL_31
+    else:
+        raise CheckpointError(f"{path}: a 3.1 checkpoint (no 'projections'): give its flan_ul2_encoder/projection.pt too")
+    unet_src = ckpt["unet"]
+    kwargs = dict(OFFICIAL_UNET)
+    if "in_layer.weight" in unet_src:
+        kwargs["in_channels"] = int(unet_src["in_layer.weight"].shape[1])
+    unet = _meta_module(KandinskyUNet, **kwargs)
+    unet.load_state_dict(remap(unet_src, unet, lambda k: k, f"{path} (official U-Net)"), assign=True)
+    weight = proj_src.get(names["projection.0.weight"])
+    encoder_dim = int(weight.shape[1]) if weight is not None else 4096
+    cond = TextConditioning(encoder_dim, kwargs["context_dim"])
+    src = {v: proj_src[v] for v in names.values() if v in proj_src} | {"null_embedding": ckpt["null_embedding"].reshape(-1)}
+    unknown = sorted(set(proj_src) - set(names.values()))
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected projection keys {unknown}")
+    cond.load_state_dict(remap(src, cond, lambda k: names.get(k, k), f"{path} (projection)"))
+    return unet.float(), cond, kwargs
+
+
+# ----------------------------------------------------------------------------- export
+def unet_state_to_diffusers(unet: nn.Module, conditioning: TextConditioning) -> dict[str, torch.Tensor]:
+    out = invert(unet.state_dict(), unet_to_diffusers)
+    for k, v in conditioning.state_dict().items():
+        if k in PROJECTION_DIFFUSERS:
+            out[PROJECTION_DIFFUSERS[k]] = v
+    return out
+
+
+def movq_state_to_diffusers(movq: MoVQ) -> dict[str, torch.Tensor]:
+    n = len(movq.config["ch_mult"])
+    return invert(movq.state_dict(), lambda k: movq_to_diffusers(k, n), lambda k, v: v.reshape(v.shape[:2]) if is_movq_attention_projection(k) and v.ndim == 4 else v)
