@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all bench-autoencoder bench-text2image clean
+.PHONY: venv quickstart test test-all bench-autoencoder bench-text2image bench-unet clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -32,6 +32,9 @@ bench-autoencoder: $(STAMP)
 
 bench-text2image: $(STAMP)
 	$(PY) benchmarks/text2image_tiny.py
+
+bench-unet: $(STAMP)
+	$(PY) benchmarks/unet_vs_diffusers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -3,10 +3,12 @@ diffusion stage's validation and by ``python -m k3lab.sample``. No LightningModu
 
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -43,39 +45,88 @@ def encode_prompts(text_encoder: nn.Module, conditioning: TextConditioning, prom
 
 @dataclass
 class Generator:
-    """Everything needed to turn prompts into images (all modules in eval mode)."""
+    """Everything needed to turn prompts into images (all modules in eval mode).
+
+    Memory options for large models: ``sequential=True`` keeps every module on the CPU and moves each one to
+    ``device`` only while it runs (text encoder, then U-Net, then MoVQ); ``free_text_encoder()`` drops the
+    encoder once every prompt is encoded (``encode`` first, then ``sample``).
+    """
 
     unet: nn.Module
     conditioning: TextConditioning
-    text_encoder: nn.Module
+    text_encoder: nn.Module | None
     first_stage: nn.Module
     schedule: Schedule
     prediction: str = "epsilon"
     latent_scale: float = 1.0
+    device: str = "cpu"
+    sequential: bool = False
+
+    @contextmanager
+    def _placed(self, *modules: nn.Module) -> Iterator[None]:
+        if not self.sequential:
+            yield
+            return
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.unet(x, t, context, mask)
         return to_epsilon(self.prediction, out, x, self.schedule.alpha_bar(t, x)) if self.prediction != "epsilon" else out
 
     @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected context and mask for ``prompts`` (on ``device``)."""
+        if self.text_encoder is None:
+            raise RuntimeError("the text encoder was freed: encode every prompt before free_text_encoder()")
+        with self._placed(self.text_encoder, self.conditioning):
+            context, mask = encode_prompts(self.text_encoder, self.conditioning, prompts)
+        return context.to(self.device), mask.to(self.device)
+
+    def free_text_encoder(self) -> None:
+        """Drop the text encoder (Flan-UL2 is 17 GB in bf16) once all prompts are encoded."""
+        self.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def sample(
+        self, context: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int], resolution: int, sampler: str = "kandinsky3", steps: int = 50,
+        guidance_weight: float = 3.0, callback: Callable[[int, int, torch.Tensor], None] | None = None, **sampler_options: object,
+    ) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] from encoded prompts; sample i starts from ``manual_seed(seeds[i])`` noise."""
+        if context.shape[0] != len(seeds):
+            raise ValueError(f"{context.shape[0]} prompts but {len(seeds)} seeds")
+        size = check_resolution(resolution, self.first_stage, self.unet)
+        shape = (self.unet.in_channels, size, size)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
+        with self._placed(self.unet, self.conditioning):
+            null_context, null_mask = self.conditioning.null(context, mask)
+            denoise = cfg_denoiser(self.model_fn, context, mask, null_context, null_mask, guidance_weight)
+            gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
+            z = get_sampler(sampler)(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
+        with self._placed(self.first_stage):
+            images = self.first_stage.decode(z / self.latent_scale)
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
     def __call__(
         self, prompts: Sequence[str], seeds: Sequence[int], resolution: int, sampler: str = "kandinsky3", steps: int = 50,
         guidance_weight: float = 3.0, callback: Callable[[int, int, torch.Tensor], None] | None = None, **sampler_options: object,
     ) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1]; sample i starts from ``torch.Generator().manual_seed(seeds[i])`` noise."""
+        """Images [B, 3, H, W] in [0, 1] for ``prompts``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        size = check_resolution(resolution, self.first_stage, self.unet)
-        device = next(self.unet.parameters()).device
-        context, mask = encode_prompts(self.text_encoder, self.conditioning, prompts)
-        null_context, null_mask = self.conditioning.null(context, mask)
-        shape = (self.unet.in_channels, size, size)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-        denoise = cfg_denoiser(self.model_fn, context, mask, null_context, null_mask, guidance_weight)
-        gen = torch.Generator(device=device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
-        z = get_sampler(sampler)(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
-        images = self.first_stage.decode(z / self.latent_scale)
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        check_resolution(resolution, self.first_stage, self.unet)
+        context, mask = self.encode(prompts)
+        return self.sample(context, mask, seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options)
 
 
 def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
@@ -91,7 +142,8 @@ def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
     return load_state_dict(path.parent / f"{part}.safetensors")
 
 
-def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None) -> tuple[Generator, dict]:
+def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None,
+                   sequential: bool = False) -> tuple[Generator, dict]:
     """Rebuild a :class:`Generator` from a diffusion run: its checkpoints folder, an exported ``unet.safetensors``
     in it, or a Lightning ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config.
     ``unet_preset`` (e.g. 'kandinsky3') asserts which U-Net preset the checkpoint must hold."""
@@ -122,8 +174,8 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
         encoder_cfg.path = text_encoder_path
     text_encoder = instantiate(encoder_cfg)
     first_stage = instantiate(cfg.stage.first_stage)
-    modules = [unet, conditioning, text_encoder, first_stage]
-    for m in modules:
-        m.to(device).eval()
+    for m in (unet, conditioning, text_encoder, first_stage):
+        m.to("cpu" if sequential else device).eval()
     schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
-    return Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value)), cfg
+    generator = Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential)
+    return generator, cfg

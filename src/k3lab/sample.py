@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sequential", action="store_true", help="keep modules on the CPU and move each to --device only while it runs (24-40 GB GPUs)")
+    p.add_argument("--free-text-encoder", action="store_true", help="drop the text encoder after encoding all prompts")
     p.add_argument("--text-encoder", default=None, help="override the text encoder's local folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -70,16 +72,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_in = read_prompts(args.prompt, args.prompt_file)
     jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
-    generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder)
+    generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder, sequential=args.sequential)
     resolution = int(args.resolution or cfg.data.resolution)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
+    encoded = None
+    if args.free_text_encoder:  # encode everything first, then drop the encoder before the U-Net runs
+        encoded = [tuple(t.cpu() for t in generator.encode([row["prompt"] for row, _ in batch])) for batch in batches]
+        generator.free_text_encoder()
     bar = tqdm(total=len(jobs) * args.steps, desc="sampling", unit="step", file=sys.stdout)
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start : start + args.batch_size]
-        prompts, seeds = [row["prompt"] for row, _ in batch], [seed for _, seed in batch]
-        images = generator(prompts, seeds, resolution, args.sampler, args.steps, args.guidance, callback=lambda i, t, x0: bar.update(len(batch)))
+    for b, batch in enumerate(batches):
+        seeds = [seed for _, seed in batch]
+        context, mask = encoded[b] if encoded is not None else generator.encode([row["prompt"] for row, _ in batch])
+        images = generator.sample(context.to(generator.device), mask.to(generator.device), seeds, resolution, args.sampler, args.steps,
+                                  args.guidance, callback=lambda i, t, x0: bar.update(len(batch)))
         for (row, seed), image in zip(batch, images):
             name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"
             array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")

@@ -137,8 +137,9 @@ def load_diffusers_movq(folder: Path, variant: str | None = None) -> tuple[MoVQ,
     return movq.float(), kwargs
 
 
-def load_official(path: Path, projection: Path | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
-    """Official ``kandinsky3.pt``: 3.0 (unet, null_embedding, projections) or 3.1 (unet, null_embedding) + ``projection.pt``."""
+def load_official(path: Path, projection: Path | None = None, unet_kwargs: dict[str, Any] | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
+    """Official ``kandinsky3.pt``: 3.0 (unet, null_embedding, projections) or 3.1 (unet, null_embedding) + ``projection.pt``.
+    ``unet_kwargs`` (default: the released configuration) describes the U-Net the file holds."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
@@ -152,7 +153,7 @@ def load_official(path: Path, projection: Path | None = None) -> tuple[Kandinsky
     else:
         raise CheckpointError(f"{path}: a 3.1 checkpoint (no 'projections'): give its flan_ul2_encoder/projection.pt too")
     unet_src = ckpt["unet"]
-    kwargs = dict(OFFICIAL_UNET)
+    kwargs = dict(unet_kwargs or OFFICIAL_UNET)
     if "in_layer.weight" in unet_src:
         kwargs["in_channels"] = int(unet_src["in_layer.weight"].shape[1])
     unet = _meta_module(KandinskyUNet, **kwargs)

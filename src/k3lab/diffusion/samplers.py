@@ -128,7 +128,41 @@ def sample_dpmpp_2m(
     return x
 
 
+def leading_timesteps(num_train_steps: int, steps: int, offset: int = 1) -> list[int]:
+    """diffusers' "leading" spacing with ``steps_offset``: (0, k, 2k, ...) reversed, + offset (961, ..., 1 for 25)."""
+    k = num_train_steps // steps
+    return [i * k + offset for i in reversed(range(steps))]
+
+
+@torch.no_grad()
+def sample_diffusers_ddpm(
+    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 25, *, generator: torch.Generator | None = None,
+    callback: Callback = None, clip: float | None = 1.0,
+) -> torch.Tensor:
+    """Compatibility sampler reproducing diffusers' Kandinsky 3 scheduler (DDPMScheduler, Ho et al. 2020, arXiv
+    2006.11239): leading spacing with offset 1, x0 clipped to +-1 instead of dynamic thresholding, posterior
+    mean and "fixed_small" variance, alpha = 1 past the last step. For matching diffusers' numbers only."""
+    x = noise
+    k = schedule.num_steps // steps
+    for i, t in enumerate(leading_timesteps(schedule.num_steps, steps)):
+        tt = _t(t, x)
+        a = schedule.alpha_bar(tt, x)
+        a_prev = schedule.alpha_bar(_t(t - k, x), x) if t - k >= 0 else torch.ones_like(a)
+        x0 = _x0_from_eps(x, denoise(x, tt), a)
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        alpha_t = a / a_prev
+        beta_t = 1 - alpha_t
+        mean = (a_prev.sqrt() * beta_t / (1 - a)) * x0 + (alpha_t.sqrt() * (1 - a_prev) / (1 - a)) * x
+        var = ((1 - a_prev) / (1 - a) * beta_t).clamp(min=1e-20)
+        x = mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if t > 0 else mean
+        if callback is not None:
+            callback(i, t, x0)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "diffusers_ddpm": sample_diffusers_ddpm,
     "kandinsky3": sample_kandinsky3,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,

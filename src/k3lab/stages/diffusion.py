@@ -5,6 +5,7 @@ text-encoder outputs and frozen first-stage latents. Precomputed embeddings/late
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from functools import partial
 from typing import Callable, Iterable, Sequence
 
@@ -58,6 +59,7 @@ class DiffusionStage(L.LightningModule):
         val_prompts: Sequence[str] = (),
         val_seed: int = 0,
         image_dir: str | None = None,
+        init_weights: str | None = None,              # start from a checkpoint folder's unet/text_conditioning exports (fine-tuning)
     ) -> None:
         super().__init__()
         val_prompts = [str(p) for p in val_prompts]
@@ -82,6 +84,13 @@ class DiffusionStage(L.LightningModule):
             check_resolution(int(resolution), first_stage, unet)
         self.unet = unet
         self.text_conditioning = TextConditioning(encoder_dim, unet.context_dim, diffusers_compat)
+        if init_weights:
+            from k3lab.checkpoint import load_state_dict, load_weights
+
+            folder = Path(init_weights)
+            load_weights(self.unet, load_state_dict(folder / "unet.safetensors"), folder / "unet.safetensors")
+            load_weights(self.text_conditioning, load_state_dict(folder / "text_conditioning.safetensors"), folder / "text_conditioning.safetensors")
+            log.info("initialised the U-Net and text conditioning from %s", folder)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.optimizer_factory = optimizer
@@ -105,7 +114,8 @@ class DiffusionStage(L.LightningModule):
         unet, conditioning = self.eval_modules()
         if self.text_encoder is None:
             raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
-        return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale.value))
+        return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction,
+                         float(self.latent_scale.value), str(self.device))
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.text_conditioning.parameters())

@@ -1,0 +1,79 @@
+"""Convert Kandinsky 3 weights: ``python -m k3lab.convert {official,diffusers,to-diffusers} ...``.
+
+    python -m k3lab.convert official weights/kandinsky3.pt [--projection weights/flan_ul2_encoder/projection.pt] \\
+        --movq weights/kandinsky-3/movq --text-encoder weights/flan-ul2 --out weights/k3-converted
+    python -m k3lab.convert diffusers weights/kandinsky-3 [--variant fp16] --out weights/k3-converted
+    python -m k3lab.convert to-diffusers logs/text2image_tiny/runs/<time>/checkpoints --out exported/ [--text-encoder DIR]
+
+The first two write a k3lab folder (config.yaml + unet / text_conditioning / latent_scale safetensors, movq/)
+that ``python -m k3lab.sample`` samples and ``stage.init_weights`` fine-tunes from; the last writes a
+diffusers ``Kandinsky3Pipeline`` folder. Every key is checked: a missing, unexpected or mis-shaped one is an
+error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from k3lab.convert.formats import load_diffusers_movq, load_diffusers_unet, load_official
+from k3lab.convert.k3lab_io import to_diffusers, write_k3lab, write_movq
+
+log = logging.getLogger("k3lab.convert")
+
+
+def _movq(path: str | None, out: Path, variant: str | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        movq, kwargs = load_diffusers_movq(p, variant)
+        return write_movq(out / "movq", movq, kwargs)
+    if p.suffix == ".safetensors":
+        return p.resolve()  # already an autoencoder-stage export (config.yaml beside it)
+    raise FileNotFoundError(f"--movq {path}: give a diffusers movq/ folder or an autoencoder.safetensors with its config.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m k3lab.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("official", help="official kandinsky3.pt (3.0, or 3.1 with --projection) -> k3lab")
+    o.add_argument("checkpoint")
+    o.add_argument("--projection", help="3.1: flan_ul2_encoder/projection.pt")
+    o.add_argument("--movq", help="diffusers movq/ folder or an autoencoder.safetensors")
+    o.add_argument("--text-encoder", help="local Flan-UL2 folder (save_pretrained layout)")
+    o.add_argument("--out", required=True)
+    d = sub.add_parser("diffusers", help="diffusers pipeline folder (unet/, movq/) -> k3lab")
+    d.add_argument("pipeline")
+    d.add_argument("--variant", default=None, help="e.g. fp16 for diffusion_pytorch_model.fp16.safetensors")
+    d.add_argument("--text-encoder", help="default: the pipeline's own text_encoder/ when present")
+    d.add_argument("--out", required=True)
+    e = sub.add_parser("to-diffusers", help="k3lab diffusion checkpoint folder -> diffusers Kandinsky3Pipeline folder")
+    e.add_argument("checkpoint")
+    e.add_argument("--text-encoder", help="local T5-family folder to include (default: the run's own)")
+    e.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out).resolve()
+    if args.command == "official":
+        unet, cond, kwargs = load_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
+        write_k3lab(out, unet, kwargs, cond, _movq(args.movq, out, None), args.text_encoder, f"official:{args.checkpoint}")
+    elif args.command == "diffusers":
+        pipe = Path(args.pipeline)
+        unet, cond, kwargs = load_diffusers_unet(pipe / "unet", args.variant)
+        encoder = args.text_encoder
+        if encoder is None and (pipe / "text_encoder").is_dir():
+            from k3lab.convert.k3lab_io import copy_text_encoder
+
+            encoder = str(copy_text_encoder(pipe, out / "text_encoder"))
+        movq = _movq(str(pipe / "movq"), out, args.variant) if (pipe / "movq").is_dir() else None
+        write_k3lab(out, unet, kwargs, cond, movq, encoder, f"diffusers:{pipe}")
+    else:
+        to_diffusers(Path(args.checkpoint), out, args.text_encoder)
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

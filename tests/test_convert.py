@@ -1,0 +1,175 @@
+"""Weight interop: diffusers and official layouts in, diffusers out; numerical parity with diffusers as a peer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only parity peer (pip install -e '.[test]')")
+
+from k3lab.checkpoint import CheckpointError  # noqa: E402
+from k3lab.convert.formats import (OFFICIAL_UNET, diffusers_movq_config, load_diffusers_movq, load_diffusers_unet,  # noqa: E402
+                                   load_official, movq_state_to_diffusers, unet_state_to_diffusers)
+from k3lab.nn.text_conditioning import TextConditioning  # noqa: E402
+from k3lab.nn.unet import KandinskyUNet  # noqa: E402
+
+UNET_CONFIGS = [
+    dict(in_channels=4, time_embedding_dim=64, groups=8, attention_head_dim=16, layers_per_block=2, block_out_channels=(32, 64, 64, 128),
+         cross_attention_dim=48, encoder_hid_dim=40),
+    dict(in_channels=4, time_embedding_dim=96, groups=4, attention_head_dim=8, layers_per_block=3, block_out_channels=(16, 32, 64, 64),
+         cross_attention_dim=32, encoder_hid_dim=64),
+    dict(in_channels=9, time_embedding_dim=64, groups=8, attention_head_dim=32, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+         cross_attention_dim=64, encoder_hid_dim=24),
+]
+MOVQ_CONFIGS = [dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=64),
+                dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=4, embed_dim=3, n_embed=32)]
+
+
+def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (diffusers zero-initialises some layers, which would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
+
+
+def diffusers_unet(tmp_path: Path, i: int) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(i)
+    model = perturbed(diffusers.Kandinsky3UNet(**UNET_CONFIGS[i]), i)
+    model.save_pretrained(tmp_path / f"unet{i}")
+    return model, tmp_path / f"unet{i}"
+
+
+@pytest.mark.parametrize("i", range(len(UNET_CONFIGS)))
+def test_unet_matches_diffusers_and_round_trips(i: int, tmp_path: Path) -> None:
+    peer, folder = diffusers_unet(tmp_path, i)
+    unet, cond, _ = load_diffusers_unet(folder)
+    unet.eval()
+    cfg = UNET_CONFIGS[i]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg["in_channels"], 16, 16, generator=g)
+    t, hidden = torch.tensor([3, 777]), torch.randn(2, 6, cfg["encoder_hid_dim"], generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        ref = peer(x, t, hidden, mask).sample
+        out = unet(x, t, *cond(hidden, mask.bool()))
+    assert (ref - out).abs().max().item() <= 1e-4, (ref - out).abs().max().item()
+    back, original = unet_state_to_diffusers(unet, cond), peer.state_dict()
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("i", range(len(MOVQ_CONFIGS)))
+def test_movq_matches_diffusers_and_round_trips(i: int, tmp_path: Path) -> None:
+    cfg = {k: v for k, v in diffusers_movq_config(MOVQ_CONFIGS[i]).items() if not k.startswith("_")}
+    torch.manual_seed(i)
+    peer = perturbed(diffusers.VQModel(**cfg), i)
+    peer.save_pretrained(tmp_path / "movq")
+    movq, _ = load_diffusers_movq(tmp_path / "movq")
+    movq.eval()
+    g = torch.Generator().manual_seed(1)
+    factor = 2 ** (len(MOVQ_CONFIGS[i]["ch_mult"]) - 1)
+    z, img = torch.randn(2, MOVQ_CONFIGS[i]["embed_dim"], 32 // factor, 32 // factor, generator=g), torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        assert (peer.decode(z, force_not_quantize=True).sample - movq.decode(z)).abs().max().item() <= 1e-5
+        assert (peer.encode(img).latents - movq.encode(img)).abs().max().item() <= 1e-5
+    back, original = movq_state_to_diffusers(movq), peer.state_dict()
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_padding_semantics_default_official_and_diffusers_compat(tmp_path: Path) -> None:
+    """Official: project, THEN zero pads (pads add nothing to the pooling mean); diffusers: zero pads, then project
+    (pads carry the LayerNorm bias). Each k3lab mode equals its reference computed on the diffusers U-Net."""
+    peer, folder = diffusers_unet(tmp_path, 0)
+    unet, compat, _ = load_diffusers_unet(folder)
+    official = TextConditioning(compat.encoder_dim, compat.context_dim)
+    official.load_state_dict(compat.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([50, 500])
+    hidden = torch.randn(2, 8, 40, generator=g)
+    mask = torch.tensor([[1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
+    with torch.no_grad():
+        # diffusers' pipeline: zero pads, crop to longest + 1, the U-Net projects inside
+        keep = int(mask.sum(1).max()) + 1
+        ref_compat = peer(x, t, (hidden * mask[..., None])[:, :keep], mask[:, :keep]).sample
+        # the official order, fed to the same U-Net with its projection bypassed
+        proj = peer.encoder_hid_proj
+        peer.encoder_hid_proj = torch.nn.Identity()
+        ref_official = peer(x, t, (proj(hidden) * mask[..., None])[:, :keep], mask[:, :keep]).sample
+        peer.encoder_hid_proj = proj
+        out_compat = unet(x, t, *compat(hidden, mask.bool()))
+        out_official = unet(x, t, *official(hidden, mask.bool()))
+    assert (out_compat - ref_compat).abs().max() <= 1e-4 and (out_official - ref_official).abs().max() <= 1e-4
+    assert (out_official - out_compat).abs().max() > 1e-3  # the two semantics really differ with padded text
+
+
+def test_diffusers_ddpm_sampler_reproduces_the_scheduler() -> None:
+    from k3lab.diffusion import Schedule, get_sampler
+
+    sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, steps_offset=1, timestep_spacing="leading")
+    sched.set_timesteps(10)
+    denoise = lambda x, t: 0.3 * x + (t.float() / 1000).reshape(-1, 1, 1, 1)  # noqa: E731
+    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x, g = noise.clone(), torch.Generator().manual_seed(5)
+    for t in sched.timesteps:
+        x = sched.step(denoise(x, t.expand(2)), t, x, generator=g).prev_sample
+    ours = get_sampler("diffusers_ddpm")(denoise, noise, Schedule.cosine(), 10, generator=torch.Generator().manual_seed(5))
+    assert [int(t) for t in sched.timesteps] == list(range(901, 0, -100))
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def tiny_official_kwargs() -> dict:
+    return dict(OFFICIAL_UNET, model_channels=16, init_channels=8, time_embed_dim=32, context_dim=24, groups=4, head_dim=8, num_blocks=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("layout", ["3.0", "3.1"])
+def test_official_layouts_load_strictly(layout: str, tmp_path: Path) -> None:
+    kwargs = tiny_official_kwargs()
+    torch.manual_seed(0)
+    unet, cond = KandinskyUNet(**kwargs), TextConditioning(40, 24)
+    proj = {"0.weight": cond.projection[0].weight, "1.weight": cond.projection[1].weight, "1.bias": cond.projection[1].bias}
+    ckpt = {"unet": unet.state_dict(), "null_embedding": cond.null_embedding.detach().clone()}
+    projection = None
+    if layout == "3.0":
+        ckpt["projections"] = {f"t5.{k}": v for k, v in proj.items()}
+    else:
+        projection = tmp_path / "projection.pt"
+        torch.save(proj, projection)
+    torch.save(ckpt, tmp_path / "kandinsky3.pt")
+    loaded, lcond, _ = load_official(tmp_path / "kandinsky3.pt", projection, unet_kwargs=kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
+    torch.testing.assert_close(lcond.state_dict(), cond.state_dict())
+    # strict: a missing and a mis-shaped key are named
+    del ckpt["unet"]["in_layer.bias"]
+    ckpt["unet"]["out_layer.2.weight"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"missing \['in_layer.bias'\].*out_layer.2.weight: \(1,\)"):
+        load_official(tmp_path / "broken.pt", projection, unet_kwargs=kwargs)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "kandinsky3.pt").read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_official(tmp_path / "cut.pt", projection, unet_kwargs=kwargs)
+    if layout == "3.1":
+        with pytest.raises(CheckpointError, match="3.1 checkpoint"):
+            load_official(tmp_path / "kandinsky3.pt", None, unet_kwargs=kwargs)
+
+
+def test_exact_sizes_on_the_meta_device() -> None:
+    from transformers import T5Config, T5EncoderModel
+
+    from k3lab.nn.movq import MoVQ, count_parameters
+
+    with torch.device("meta"):
+        unet, cond = KandinskyUNet(**OFFICIAL_UNET), TextConditioning(4096, 4096)
+        movq = MoVQ()
+        ul2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=256, d_ff=16384, num_layers=32, num_heads=16,
+                                      feed_forward_proj="gated-silu", relative_attention_num_buckets=32, layer_norm_epsilon=1e-6))
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_proj = sum(p.numel() for p in cond.projection.parameters())
+    assert (n_unet, n_proj, n_unet + n_proj) == (3_038_562_820, 16_785_408, 3_055_348_228)
+    assert count_parameters(movq) == 270_669_103
+    n_ul2 = sum(p.numel() for p in ul2.parameters())
+    print(f"Flan-UL2 encoder: {n_ul2:,} parameters")
+    assert n_ul2 == 8_720_085_504  # ~8.7B, from google/flan-ul2's config values
