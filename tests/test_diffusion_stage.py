@@ -184,7 +184,7 @@ def test_precomputed_embeddings_and_latents_replace_the_encoders(t2i_cfg: Callab
     batch = next(iter(dm.split_dataloader("val", 4)))
     encoder = instantiate(pre.model.text_encoder.encoder)
     hidden, mask = encoder.encode(batch["caption"])
-    torch.testing.assert_close(batch["text_embedding"], hidden * mask[..., None], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batch["text_embedding"], hidden * mask[..., None], rtol=1e-4, atol=1e-5)  # both: longest + 1
     assert torch.equal(batch["text_mask"], mask) and torch.equal(batch["latent"], batch["image"])  # pixel space: latent = image
     stage = instantiate(pre.stage, text_encoder=None)  # trains with no text encoder at all
     stage.text_encoder = None

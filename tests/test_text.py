@@ -29,7 +29,10 @@ def test_tiny_t5_round_trips_through_from_pretrained(t5_dir: Path) -> None:
     assert ids[0, 3].item() == 1 and mask[0].sum() == 4  # 3 words + EOS (id 1)
     assert (ids[0, 4:] == 0).all() and (mask[0, 4:] == 0).all()  # pad id 0, mask 0
     hidden, m = enc.encode(["a red circle", "a red square"])
-    assert hidden.shape == (2, 4, 64) and hidden.dtype == torch.float32 and m.dtype == torch.bool
+    assert hidden.shape == (2, 5, 64) and hidden.dtype == torch.float32 and m.dtype == torch.bool  # + one masked pad
+    assert m[:, :4].all() and not m[:, 4].any()
+    ids, mask = enc.tokenize(["a red circle", "a big blue square to the left of a small green cross"])
+    assert ids.shape[1] == mask.sum(1).max() + 1  # longest + 1, as padding to 128 then cropping gives
     assert (hidden[0, 2] - hidden[1, 2]).abs().max() > 1e-3  # different word, different features
     # the same weights come back: a second load encodes identically; tiny_t5 builds only when missing
     again = tiny_t5(str(t5_dir))
@@ -48,7 +51,7 @@ def test_long_prompts_are_truncated_with_a_warning(t5_dir: Path, caplog: pytest.
     enc = TextEncoder(str(t5_dir))
     with caplog.at_level(logging.WARNING):
         ids, mask = enc.tokenize(["red " * 200])
-    assert ids.shape[1] == 128 and ids[0, -1].item() == 1  # still ends with EOS
+    assert ids.shape[1] == 128 and ids[0, -1].item() == 1  # still ends with EOS; no extra pad past 128
     assert "201 tokens, truncated to 128" in caplog.text
 
 

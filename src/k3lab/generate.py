@@ -143,7 +143,7 @@ def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
 
 
 def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None,
-                   sequential: bool = False) -> tuple[Generator, dict]:
+                   sequential: bool = False, text_encoder_dtype: str | None = None) -> tuple[Generator, dict]:
     """Rebuild a :class:`Generator` from a diffusion run: its checkpoints folder, an exported ``unet.safetensors``
     in it, or a Lightning ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config.
     ``unet_preset`` (e.g. 'kandinsky3') asserts which U-Net preset the checkpoint must hold."""
@@ -172,6 +172,8 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
     encoder_cfg = cfg.model.text_encoder.encoder
     if text_encoder_path:
         encoder_cfg.path = text_encoder_path
+    if text_encoder_dtype:
+        encoder_cfg.dtype = text_encoder_dtype
     text_encoder = instantiate(encoder_cfg)
     first_stage = instantiate(cfg.stage.first_stage)
     for m in (unet, conditioning, text_encoder, first_stage):

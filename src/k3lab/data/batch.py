@@ -17,7 +17,7 @@ class Batch(TypedDict):
     metadata: B parsed ``key.json`` dicts (``{}`` when a sample has none; scene world: the scene spec).
     skipped:  samples skipped by reason since the previous batch of the same loader worker.
     Precomputed shards (``python -m k3lab.precompute``) add:
-    text_embedding: [B, L, D] frozen text-encoder outputs, zero-padded to the longest caption.
+    text_embedding: [B, L, D] frozen text-encoder outputs, zero-padded to the longest caption + 1.
     text_mask:      [B, L] bool, True for real tokens.
     latent:         [B, C, h, w] frozen first-stage latents (unscaled).
     """
@@ -40,7 +40,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     extra: dict[str, torch.Tensor] = {}
     if samples and "text_embedding" in samples[0]:
         embs = [s["text_embedding"] for s in samples]
-        length = max(e.shape[0] for e in embs)
+        length = min(max(e.shape[0] for e in embs) + 1, 128)  # + one masked pad, as the encoder path gives
         extra["text_embedding"] = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs])
         extra["text_mask"] = torch.stack([torch.arange(length) < e.shape[0] for e in embs])
     if samples and "latent" in samples[0]:

@@ -1,7 +1,8 @@
 """Frozen Hugging Face text encoders (T5 family incl. Flan-UL2, BERT family), tokenised as Kandinsky 3 does.
 
 ``TextEncoder.encode(prompts) -> (hidden [B, L, D], mask [B, L] bool)``: max 128 tokens, truncation, EOS
-appended by the tokenizer, padded with id 0 and mask 0 to the longest prompt. Loaded with
+appended by the tokenizer, padded with id 0 and mask 0 to the longest prompt + 1 (the official code pads to
+128 and crops to longest + 1; real-token states do not depend on the number of masked pads). Loaded with
 ``from_pretrained(local_dir)``; a non-directory string is tried as a hub id (only for users who are online).
 """
 
@@ -57,7 +58,11 @@ class TextEncoder(nn.Module):
             if n > self.max_length:
                 log.warning("prompt has %d tokens, truncated to %d: %r", n, self.max_length, prompt[:80])
         enc = self.tokenizer(prompts, max_length=self.max_length, truncation=True, padding="longest", return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] < self.max_length:  # one pad column: what padding to max_length then cropping to longest + 1 keeps
+            ids = torch.cat([ids, torch.full((ids.shape[0], 1), self.tokenizer.pad_token_id or 0, dtype=ids.dtype)], dim=1)
+            mask = torch.cat([mask, torch.zeros((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        return ids, mask
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
