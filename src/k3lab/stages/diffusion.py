@@ -141,7 +141,11 @@ class DiffusionStage(L.LightningModule):
     def latents(self, batch: Batch) -> torch.Tensor:
         z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
         if not self.latent_scale.measured():
-            self.latent_scale.value.fill_(1.0 / float(z.float().std().clamp(min=1e-6)))
+            std = z.float().std().clamp(min=1e-6).reshape(1)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank uses the same scale
+                torch.distributed.all_reduce(std)
+                std /= torch.distributed.get_world_size()
+            self.latent_scale.value.fill_(1.0 / float(std))
             log.info("latent scale measured on the first batch: %.4f (1/std)", float(self.latent_scale.value))
         return z * self.latent_scale.value.to(z.dtype)
 
