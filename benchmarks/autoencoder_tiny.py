@@ -11,7 +11,6 @@ to 32 and 32 groups (widths 32/64/128/256); everything else (blocks, attention, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from _report import report
 
 from k3lab.config import compose
 from k3lab.nn.movq import count_parameters
@@ -126,11 +127,7 @@ def main() -> None:
         "val_psnr_start": initial["val/psnr"], "val_psnr": final["val/psnr"], "val_ssim": final["val/ssim"],
         "val_psnr_continuous": final["val/psnr_continuous"], "codebook_restarts": stage.autoencoder.quantize.restarts,
     })
-    print(f"\n## tiny autoencoder benchmark ({minutes:.1f} min budget, {results['threads']} threads, torch {torch.__version__})")
-    for k, v in results.items():
-        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    report(f"tiny autoencoder benchmark ({minutes:.1f} min budget, {results['threads']} threads, torch {torch.__version__})", results, args.out)
 
 
 if __name__ == "__main__":

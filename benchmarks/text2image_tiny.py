@@ -14,7 +14,6 @@ preset's widths and block type with four levels (dim_mult 1,2,2,2), two triples 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -23,6 +22,8 @@ from typing import Callable
 
 import torch
 from hydra.utils import instantiate
+
+from _report import report
 
 from k3lab.config import compose
 from k3lab.nn.first_stage import FrozenMoVQ
@@ -113,11 +114,7 @@ def main() -> None:
     except ImportError:
         print("diffusers not installed: no peer ratio")
 
-    print(f"\n## tiny text-to-image benchmark ({results['threads']} threads, torch {torch.__version__})")
-    for k, v in results.items():
-        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    report(f"tiny text-to-image benchmark ({results['threads']} threads, torch {torch.__version__})", results, args.out)
 
 
 if __name__ == "__main__":

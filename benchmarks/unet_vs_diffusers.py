@@ -11,7 +11,6 @@ on levels 1-3) at 1/6 width (64/128/256/512, 83M parameters) on 32x32x4 latents 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from _report import report
 
 from k3lab.convert.formats import load_diffusers_unet
 
@@ -99,11 +100,7 @@ def main() -> None:
     for name, backward in (("forward", False), ("forward_backward", True)):
         a, b = timed(k3(backward), args.repeats, args.device), timed(df(backward), args.repeats, args.device)
         res[f"{name}_s_k3lab"], res[f"{name}_s_diffusers"], res[f"{name}_ratio_k3lab_over_diffusers"] = a, b, a / b
-    print(f"\n## k3lab vs diffusers Kandinsky3UNet ({res['device']}, {args.dtype}, {res['threads']} threads, torch {torch.__version__})")
-    for k, v in res.items():
-        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=1))
+    report(f"k3lab vs diffusers Kandinsky3UNet ({res['device']}, {args.dtype}, {res['threads']} threads, torch {torch.__version__})", res, args.out)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,21 @@ def _flush(out_dir: Path, name: str, samples: list[dict[str, Any]]) -> None:
 
 
 @torch.no_grad()
+def _encode(batch: list[tuple[dict[str, Any], dict[str, Any]]], encoder: Any, first_stage: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Output samples: the raw members plus ``text.npy`` (real tokens only) and optionally ``latent.npy``."""
+    hidden, mask = encoder.encode([s["caption"] for _, s in batch])
+    latents = first_stage.encode(torch.stack([s["image"] for _, s in batch]).to(device)) if first_stage is not None else None
+    out = []
+    for i, (raw, _) in enumerate(batch):
+        sample = {k: v for k, v in raw.items() if not k.endswith(".npy")}
+        sample["text.npy"] = _npy(hidden[i, : int(mask[i].sum())].float().cpu().numpy())
+        if latents is not None:
+            sample["latent.npy"] = _npy(latents[i].float().cpu().numpy())
+        out.append(sample)
+    return out
+
+
+@torch.no_grad()
 def precompute(cfg: DictConfig) -> Path:
     """Write the precomputed shards for every split of ``cfg.data``; returns the output folder."""
     pc = cfg.precompute
@@ -90,16 +105,10 @@ def precompute(cfg: DictConfig) -> Path:
                                 "shards": {}, "counts": {}, "skipped": {}}
     for split, urls in splits.items():
         skipped: Counter[str] = Counter()
-        names, pending, count, shard = [], [], 0, []
-        def encode(batch: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-            hidden, mask = encoder.encode([s["caption"] for _, s in batch])
-            latents = first_stage.encode(torch.stack([s["image"] for _, s in batch]).to(device)) if first_stage is not None else None
-            for i, (raw, _) in enumerate(batch):
-                out = {k: v for k, v in raw.items() if not k.endswith(".npy")}
-                out["text.npy"] = _npy(hidden[i, : int(mask[i].sum())].float().cpu().numpy())
-                if latents is not None:
-                    out["latent.npy"] = _npy(latents[i].float().cpu().numpy())
-                shard.append(out)
+        names: list[str] = []
+        pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        shard: list[dict[str, Any]] = []
+        count = 0
         for url in urls:
             for raw in iter_tar_samples(url, skipped):
                 sample = reader.decode(raw, url, skipped)
@@ -108,7 +117,7 @@ def precompute(cfg: DictConfig) -> Path:
                 raw = dict(raw, __key__=f"{Path(url).stem}_{raw['__key__']}")
                 pending.append((raw, sample))
                 if len(pending) == pc.batch_size:
-                    encode(pending)
+                    shard.extend(_encode(pending, encoder, first_stage, device))
                     pending = []
                 while len(shard) >= pc.shard_size:
                     names.append(f"{split}-{len(names):05d}.tar")
@@ -116,7 +125,7 @@ def precompute(cfg: DictConfig) -> Path:
                     count += pc.shard_size
                     del shard[: pc.shard_size]
         if pending:
-            encode(pending)
+            shard.extend(_encode(pending, encoder, first_stage, device))
         if shard:
             names.append(f"{split}-{len(names):05d}.tar")
             _flush(out_dir, names[-1], shard)

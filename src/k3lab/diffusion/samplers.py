@@ -48,6 +48,24 @@ def _t(value: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), value, device=x.device, dtype=torch.long)
 
 
+def _predict_x0(denoise: Denoiser, x: torch.Tensor, t: int, schedule: Schedule, x0_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_bar_t, thresholded x0_hat) at integer timestep ``t``."""
+    tt = _t(t, x)
+    a = schedule.alpha_bar(tt, x)
+    return a, threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
+
+
+def _ddim_step(x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor, eta: float, add_noise: bool,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The generalised DDIM update (eta = 0: deterministic, eta = 1: the DDPM posterior) with eps recomputed from x0."""
+    eps = _eps_from_x0(x, x0, a)
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
+    x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if add_noise and eta > 0:
+        x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return x
+
+
 @torch.no_grad()
 def sample_kandinsky3(
     denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 50, *, generator: torch.Generator | None = None,
@@ -58,14 +76,8 @@ def sample_kandinsky3(
     x = noise
     times = strided_timesteps(schedule.num_steps, steps)
     for i, (t, prev) in enumerate(zip(times, times[1:] + [0])):
-        tt = _t(t, x)
-        a, a_prev = schedule.alpha_bar(tt, x), schedule.alpha_bar(_t(prev, x), x)
-        x0 = threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
-        eps = _eps_from_x0(x, x0, a)
-        sigma = (eta * (1 - a / a_prev) * (1 - a_prev) / (1 - a)).clamp(min=0).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if prev != 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        a, x0 = _predict_x0(denoise, x, t, schedule, x0_threshold)
+        x = _ddim_step(x, x0, a, schedule.alpha_bar(_t(prev, x), x), eta, prev != 0, generator)  # prev 0 uses alpha_bar[0]
         if callback is not None:
             callback(i, t, x0)
     return x
@@ -80,18 +92,9 @@ def sample_ddim(
     x = noise
     times = strided_timesteps(schedule.num_steps, steps)
     for i, t in enumerate(times):
-        tt = _t(t, x)
-        a = schedule.alpha_bar(tt, x)
-        x0 = threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
-        if i == len(times) - 1:
-            x = x0
-        else:
-            a_prev = schedule.alpha_bar(_t(times[i + 1], x), x)
-            eps = _eps_from_x0(x, x0, a)
-            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-            if eta > 0:
-                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        a, x0 = _predict_x0(denoise, x, t, schedule, x0_threshold)
+        last = i == len(times) - 1
+        x = x0 if last else _ddim_step(x, x0, a, schedule.alpha_bar(_t(times[i + 1], x), x), eta, True, generator)
         if callback is not None:
             callback(i, t, x0)
     return x
@@ -109,9 +112,7 @@ def sample_dpmpp_2m(
     lam = lambda a: 0.5 * (a.log() - (1 - a).log())  # noqa: E731
     old_x0, h_prev = None, None
     for i, t in enumerate(times):
-        tt = _t(t, x)
-        a = schedule.alpha_bar(tt, x)
-        x0 = threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
+        a, x0 = _predict_x0(denoise, x, t, schedule, x0_threshold)
         if i == len(times) - 1:
             x = x0
         else:
