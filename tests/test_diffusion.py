@@ -55,7 +55,7 @@ def test_loss_targets_and_v_conversion() -> None:
     x0 = torch.randn(512, 2, 4, 4)
     assert diffusion_loss(lambda x, tt: torch.zeros_like(x), x0, s, generator=g).item() == pytest.approx(1.0, abs=0.03)
     with pytest.raises(ValueError, match="unknown prediction"):
-        target_for("x0", x0, x0, a)
+        target_for("sample", x0, x0, a)
 
 
 def test_official_timesteps_and_dynamic_thresholding() -> None:
@@ -112,11 +112,11 @@ def test_guidance_formula_and_batched_call() -> None:
     x, t = torch.ones(2, 1, 2, 2), torch.tensor([5, 5])
     ctx, mask = torch.full((2, 3, 4), 2.0), torch.ones(2, 3, dtype=torch.bool)
     null, null_mask = torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)
-    out = cfg_denoiser(model, ctx, mask, null, null_mask, weight=3.0)(x, t)
+    out = cfg_denoiser(model, (ctx, mask), (null, null_mask), weight=3.0)(x, t)
     assert len(calls) == 1 and calls[0][0] == 4  # one batched call on [cond; uncond]
     torch.testing.assert_close(calls[0][1][2:], null)
     torch.testing.assert_close(out, torch.full_like(x, 4 * 2.0 - 3 * 0.0))
-    out = cfg_denoiser(model, ctx, mask, null, null_mask, weight=0.0)(x, t)
+    out = cfg_denoiser(model, (ctx, mask), (null, null_mask), weight=0.0)(x, t)
     assert calls[-1][0] == 2 and torch.equal(out, 2 * x)
 
 

@@ -67,7 +67,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-STAGE_NAMES = {"AutoencoderStage": "autoencoder", "DiffusionStage": "diffusion", "PriorStage": "prior"}
+STAGE_NAMES = {"AutoencoderStage": "autoencoder", "DiffusionStage": "diffusion", "PriorStage": "prior", "ClipStage": "clip"}
 
 
 def save_config(cfg: DictConfig, directory: str | Path, choices: Mapping[str, str] | None = None) -> Path:
@@ -173,3 +173,14 @@ def check_resume(ckpt_path: str | Path, stage_target: str, choices: Mapping[str,
     if differ:
         names = ", ".join(f"{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(differ.items()))
         raise CheckpointError(f"ckpt_path={ckpt_path}: built with other presets ({names})")
+
+
+def load_frozen(checkpoint: str | Path | None, stage: str, part: str) -> nn.Module | None:
+    """A trained part of another stage's run (e.g. the prior, the conditioning CLIP): checked to come from
+    ``stage``, rebuilt from the config beside it, frozen and in eval mode. ``checkpoint=None`` gives None."""
+    if checkpoint is None:
+        return None
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{part} weights file not found: looked for {checkpoint} (train it with stage={stage})")
+    check_stage(checkpoint, stage)
+    return load_model(checkpoint, part).eval().requires_grad_(False)

@@ -83,6 +83,21 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"stage.first_stage.checkpoint={first!r}: no such file (train the autoencoder first: python -m k3lab.train experiment=autoencoder_tiny)")
         if stage.get("perceptual_weight", 0) and stage.get("vgg_weights") and not Path(stage.vgg_weights).is_file():
             problems.append(f"stage.vgg_weights={stage.vgg_weights!r}: no such file (LPIPS needs a local VGG16 state dict)")
+    mapping = cfg.get("mapping")
+    if mapping is not None and mapping.get("clip") is not None:
+        clip = mapping.clip
+        if "checkpoint" in list(clip.keys()) and OmegaConf.is_missing(clip, "checkpoint"):
+            problems.append("mapping.clip.checkpoint is not set: give the clip stage's clip.safetensors (python -m k3lab.train experiment=clip_tiny writes one)")
+        for key in ("checkpoint", "weights"):
+            value = OmegaConf.select(clip, key, throw_on_missing=False, default=None) if key in clip and not OmegaConf.is_missing(clip, key) else None
+            if value and "k3lab-reference-clip" in str(value):
+                problems.append(f"mapping.clip.{key}={value!r}: that is the evaluation's reference CLIP; the prior must condition on another CLIP")
+            elif value and not Path(value).is_file():
+                problems.append(f"mapping.clip.{key}={value!r}: CLIP weights file not found")
+        prior = mapping.get("prior")
+        value = prior.get("checkpoint") if prior is not None and "checkpoint" in prior and not OmegaConf.is_missing(prior, "checkpoint") else None
+        if value and not Path(value).is_file():
+            problems.append(f"mapping.prior.checkpoint={value!r}: no such file (train it with experiment=prior_tiny)")
     ckpt = cfg.get("ckpt_path")
     if ckpt:
         if not Path(ckpt).is_file():

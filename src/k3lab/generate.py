@@ -15,6 +15,7 @@ from torch import nn
 
 from k3lab.checkpoint import CheckpointError
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
+from k3lab.mapping import PriorMapping
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_conditioning import TextConditioning
 
@@ -53,7 +54,7 @@ class Generator:
     """
 
     unet: nn.Module
-    conditioning: TextConditioning
+    conditioning: TextConditioning | None           # text arm: Kandinsky 3's projection + null embedding
     text_encoder: nn.Module | None
     first_stage: nn.Module
     schedule: Schedule
@@ -61,6 +62,12 @@ class Generator:
     latent_scale: float = 1.0
     device: str = "cpu"
     sequential: bool = False
+    image_conditioning: nn.Module | None = None     # mapping-prior arm: CLIP image embedding -> U-Net inputs
+    mapping: PriorMapping | None = None             # mapping-prior arm: text -> sampled image embedding
+
+    def _conditioning_modules(self) -> list[nn.Module]:
+        parts = [self.conditioning, self.image_conditioning, self.mapping.prior if self.mapping is not None else None]
+        return [m for m in parts if m is not None]
 
     @contextmanager
     def _placed(self, *modules: nn.Module) -> Iterator[None]:
@@ -77,18 +84,36 @@ class Generator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x, t, context, mask)
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, time_extra: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.unet(x, t, context, mask, time_extra)
         return to_epsilon(self.prediction, out, x, self.schedule.alpha_bar(t, x)) if self.prediction != "epsilon" else out
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected context and mask for ``prompts`` (on ``device``)."""
+    def encode(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """The U-Net's condition for ``prompts`` (on ``device``): (context, mask) in the text arm; (context, mask,
+        time_extra) in the mapping-prior arm, where the prior samples an image embedding per prompt (seeded)."""
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was freed: encode every prompt before free_text_encoder()")
-        with self._placed(self.text_encoder, self.conditioning):
-            context, mask = encode_prompts(self.text_encoder, self.conditioning, prompts)
-        return context.to(self.device), mask.to(self.device)
+        with self._placed(self.text_encoder, *self._conditioning_modules()):
+            if self.mapping is None:
+                assert self.conditioning is not None
+                cond: tuple[torch.Tensor, ...] = encode_prompts(self.text_encoder, self.conditioning, prompts)
+            else:
+                assert self.image_conditioning is not None
+                hidden, mask = self.text_encoder.encode([p.strip() for p in prompts])
+                device = next(self.mapping.prior.parameters()).device
+                emb = self.mapping.sample(hidden.to(device), mask.to(device), list(seeds if seeds is not None else range(len(prompts))))
+                cond = self.image_conditioning(emb)
+        return tuple(c.to(self.device) for c in cond)
+
+    def null(self, cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The unconditional condition with the shapes of ``cond``."""
+        if self.mapping is None:
+            assert self.conditioning is not None
+            return self.conditioning.null(*cond)
+        assert self.image_conditioning is not None
+        negative = self.image_conditioning.negative.expand(cond[0].shape[0], -1)
+        return self.image_conditioning(negative)
 
     def free_text_encoder(self) -> None:
         """Drop the text encoder (Flan-UL2 is 17 GB in bf16) once all prompts are encoded."""
@@ -99,18 +124,17 @@ class Generator:
 
     @torch.no_grad()
     def sample(
-        self, context: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int], resolution: int, sampler: str = "kandinsky3", steps: int = 50,
+        self, cond: tuple[torch.Tensor, ...], seeds: Sequence[int], resolution: int, sampler: str = "kandinsky3", steps: int = 50,
         guidance_weight: float = 3.0, callback: Callable[[int, int, torch.Tensor], None] | None = None, **sampler_options: object,
     ) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] from encoded prompts; sample i starts from ``manual_seed(seeds[i])`` noise."""
-        if context.shape[0] != len(seeds):
-            raise ValueError(f"{context.shape[0]} prompts but {len(seeds)} seeds")
+        """Images [B, 3, H, W] in [0, 1] from ``encode``'s condition; sample i starts from ``manual_seed(seeds[i])`` noise."""
+        if cond[0].shape[0] != len(seeds):
+            raise ValueError(f"{cond[0].shape[0]} prompts but {len(seeds)} seeds")
         size = check_resolution(resolution, self.first_stage, self.unet)
         shape = (self.unet.in_channels, size, size)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
-        with self._placed(self.unet, self.conditioning):
-            null_context, null_mask = self.conditioning.null(context, mask)
-            denoise = cfg_denoiser(self.model_fn, context, mask, null_context, null_mask, guidance_weight)
+        with self._placed(self.unet, *self._conditioning_modules()):
+            denoise = cfg_denoiser(self.model_fn, cond, self.null(cond), guidance_weight)
             gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
             z = get_sampler(sampler)(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
         with self._placed(self.first_stage):
@@ -125,8 +149,7 @@ class Generator:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         check_resolution(resolution, self.first_stage, self.unet)
-        context, mask = self.encode(prompts)
-        return self.sample(context, mask, seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options)
+        return self.sample(self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options)
 
 
 def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
@@ -148,6 +171,7 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
     in it, or a Lightning ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config.
     ``unet_preset`` (e.g. 'kandinsky3') asserts which U-Net preset the checkpoint must hold."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from k3lab.checkpoint import check_stage, describe, load_weights
 
@@ -163,8 +187,23 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
         load_weights(unet, _part_state(path, "unet"), path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
-    conditioning = TextConditioning(int(cfg.stage.encoder_dim), unet.context_dim, bool(cfg.stage.get("diffusers_compat", False)))
-    load_weights(conditioning, _part_state(path, "text_conditioning"), path)
+    conditioning: TextConditioning | None = None
+    image_conditioning, mapping = None, None
+    if OmegaConf.select(cfg, "stage.clip") is None:
+        conditioning = TextConditioning(int(cfg.stage.encoder_dim), unet.context_dim, bool(cfg.stage.get("diffusers_compat", False)))
+        load_weights(conditioning, _part_state(path, "text_conditioning"), path)
+    else:  # the mapping-prior arm: text -> prior -> CLIP image embedding -> adapter -> U-Net
+        from k3lab.nn.image_conditioning import ImageConditioning
+
+        if OmegaConf.select(cfg, "stage.prior") is None:
+            raise CheckpointError(f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text")
+        clip, prior = instantiate(cfg.stage.clip), instantiate(cfg.stage.prior)
+        image_conditioning = ImageConditioning(int(clip.embed_dim), unet.context_dim, unet.time_embed_dim, int(cfg.stage.image_tokens))
+        load_weights(image_conditioning, _part_state(path, "image_conditioning"), path)
+        if int(prior.embedding_dim) != image_conditioning.clip_dim:
+            raise CheckpointError(f"the prior predicts {prior.embedding_dim}-d embeddings but the U-Net adapter of {path} takes {image_conditioning.clip_dim}-d ones")
+        schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
+        mapping = PriorMapping(prior.to("cpu" if sequential else device).eval(), schedule, int(cfg.stage.prior_steps), float(cfg.stage.prior_guidance))
     scale = LatentScale()
     load_weights(scale, _part_state(path, "latent_scale"), path)
     if not scale.measured():
@@ -176,8 +215,10 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
         encoder_cfg.dtype = text_encoder_dtype
     text_encoder = instantiate(encoder_cfg)
     first_stage = instantiate(cfg.stage.first_stage)
-    for m in (unet, conditioning, text_encoder, first_stage):
-        m.to("cpu" if sequential else device).eval()
+    for m in (unet, conditioning, image_conditioning, text_encoder, first_stage):
+        if m is not None:
+            m.to("cpu" if sequential else device).eval()
     schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
-    generator = Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential)
+    generator = Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential,
+                          image_conditioning, mapping)
     return generator, cfg

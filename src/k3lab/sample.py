@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
     encoded = None
     if args.free_text_encoder:  # encode everything first, then drop the encoder before the U-Net runs
-        encoded = [tuple(t.cpu() for t in generator.encode([row["prompt"] for row, _ in batch])) for batch in batches]
+        encoded = [tuple(t.cpu() for t in generator.encode([row["prompt"] for row, _ in batch], [s for _, s in batch])) for batch in batches]
         generator.free_text_encoder()
     bar = tqdm(total=len(jobs) * args.steps, desc="sampling", unit="step", file=sys.stdout)
     for b, batch in enumerate(batches):
         seeds = [seed for _, seed in batch]
-        context, mask = encoded[b] if encoded is not None else generator.encode([row["prompt"] for row, _ in batch])
-        images = generator.sample(context.to(generator.device), mask.to(generator.device), seeds, resolution, args.sampler, args.steps,
+        cond = encoded[b] if encoded is not None else generator.encode([row["prompt"] for row, _ in batch], seeds)
+        images = generator.sample(tuple(c.to(generator.device) for c in cond), seeds, resolution, args.sampler, args.steps,
                                   args.guidance, callback=lambda i, t, x0: bar.update(len(batch)))
         for (row, seed), image in zip(batch, images):
             name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"

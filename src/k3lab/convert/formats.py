@@ -181,3 +181,20 @@ def unet_state_to_diffusers(unet: nn.Module, conditioning: TextConditioning) -> 
 def movq_state_to_diffusers(movq: MoVQ) -> dict[str, torch.Tensor]:
     n = len(movq.config["ch_mult"])
     return invert(movq.state_dict(), lambda k: movq_to_diffusers(k, n), lambda k, v: v.reshape(v.shape[:2]) if is_movq_attention_projection(k) and v.ndim == 4 else v)
+
+
+def load_diffusers_prior(folder: Path, variant: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A diffusers ``prior/`` folder (PriorTransformer, e.g. kandinsky-2-2-prior) -> k3lab PriorTransformer."""
+    from k3lab.convert.keymaps import prior_to_diffusers
+    from k3lab.nn.prior import PriorTransformer
+
+    config = json.loads((folder / "config.json").read_text())
+    unsupported = {k: config.get(k) for k in ("norm_in_type", "embedding_proj_norm_type", "time_embed_dim", "embedding_proj_dim", "clip_embed_dim")
+                   if config.get(k) is not None}
+    if config.get("added_emb_type", "prd") != "prd" or config.get("additional_embeddings", 4) != 4 or unsupported:
+        raise CheckpointError(f"{folder}: a PriorTransformer variant k3lab does not model ({unsupported or config.get('added_emb_type')})")
+    kwargs = dict(embedding_dim=config.get("embedding_dim", 768), num_layers=config.get("num_layers", 20), heads=config.get("num_attention_heads", 32),
+                  head_dim=config.get("attention_head_dim", 64), num_text_tokens=config.get("num_embeddings", 77))
+    prior = _meta_module(PriorTransformer, **kwargs)
+    prior.load_state_dict(remap(read_safetensors_folder(folder, variant), prior, prior_to_diffusers, f"{folder} (diffusers PriorTransformer)"), assign=True)
+    return prior.float(), kwargs

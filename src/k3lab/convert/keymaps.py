@@ -74,3 +74,27 @@ def movq_to_diffusers(key: str, num_levels: int) -> str:
 def is_movq_attention_projection(diffusers_key: str) -> bool:
     """diffusers stores these as Linear [C, C]; k3lab as 1x1 convs [C, C, 1, 1]."""
     return bool(re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", diffusers_key))
+
+
+# Prior: k3lab PriorTransformer -> diffusers PriorTransformer (kandinsky-2-2-prior)
+_PRIOR_RULES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
+    (r"^positions$", "positional_embedding"),
+    (r"^query$", "prd_embedding"),
+    (r"^time_mlp\.0\.", "time_embedding.linear_1."),
+    (r"^time_mlp\.2\.", "time_embedding.linear_2."),
+    (r"^image_in\.", "proj_in."),
+    (r"^pooled_in\.", "embedding_proj."),
+    (r"^tokens_in\.", "encoder_hidden_states_proj."),
+    (r"^image_out\.", "proj_to_clip_embeddings."),
+    (r"^blocks\.", "transformer_blocks."),
+    (r"\.norm_attn\.", ".norm1."),
+    (r"\.qkv\.(q|k|v)\.", lambda m: f".attn1.to_{m.group(1)}."),
+    (r"\.out\.", ".attn1.to_out.0."),
+    (r"\.norm_ff\.", ".norm3."),
+    (r"\.ff_in\.", ".ff.net.0.proj."),
+    (r"\.ff_out\.", ".ff.net.2."),
+]
+
+
+def prior_to_diffusers(key: str) -> str:
+    return _apply(_PRIOR_RULES, key)

@@ -9,13 +9,16 @@ import torch.nn.functional as F
 
 from k3lab.diffusion.schedule import Schedule
 
-PREDICTIONS = ("epsilon", "v")
+PREDICTIONS = ("epsilon", "v", "x0")
 
 
 def target_for(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """epsilon (Ho et al. 2020, arXiv 2006.11239) or v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, arXiv 2202.00512)."""
+    """epsilon (Ho et al. 2020, arXiv 2006.11239), v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, arXiv 2202.00512),
+    or x0 itself (the unCLIP prior, Ramesh et al. 2022, arXiv 2204.06125)."""
     if prediction == "epsilon":
         return noise
+    if prediction == "x0":
+        return x0
     if prediction == "v":
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
     raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
@@ -27,6 +30,8 @@ def to_epsilon(prediction: str, output: torch.Tensor, x_t: torch.Tensor, alpha_b
         return output
     if prediction == "v":
         return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * x_t
+    if prediction == "x0":
+        return (x_t - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
     raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")
 
 

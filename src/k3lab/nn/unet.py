@@ -122,7 +122,7 @@ class KandinskyUNet(nn.Module):
         if len(lengths) != 1:
             raise ValueError(f"dim_mult, num_blocks, add_cross_attention, add_self_attention must have one length, got {lengths}")
         init_channels = init_channels or model_channels
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels, self.out_channels, self.time_embed_dim = in_channels, out_channels, time_embed_dim
         self.context_dim = context_dim
         self.gradient_checkpointing = gradient_checkpointing
         self.to_time_embed = nn.Sequential(
@@ -151,12 +151,18 @@ class KandinskyUNet(nn.Module):
             return checkpoint(level, *args, use_reentrant=False)
         return level(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
+                time_extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``time_extra`` [B, time_embed_dim] is added to the time embedding before the text pooling (the mapping
+        prior arm's image-embedding term)."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(f"U-Net input {tuple(x.shape[-2:])} is not divisible by its down-sampling factor {self.downsample_factor}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        time_embed = self.feature_pooling(self.to_time_embed(t.to(x.dtype) if t.is_floating_point() else t), context, mask)
+        time_embed = self.to_time_embed(t.to(x.dtype) if t.is_floating_point() else t)
+        if time_extra is not None:
+            time_embed = time_embed + time_extra.to(time_embed.dtype)
+        time_embed = self.feature_pooling(time_embed, context, mask)
         time_embed = time_embed.to(x.dtype)
         skips = []
         x = self.in_layer(x)

@@ -18,7 +18,9 @@ from torch.optim import Optimizer
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.generate import Generator, check_resolution
+from k3lab.mapping import PriorMapping
 from k3lab.nn.ema import EMA
+from k3lab.nn.image_conditioning import ImageConditioning
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.tracking import log_image
@@ -60,6 +62,11 @@ class DiffusionStage(L.LightningModule):
         val_seed: int = 0,
         image_dir: str | None = None,
         init_weights: str | None = None,              # start from a checkpoint folder's unet/text_conditioning exports (fine-tuning)
+        clip: nn.Module | None = None,                # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
+        prior: nn.Module | None = None,               # mapping-prior arm: frozen trained prior, used for sampling
+        image_tokens: int = 10,                       # mapping-prior arm: context tokens made from the image embedding
+        prior_steps: int = 25,
+        prior_guidance: float = 3.0,
     ) -> None:
         super().__init__()
         val_prompts = [str(p) for p in val_prompts]
@@ -83,42 +90,72 @@ class DiffusionStage(L.LightningModule):
         if resolution is not None:
             check_resolution(int(resolution), first_stage, unet)
         self.unet = unet
-        self.text_conditioning = TextConditioning(encoder_dim, unet.context_dim, diffusers_compat)
+        self.clip = clip.eval().requires_grad_(False) if clip is not None else None
+        self.prior = prior.eval().requires_grad_(False) if prior is not None else None
+        self.image_conditioning: ImageConditioning | None = None
+        if clip is not None:
+            self.image_conditioning = ImageConditioning(int(clip.embed_dim), unet.context_dim, unet.time_embed_dim, image_tokens)
+            if prior is not None and int(prior.embedding_dim) != int(clip.embed_dim):
+                raise ValueError(f"the prior predicts {prior.embedding_dim}-d image embeddings but the CLIP / U-Net adapter use {clip.embed_dim}-d ones")
+            if prior is not None and int(prior.text_dim) != int(encoder_dim):
+                raise ValueError(f"the prior reads {prior.text_dim}-d text states but the text encoder gives {encoder_dim}-d ones")
+            with torch.no_grad():
+                self.image_conditioning.negative.copy_(clip.embed_zero_image().reshape(-1))
+        self.text_conditioning = TextConditioning(encoder_dim, unet.context_dim, diffusers_compat) if clip is None else None
         if init_weights:
             from k3lab.checkpoint import load_state_dict, load_weights
 
             folder = Path(init_weights)
             load_weights(self.unet, load_state_dict(folder / "unet.safetensors"), folder / "unet.safetensors")
-            load_weights(self.text_conditioning, load_state_dict(folder / "text_conditioning.safetensors"), folder / "text_conditioning.safetensors")
+            name = "text_conditioning" if self.image_conditioning is None else "image_conditioning"
+            load_weights(self.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors")
             log.info("initialised the U-Net and text conditioning from %s", folder)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.optimizer_factory = optimizer
         self.schedule = Schedule.named(schedule, num_timesteps)
         self.unet_ema = EMA(unet, ema_decay) if ema_decay is not None else None
-        self.text_conditioning_ema = EMA(self.text_conditioning, ema_decay) if ema_decay is not None else None
+        keep = ema_decay is not None
+        self.text_conditioning_ema = EMA(self.text_conditioning, ema_decay) if keep and self.text_conditioning is not None else None
+        self.image_conditioning_ema = EMA(self.image_conditioning, ema_decay) if keep and self.image_conditioning is not None else None
         self.latent_scale = LatentScale(float("nan") if latent_scale == "auto" else float(latent_scale))
 
     # ------------------------------------------------------------------ parts
+    @property
+    def conditioning(self) -> nn.Module:
+        """The trained conditioning module: the text projection (text arm) or the image adapter (prior arm)."""
+        return self.text_conditioning if self.image_conditioning is None else self.image_conditioning  # type: ignore[return-value]
+
+    @property
+    def conditioning_ema(self) -> EMA | None:
+        return self.text_conditioning_ema if self.image_conditioning is None else self.image_conditioning_ema
+
     def exportable_modules(self) -> dict[str, nn.Module]:
         unet, conditioning = self.eval_modules()
-        return {"unet": unet, "text_conditioning": conditioning, "latent_scale": self.latent_scale}
+        name = "text_conditioning" if self.image_conditioning is None else "image_conditioning"
+        return {"unet": unet, name: conditioning, "latent_scale": self.latent_scale}
 
-    def eval_modules(self) -> tuple[nn.Module, TextConditioning]:
+    def eval_modules(self) -> tuple[nn.Module, nn.Module]:
         """The weights sampling and export use: the EMA copies when kept."""
-        if self.unet_ema is not None and self.text_conditioning_ema is not None:
-            return self.unet_ema.module, self.text_conditioning_ema.module  # type: ignore[return-value]
-        return self.unet, self.text_conditioning
+        if self.unet_ema is not None and self.conditioning_ema is not None:
+            return self.unet_ema.module, self.conditioning_ema.module
+        return self.unet, self.conditioning
 
     def generator(self) -> Generator:
         unet, conditioning = self.eval_modules()
         if self.text_encoder is None:
             raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
-        return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction,
-                         float(self.latent_scale.value), str(self.device))
+        if self.image_conditioning is None:
+            return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction,  # type: ignore[arg-type]
+                             float(self.latent_scale.value), str(self.device))
+        if self.prior is None:
+            raise RuntimeError("sampling the mapping-prior arm needs a trained prior (mapping.prior)")
+        mapping = PriorMapping(self.prior, Schedule.named(self.hparams.schedule, self.hparams.num_timesteps), self.hparams.prior_steps, self.hparams.prior_guidance)
+        return Generator(unet, None, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale.value),
+                         str(self.device), image_conditioning=conditioning, mapping=mapping)
 
     def configure_optimizers(self) -> dict:
-        params = list(self.unet.parameters()) + list(self.text_conditioning.parameters())
+        params = list(self.unet.parameters()) + list(self.conditioning.parameters())
         opt = self.optimizer_factory(params)
         warmup = max(int(self.hparams.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -150,13 +187,25 @@ class DiffusionStage(L.LightningModule):
         return z * self.latent_scale.value.to(z.dtype)
 
     # ------------------------------------------------------------------ steps
+    def condition(self, batch: Batch, conditioning: nn.Module, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(context, mask[, time_extra]) for the U-Net: projected text (text arm) or the true CLIP image embedding of
+        the batch's images (prior arm, as 2.2's decoder trains); ``drop`` rows become unconditional."""
+        device = self.latent_scale.value.device
+        if self.image_conditioning is None:
+            hidden, mask = self.text_inputs(batch)
+            context, mask = conditioning(hidden.to(device), mask.to(device))
+            return conditioning.replace_with_null(context, mask, drop) if drop is not None else (context, mask)
+        with torch.no_grad():
+            emb = self.clip.embed_images(batch["image"].to(device)).float()  # type: ignore[union-attr]
+        if drop is not None:
+            emb = conditioning.replace_with_negative(emb, drop)
+        return conditioning(emb)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         z = self.latents(batch)
-        hidden, mask = self.text_inputs(batch)
-        context, mask = self.text_conditioning(hidden.to(z.device), mask.to(z.device))
         drop = torch.rand(z.shape[0], device=z.device) < self.hparams.caption_dropout
-        context, mask = self.text_conditioning.replace_with_null(context, mask, drop)
-        loss = diffusion_loss(lambda x, t: self.unet(x, t, context, mask), z, self.schedule, self.hparams.prediction)
+        cond = self.condition(batch, self.conditioning, drop)
+        loss = diffusion_loss(lambda x, t: self.unet(x, t, *cond), z, self.schedule, self.hparams.prediction)
         if not torch.isfinite(loss):
             keys = batch.get("key", [])[:4]
             raise NonFiniteLossError(
@@ -168,26 +217,25 @@ class DiffusionStage(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
-        if self.unet_ema is not None and self.text_conditioning_ema is not None:
+        if self.unet_ema is not None and self.conditioning_ema is not None:
             self.unet_ema.update(self.unet)
-            self.text_conditioning_ema.update(self.text_conditioning)
+            self.conditioning_ema.update(self.conditioning)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Loss of the EMA model at 10 fixed timesteps with fixed noise (comparable across runs and steps)."""
         unet, conditioning = self.eval_modules()
         z = self.latents(batch)
-        hidden, mask = self.text_inputs(batch)
-        context, mask = conditioning(hidden.to(z.device), mask.to(z.device))
+        cond = self.condition(batch, conditioning)
         gen = torch.Generator(device=z.device).manual_seed(self.hparams.val_seed + batch_idx)
         losses = []
         for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
             tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
-            losses.append(diffusion_loss(lambda x, s: unet(x, s, context, mask), z, self.schedule, self.hparams.prediction, generator=gen, t=tt))
+            losses.append(diffusion_loss(lambda x, s: unet(x, s, *cond), z, self.schedule, self.hparams.prediction, generator=gen, t=tt))
         self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         prompts = list(self.hparams.val_prompts)
-        if not prompts or self.text_encoder is None or self.trainer.sanity_checking:
+        if not prompts or self.text_encoder is None or self.trainer.sanity_checking or (self.image_conditioning is not None and self.prior is None):
             return
         res = int(self.hparams.resolution or 0)
         if not res:
