@@ -28,9 +28,9 @@ class PriorStage(L.LightningModule):
 
     def __init__(
         self,
-        prior: PriorTransformer,
+        prior: PriorTransformer | None,
         text_encoder: nn.Module,               # frozen, the same encoder the U-Net arm uses
-        clip: nn.Module,                       # frozen conditioning CLIP (never the evaluation's CLIP)
+        clip: nn.Module | None,                # frozen conditioning CLIP (never the evaluation's CLIP)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
         warmup_steps: int = 100,
         schedule: str = "cosine",
@@ -44,6 +44,8 @@ class PriorStage(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["prior", "text_encoder", "clip", "optimizer"])
+        if prior is None or clip is None:
+            raise ValueError("stage=prior needs a prior and its CLIP: compose it with model/prior=diffusion_mapping (or kandinsky22)")
         if int(getattr(text_encoder, "dim", prior.text_dim)) != prior.text_dim:
             raise ValueError(f"the prior's text_dim={prior.text_dim} does not match the text encoder's width {text_encoder.dim}")
         if int(clip.embed_dim) != prior.embedding_dim:
