@@ -72,7 +72,7 @@ class DiffusionStage(L.LightningModule):
         val_prompts = [str(p) for p in val_prompts]
         if any(not isinstance(p, str) for p in val_prompts):
             raise ValueError("stage.val_prompts must be a list of strings (quote prompts that contain ': ')")
-        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "optimizer"])
+        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "optimizer", "clip", "prior"])
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"stage.caption_dropout={caption_dropout}: must be in [0, 1)")
         if prediction not in ("epsilon", "v"):
