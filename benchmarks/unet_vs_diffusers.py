@@ -2,7 +2,7 @@
 
 Forward and forward+backward, several repeats (median), reporting k3lab time / diffusers time (goal <= 1.0).
 The default is a mid-size configuration: the full Kandinsky 3 topology (4 levels x 3 block triples, attention
-on levels 1-3) at 1/6 width (64/128/256/512, 83M parameters) on 32x32x4 latents with 64 text tokens.
+on levels 1-3) at 1/6 width (64/128/256/512, 79.3M parameters) on 32x32x4 latents with 64 text tokens.
 
     .venv/bin/python benchmarks/unet_vs_diffusers.py                         # fp32 on CPU
     .venv/bin/python benchmarks/unet_vs_diffusers.py --device cuda --dtype bf16 --batch 8 --width 128
