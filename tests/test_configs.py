@@ -40,7 +40,7 @@ def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "group", ["trainer", "logger", "callbacks", "data", "model/autoencoder", "model/prior", "model/text_encoder", "model/unet",
-              "model/unet/block", "debug", "stage", "paths"]
+              "model/unet/block", "model/clip", "debug", "stage", "paths"]
 )
 def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
     for option in options(group):

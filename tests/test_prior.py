@@ -164,3 +164,11 @@ def test_prior_width_mismatch_names_both_widths(arm_parts: dict[str, Path], tmp_
         instantiate(cfg.stage, prior=wide)
     with pytest.raises(FileNotFoundError, match="looked for /nowhere/prior.safetensors"):
         load_frozen("/nowhere/prior.safetensors", "prior", "prior")
+
+
+def test_evaluate_prior_reports_cosines_and_baselines(arm_parts: dict[str, Path]) -> None:
+    from k3lab.mapping import evaluate_prior
+
+    result = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)
+    row = result["heldout"]
+    assert row["num"] == 32 and all(-1.0 <= row[k] <= 1.0 for k in ("cosine", "mean_embedding_baseline", "other_image_baseline"))

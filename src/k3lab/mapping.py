@@ -49,3 +49,47 @@ class PriorMapping:
         gen = torch.Generator(device=device).manual_seed(int(seeds[0]) + 7919) if len(seeds) else None
         z = get_sampler(self.sampler)(denoise, noise, self.schedule, self.steps, generator=gen, x0_threshold=None)
         return self.prior.denormalize(z)
+
+
+@torch.no_grad()
+def evaluate_prior(checkpoint: str, splits: Sequence[str] = ("test", "heldout"), steps: int = 25, guidance_weight: float = 3.0,
+                   batch_size: int = 128) -> dict[str, dict[str, float]]:
+    """Cosine similarity of prior samples to the true CLIP image embeddings per split, next to two baselines:
+    the dataset-mean embedding, and the true embedding of another image of the same split (shuffled pairs)."""
+    from hydra.utils import instantiate
+
+    from k3lab.checkpoint import check_stage, load_frozen
+
+    cfg = check_stage(checkpoint, "prior")
+    prior = load_frozen(checkpoint, "prior", "prior")
+    clip, encoder = instantiate(cfg.mapping.clip), instantiate(cfg.model.text_encoder.encoder)
+    mapping = PriorMapping(prior, Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps)), steps, guidance_weight)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    out: dict[str, dict[str, float]] = {}
+    for split in splits:
+        sampled, true = [], []
+        for batch in datamodule.split_dataloader(split, batch_size):
+            hidden, mask = encoder.encode(batch["caption"])
+            sampled.append(mapping.sample(hidden, mask, list(range(len(batch["caption"])))))
+            true.append(clip.embed_images(batch["image"]).float())
+        s, t = torch.cat(sampled), torch.cat(true)
+        cos = nn.functional.cosine_similarity
+        shuffled = t[torch.randperm(len(t), generator=torch.Generator().manual_seed(0))]
+        out[split] = {"cosine": cos(s, t, dim=-1).mean().item(), "mean_embedding_baseline": cos(prior.clip_mean.expand_as(t), t, dim=-1).mean().item(),
+                      "other_image_baseline": cos(shuffled, t, dim=-1).mean().item(), "num": len(t)}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m k3lab.mapping", description="evaluate a trained mapping prior: " + (evaluate_prior.__doc__ or ""))
+    parser.add_argument("checkpoint", help="the prior stage's prior.safetensors (config.yaml beside it)")
+    parser.add_argument("--split", action="append", default=None, help="splits to evaluate (default: test and heldout)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    args = parser.parse_args()
+    print(json.dumps(evaluate_prior(args.checkpoint, args.split or ("test", "heldout"), args.steps, args.guidance), indent=1))
