@@ -218,6 +218,8 @@ def test_diffusers_pipeline_to_k3lab_sample_and_back(tiny_pipeline: Path, tmp_pa
     assert sample([str(tmp_path / "k3"), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "s"), "--resolution", "64",
                    "--sampler", "diffusers_ddpm", "--free-text-encoder", "--sequential"]) == 0
     assert json.loads((tmp_path / "s" / "metadata.jsonl").read_text())["sampler"] == "diffusers_ddpm"
+    with pytest.raises(CheckpointError, match="holds the model/unet=converted preset, not model/unet=kandinsky3"):
+        sample([str(tmp_path / "k3"), "--prompt", "x", "--unet-preset", "kandinsky3", "--out", str(tmp_path / "s2")])
     convert(["to-diffusers", str(tmp_path / "k3"), "--out", str(tmp_path / "back")])
     back = load_pipeline(tmp_path / "back")
     for name in ("unet", "movq", "text_encoder"):

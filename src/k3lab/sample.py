@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequential", action="store_true", help="keep modules on the CPU and move each to --device only while it runs (24-40 GB GPUs)")
     p.add_argument("--free-text-encoder", action="store_true", help="drop the text encoder after encoding all prompts")
     p.add_argument("--text-encoder", default=None, help="override the text encoder's local folder")
+    p.add_argument("--unet-preset", default=None, help="refuse a checkpoint that does not hold this model/unet preset (e.g. kandinsky3)")
     p.add_argument("--text-encoder-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the encoder's dtype")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_in = read_prompts(args.prompt, args.prompt_file)
     jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
-    generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder, sequential=args.sequential, text_encoder_dtype=args.text_encoder_dtype)
+    generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype)
     resolution = int(args.resolution or cfg.data.resolution)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
