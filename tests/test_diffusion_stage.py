@@ -110,6 +110,10 @@ def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Pa
     assert len(rows) == 6 and [r["seed"] for r in rows[:2]] == [7, 8]
     assert rows[2]["prompt_id"] == "p1" and rows[2]["category"] == "single" and rows[4]["prompt"] == "two red disks"
     assert {r["sampler"] for r in rows} == {"dpmpp_2m"} and rows[0]["steps"] == 3 and rows[0]["guidance"] == 3.0 and rows[0]["resolution"] == 64
+    assert rows[0]["x0_threshold"] is None  # the tiny preset turns the official thresholding off (unit-variance latents)
+    assert main([str(trained.paths.checkpoint_dir), "--prompt", "a red circle", "--out", str(tmp_path / "thr"), "--steps", "3",
+                 "--x0-threshold", "0.5"]) == 0
+    assert json.loads((tmp_path / "thr" / "metadata.jsonl").read_text())["x0_threshold"] == 0.5
     for r in rows:
         assert Image.open(out / r["file"]).size == (64, 64)
     from evaluation.images import load_folder  # the evaluation package reads the folder as is

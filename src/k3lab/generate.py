@@ -4,6 +4,7 @@ diffusion stage's validation and by ``python -m k3lab.sample``. No LightningModu
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Generator:
     sequential: bool = False
     image_conditioning: nn.Module | None = None     # mapping-prior arm: CLIP image embedding -> U-Net inputs
     mapping: PriorMapping | None = None             # mapping-prior arm: text -> sampled image embedding
+    x0_threshold: float | None = 0.99               # samplers' dynamic thresholding (None: off), see stage.x0_threshold
 
     def _conditioning_modules(self) -> list[nn.Module]:
         parts = [self.conditioning, self.image_conditioning, self.mapping.prior if self.mapping is not None else None]
@@ -133,10 +135,13 @@ class Generator:
         size = check_resolution(resolution, self.first_stage, self.unet)
         shape = (self.unet.in_channels, size, size)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
+        sample_fn = get_sampler(sampler)
+        if "x0_threshold" in inspect.signature(sample_fn).parameters:
+            sampler_options.setdefault("x0_threshold", self.x0_threshold)
         with self._placed(self.unet, *self._conditioning_modules()):
             denoise = cfg_denoiser(self.model_fn, cond, self.null(cond), guidance_weight)
             gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
-            z = get_sampler(sampler)(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
+            z = sample_fn(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
         with self._placed(self.first_stage):
             images = self.first_stage.decode(z / self.latent_scale)
         return ((images.float() + 1) / 2).clamp(0, 1)
@@ -220,5 +225,5 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
             m.to("cpu" if sequential else device).eval()
     schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
     generator = Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential,
-                          image_conditioning, mapping)
+                          image_conditioning, mapping, OmegaConf.select(cfg, "stage.x0_threshold", default=0.99))
     return generator, cfg

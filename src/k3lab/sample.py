@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=3.0, help="w in eps = (w+1) eps_cond - w eps_uncond")
     p.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--x0-threshold", default=None, help="dynamic-thresholding quantile, or 'none' (default: the run's stage.x0_threshold)")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
     generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype)
     resolution = int(args.resolution or cfg.data.resolution)
+    if args.x0_threshold is not None:
+        generator.x0_threshold = None if args.x0_threshold.lower() == "none" else float(args.x0_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"
             array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
             Image.fromarray(array).save(out / name)
-            rows.append({"file": name, **row, "seed": seed, "sampler": args.sampler, "steps": args.steps,
+            rows.append({"file": name, **row, "seed": seed, "sampler": args.sampler, "steps": args.steps, "x0_threshold": generator.x0_threshold,
                          "guidance": args.guidance, "resolution": resolution, "checkpoint": str(Path(args.checkpoint).resolve())})
         atomic_write_bytes(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     bar.close()

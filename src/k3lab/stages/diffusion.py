@@ -56,6 +56,7 @@ class DiffusionStage(L.LightningModule):
         diffusers_compat: bool = False,               # text conditioning as diffusers does it (see TextConditioning)
         resolution: int | None = None,                # image resolution (checked against the factors up front)
         sampler: str = "kandinsky3",                  # validation sampling
+        x0_threshold: float | None = 0.99,            # samplers' dynamic-thresholding quantile (floor 1); None = off
         sample_steps: int = 50,
         guidance_weight: float = 3.0,
         val_prompts: Sequence[str] = (),
@@ -147,12 +148,12 @@ class DiffusionStage(L.LightningModule):
             raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
         if self.image_conditioning is None:
             return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction,  # type: ignore[arg-type]
-                             float(self.latent_scale.value), str(self.device))
+                             float(self.latent_scale.value), str(self.device), x0_threshold=self.hparams.x0_threshold)
         if self.prior is None:
             raise RuntimeError("sampling the mapping-prior arm needs a trained prior (mapping.prior)")
         mapping = PriorMapping(self.prior, Schedule.named(self.hparams.schedule, self.hparams.num_timesteps), self.hparams.prior_steps, self.hparams.prior_guidance)
         return Generator(unet, None, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale.value),
-                         str(self.device), image_conditioning=conditioning, mapping=mapping)
+                         str(self.device), image_conditioning=conditioning, mapping=mapping, x0_threshold=self.hparams.x0_threshold)
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.conditioning.parameters())
