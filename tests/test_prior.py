@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from omegaconf import DictConfig
 
 from k3lab.nn.prior import PriorTransformer
 from k3lab.train import train

@@ -89,13 +89,13 @@ def validate(cfg: DictConfig) -> None:
         if "checkpoint" in list(clip.keys()) and OmegaConf.is_missing(clip, "checkpoint"):
             problems.append("mapping.clip.checkpoint is not set: give the clip stage's clip.safetensors (python -m k3lab.train experiment=clip_tiny writes one)")
         for key in ("checkpoint", "weights"):
-            value = OmegaConf.select(clip, key, throw_on_missing=False, default=None) if key in clip and not OmegaConf.is_missing(clip, key) else None
+            value = clip.get(key) if key in clip else None  # `in` is False for a missing (???) value
             if value and "k3lab-reference-clip" in str(value):
                 problems.append(f"mapping.clip.{key}={value!r}: that is the evaluation's reference CLIP; the prior must condition on another CLIP")
             elif value and not Path(value).is_file():
                 problems.append(f"mapping.clip.{key}={value!r}: CLIP weights file not found")
         prior = mapping.get("prior")
-        value = prior.get("checkpoint") if prior is not None and "checkpoint" in prior and not OmegaConf.is_missing(prior, "checkpoint") else None
+        value = prior.get("checkpoint") if prior is not None and "checkpoint" in prior else None
         if value and not Path(value).is_file():
             problems.append(f"mapping.prior.checkpoint={value!r}: no such file (train it with experiment=prior_tiny)")
     ckpt = cfg.get("ckpt_path")

@@ -192,6 +192,7 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
         load_weights(unet, _part_state(path, "unet"), path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
+    schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
     conditioning: TextConditioning | None = None
     image_conditioning, mapping = None, None
     if OmegaConf.select(cfg, "stage.clip") is None:
@@ -207,7 +208,6 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
         load_weights(image_conditioning, _part_state(path, "image_conditioning"), path)
         if int(prior.embedding_dim) != image_conditioning.clip_dim:
             raise CheckpointError(f"the prior predicts {prior.embedding_dim}-d embeddings but the U-Net adapter of {path} takes {image_conditioning.clip_dim}-d ones")
-        schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
         mapping = PriorMapping(prior.to("cpu" if sequential else device).eval(), schedule, int(cfg.stage.prior_steps), float(cfg.stage.prior_guidance))
     scale = LatentScale()
     load_weights(scale, _part_state(path, "latent_scale"), path)
@@ -223,7 +223,6 @@ def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_pat
     for m in (unet, conditioning, image_conditioning, text_encoder, first_stage):
         if m is not None:
             m.to("cpu" if sequential else device).eval()
-    schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
     generator = Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential,
                           image_conditioning, mapping, OmegaConf.select(cfg, "stage.x0_threshold", default=0.99))
     return generator, cfg

@@ -8,7 +8,7 @@ file): a model scored in the embedding space it was trained on would get an unfa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

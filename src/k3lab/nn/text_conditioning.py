@@ -41,9 +41,8 @@ class TextConditioning(nn.Module):
         if self.diffusers_compat:
             return self.projection(torch.zeros(*context.shape[:2], self.encoder_dim, dtype=context.dtype, device=context.device)), null_mask
         null_context = torch.zeros_like(context)
-        if not self.diffusers_compat:
-            null_context[:, 0] = self.null_embedding.to(context.dtype)
-            null_mask[:, 0] = True
+        null_context[:, 0] = self.null_embedding.to(context.dtype)
+        null_mask[:, 0] = True
         return null_context, null_mask
 
     def replace_with_null(self, context: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

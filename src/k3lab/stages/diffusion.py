@@ -5,8 +5,8 @@ text-encoder outputs and frozen first-stage latents. Precomputed embeddings/late
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import lightning as L
@@ -110,7 +110,7 @@ class DiffusionStage(L.LightningModule):
             load_weights(self.unet, load_state_dict(folder / "unet.safetensors"), folder / "unet.safetensors")
             name = "text_conditioning" if self.image_conditioning is None else "image_conditioning"
             load_weights(self.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors")
-            log.info("initialised the U-Net and text conditioning from %s", folder)
+            log.info("initialised the U-Net and %s from %s", name, folder)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.optimizer_factory = optimizer
@@ -151,7 +151,7 @@ class DiffusionStage(L.LightningModule):
                              float(self.latent_scale.value), str(self.device), x0_threshold=self.hparams.x0_threshold)
         if self.prior is None:
             raise RuntimeError("sampling the mapping-prior arm needs a trained prior (mapping.prior)")
-        mapping = PriorMapping(self.prior, Schedule.named(self.hparams.schedule, self.hparams.num_timesteps), self.hparams.prior_steps, self.hparams.prior_guidance)
+        mapping = PriorMapping(self.prior, self.schedule, self.hparams.prior_steps, self.hparams.prior_guidance)
         return Generator(unet, None, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale.value),
                          str(self.device), image_conditioning=conditioning, mapping=mapping, x0_threshold=self.hparams.x0_threshold)
 
