@@ -22,9 +22,14 @@ def find_mlflow_logger(loggers: Iterable[Logger] | Logger | None) -> MLFlowLogge
     return next((lg for lg in items if isinstance(lg, MLFlowLogger)), None)
 
 
-def log_run_metadata(loggers: Iterable[Logger], cfg: DictConfig, choices: Mapping[str, str] | None) -> None:
-    """Params: the Hydra group choices (``choice/<group>``), seed and task; artifact: the resolved config."""
-    params: dict[str, Any] = {"seed": cfg.get("seed"), "task_name": cfg.get("task_name")}
+def log_run_metadata(loggers: Iterable[Logger], cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Iterable[str] = ()) -> None:
+    """Params: the Hydra group choices (``choice/<group>``), the command-line overrides (``override/<key>``: a sweep's
+    axes), seed, task and output folder; artifact: the resolved config."""
+    params: dict[str, Any] = {"seed": cfg.get("seed"), "task_name": cfg.get("task_name"), "output_dir": OmegaConf.select(cfg, "paths.output_dir")}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and not key.startswith("hydra"):
+            params[f"override/{key.lstrip('+~')}"] = value
     for group, choice in (choices or {}).items():
         if not group.startswith("hydra/") and group != "hydra":
             params[f"choice/{group}"] = "null" if choice is None else str(choice)
@@ -58,3 +63,20 @@ def log_image(loggers: Iterable[Logger], image: torch.Tensor, name: str, step: i
     if mlf is not None:
         mlf.experiment.log_image(mlf.run_id, array, key=name.replace("/", "_"), step=step)
     return path
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger whose run can stay open after ``fit`` (``keep_open``): an ablation cell logs its
+    evaluation into the same run and closes it itself with :meth:`close` (FINISHED, or FAILED on an error)."""
+
+    keep_open: bool = False
+
+    def finalize(self, status: str = "success") -> None:
+        if self.keep_open and status == "success":
+            return
+        super().finalize(status)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.keep_open = False
+        if self._initialized and self.experiment.get_run(self.run_id):
+            self.experiment.set_terminated(self.run_id, status)

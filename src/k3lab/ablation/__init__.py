@@ -1,0 +1,1 @@
+"""Ablation sweeps: shared parts trained once per sweep (or cache), one diffusion cell per job, evaluation."""

@@ -1,0 +1,101 @@
+"""One ablation cell (one Hydra multirun job): shared parts -> diffusion stage -> evaluation, in one MLflow run.
+
+The preset's ``ablation`` node names the shared parts as override lists for ``python -m k3lab.train`` (see
+``conf/experiment/ablation_tiny.yaml``); the cell fills their exports into its own config
+(``stage.first_stage.checkpoint``, ``mapping.clip.checkpoint``, ``mapping.prior.checkpoint``), trains, samples
+the evaluation prompts and logs metrics, sample grids and ``metrics.json`` into the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from k3lab.ablation.evaluate import evaluate
+from k3lab.ablation.shared import reference_clip, train_part
+from k3lab.tracking import find_mlflow_logger, log_image
+from k3lab.tracking.sweep import PARENT_TAG, run_tags
+
+log = logging.getLogger(__name__)
+
+
+def uses_prior(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "mapping.clip") is not None
+
+
+def inherited_overrides(overrides: list[str], groups: tuple[str, ...] = ("data", "paths")) -> list[str]:
+    """The cell's command-line overrides its shared parts must share (the dataset, the paths)."""
+    out = []
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key.split(".")[0].split("/")[0] in groups:
+            out.append(item)
+    return out
+
+
+def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]) -> dict[str, str]:
+    """Train (once) or find the shared parts this cell needs; returns the config keys to point at them.
+
+    Every part gets the cell's data/paths overrides, ``ablation.extra_overrides`` and the cell's task name (its
+    MLflow run sits under the sweep's parent)."""
+    ab = cfg.ablation
+    parent = run_tags().get(PARENT_TAG)
+    root = str(ab.shared_dir)
+    common = [*inherited_overrides(cell_overrides), *(ab.get("extra_overrides") or []), f"task_name={cfg.task_name}"]
+    updates = {"stage.first_stage.checkpoint": str(train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent))}
+    if uses_prior(cfg):
+        clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent)
+        prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
+        updates["mapping.clip.checkpoint"] = str(clip)
+        updates["mapping.prior.checkpoint"] = str(train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent))
+    return updates
+
+
+def run_cell(cfg: DictConfig) -> dict[str, float]:
+    from k3lab.train import close_loggers, fit, hydra_choices, where_to_look
+
+    choices = hydra_choices()
+    text_encoder = choices.get("model/text_encoder") or str(cfg.ablation.get("text_encoder_choice", ""))
+    if not text_encoder:
+        raise ValueError("an ablation cell needs the model/text_encoder choice (run it through python -m k3lab.train)")
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    updates = prepare_shared(cfg, text_encoder, overrides)
+    splits = instantiate(cfg.data.source).build()
+    settings = OmegaConf.to_container(cfg.ablation.evaluation, resolve=True)
+    ref_dir = reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
+    with open_dict(cfg):
+        for key, value in updates.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+    result = fit(cfg, role="cell", keep_open=True)
+    out_dir = Path(cfg.paths.output_dir)
+    try:
+        stage = result.stage.eval()
+        with torch.no_grad():
+            metrics, grids = evaluate(stage.generator(), splits, int(cfg.data.resolution), settings, ref_dir, out_dir / "eval")  # type: ignore[arg-type]
+        step = int(stage.global_step)
+        for lg in result.loggers:
+            lg.log_metrics(metrics, step=step)
+            lg.log_hyperparams({f"shared/{k.split('.')[-2]}": v for k, v in updates.items()} | {"shared/reference_clip": str(ref_dir)})
+        for name, image in grids.items():
+            log_image(result.loggers, image, f"eval/grid_{name}", step, out_dir / "eval")
+        (out_dir / "metrics.json").write_text(json.dumps({**result.metrics, **metrics}, indent=1, sort_keys=True))
+        mlf = find_mlflow_logger(result.loggers)
+        if mlf is not None:
+            mlf.experiment.log_artifact(mlf.run_id, str(out_dir / "metrics.json"))
+    except BaseException:
+        close_loggers(result.loggers, "FAILED")
+        raise
+    close_loggers(result.loggers, "FINISHED")
+    seen = {k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k.startswith("eval/seen/")}
+    name = ",".join(o for o in overrides if not o.startswith("experiment=")) or "defaults"
+    log.info("cell %s: seen %s; fid_clip %.2f, clip_score %.2f", name, seen, metrics["eval/fid_clip"], metrics["eval/clip_score"])
+    where_to_look(cfg, result.loggers)
+    return {**result.metrics, **metrics}

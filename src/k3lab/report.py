@@ -1,0 +1,258 @@
+"""The ablation table: ``python -m k3lab.report <sweep dir | MLflow parent run id> [--tracking-uri URI]``.
+
+Reads the sweep's cell runs from MLflow (children of the parent run with role ``cell``), finds the axes (the job
+overrides that vary, seeds aside) and writes, into the sweep folder (or ``--out``):
+- ``report.md``: each axis's effect on each metric (level - reference level, averaged over the other axes'
+  cells within a seed) as mean +- 95% t-interval over seeds, then every cell's mean +- interval, the chance and
+  real-image rows, and where to look;
+- ``report.png``: the effects with their intervals; ``runs.csv``: one row per run.
+The notebook ``notebooks/ablation.ipynb`` calls the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/heldout/overall",
+                            "eval/fid_clip", "eval/clip_score")
+LOWER_IS_BETTER = ("eval/fid_clip", "eval/kid_clip", "val/loss")
+OVERRIDE_PREFIX = "override/"
+
+
+def short(metric: str) -> str:
+    return metric.removeprefix("eval/")
+
+
+def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """(tracking URI, experiment id, parent run id) from a sweep folder's ``mlflow_sweep.json`` or a run id."""
+    from k3lab.tracking.sweep import read_sweep_file
+
+    if Path(source).is_dir():
+        info = read_sweep_file(source)
+        if info is None:
+            raise FileNotFoundError(f"{source}: no mlflow_sweep.json here; was this sweep run with logger=mlflow (python -m k3lab.train -m ...)?")
+        return {**info, "sweep_dir": str(Path(source).resolve()), **({"tracking_uri": tracking_uri} if tracking_uri else {})}
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from k3lab.config import project_root
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/logs/mlflow.db"
+    try:
+        run = MlflowClient(uri).get_run(source)
+    except Exception as e:
+        raise FileNotFoundError(f"{source!r} is neither a sweep folder nor a run id in {uri} ({type(e).__name__})") from None
+    return {"tracking_uri": uri, "experiment_id": run.info.experiment_id, "parent_run_id": source,
+            "sweep_dir": run.data.tags.get("k3lab.sweep_dir", "")}
+
+
+def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per cell run: ``run_id``, ``status``, ``seed``, ``override/<key>`` columns and every metric."""
+    from mlflow.tracking import MlflowClient
+
+    from k3lab.tracking.sweep import children
+
+    info = resolve_source(source, tracking_uri)
+    client = MlflowClient(info["tracking_uri"])
+    parent = client.get_run(info["parent_run_id"])
+    info["reference"] = json.dumps({k.removeprefix("sweep/"): v.split(",")[0].strip() for k, v in parent.data.params.items()
+                                    if k.startswith("sweep/") and k != "sweep/overrides"})
+    rows = []
+    for run in children(client, info["experiment_id"], info["parent_run_id"], role="cell"):
+        params = run.data.params
+        row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
+                               "job": int(run.data.tags.get("k3lab.job", 0)),
+                               "seed": int(params.get("seed", 0)), "output_dir": params.get("output_dir", "")}
+        row |= {k: v for k, v in params.items() if k.startswith(OVERRIDE_PREFIX) and k != f"{OVERRIDE_PREFIX}seed"}
+        row |= dict(run.data.metrics)
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"no cell runs under parent {info['parent_run_id']} in {info['tracking_uri']}")
+    return pd.DataFrame(rows).sort_values(["job", "seed"]).reset_index(drop=True), info
+
+
+def axes(runs: pd.DataFrame) -> list[str]:
+    """The override columns that take more than one value across the cells."""
+    return [c for c in runs.columns if c.startswith(OVERRIDE_PREFIX) and runs[c].nunique(dropna=False) > 1]
+
+
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided t-interval); half-width NaN with fewer than two values."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def effects(runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dict[str, str] | None = None) -> pd.DataFrame:
+    """Each axis level's effect (vs the reference level: ``reference[axis]``, else the first level) per metric: mean and 95% half-width over seeds.
+
+    Within a seed, the effect is the mean over the other axes' cells of metric(level) - metric(reference);
+    cells missing on either side are left out (a failed run does not bias the difference)."""
+    runs = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
+    out = []
+    ax = axes(runs)
+    for axis in ax:
+        others = [a for a in ax if a != axis]
+        levels = list(dict.fromkeys(runs[axis]))
+        ref = (reference or {}).get(axis.removeprefix(OVERRIDE_PREFIX), levels[0])
+        for level in [lv for lv in levels if lv != ref]:
+            for metric in [m for m in metrics if m in runs]:
+                per_seed = []
+                for _, group in runs.groupby("seed"):
+                    keyed = group.set_index(others + [axis])[metric] if others else group.set_index(axis)[metric]
+                    diffs = []
+                    for key in keyed.index:
+                        key_t = key if isinstance(key, tuple) else (key,)
+                        if key_t[-1] != level:
+                            continue
+                        ref_key = key_t[:-1] + (ref,)
+                        ref_key = ref_key if others else ref
+                        if ref_key in keyed.index:
+                            diffs.append(float(keyed[key]) - float(keyed[ref_key]))
+                    if diffs:
+                        per_seed.append(float(np.mean(diffs)))
+                mean, half = interval(per_seed)
+                out.append({"axis": axis.removeprefix(OVERRIDE_PREFIX), "level": level, "reference": ref, "metric": metric,
+                            "effect": mean, "ci95": half, "seeds": len(per_seed)})
+    return pd.DataFrame(out)
+
+
+def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Every cell's mean and 95% half-width over seeds, per metric."""
+    ax = axes(runs)
+    finished = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
+    rows = []
+    for key, group in (finished.groupby(ax, sort=False) if ax else [((), finished)]):
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = {a.removeprefix(OVERRIDE_PREFIX): k for a, k in zip(ax, key)}
+        row["seeds"] = len(group)
+        for m in [m for m in metrics if m in group]:
+            row[m], row[f"{m} ci95"] = interval(group[m].tolist())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, half: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
+
+
+def markdown(runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
+    metrics = [m for m in metrics if m in runs]
+    seeds = sorted(runs["seed"].unique().tolist())
+    lines = [f"## Ablation: {len(cell_table)} cells x {len(seeds)} seed(s) {seeds}; {len(runs)} runs "
+             f"({int((runs['status'] != 'FINISHED').sum()) if 'status' in runs else 0} not finished)", ""]
+    lines.append("### Effects (level - reference; mean ± 95% t-interval over seeds" + ("; one seed: no interval)" if len(seeds) < 2 else ")"))
+    lines.append("")
+    lines.append("| axis | level vs reference | " + " | ".join(short(m) for m in metrics) + " |")
+    lines.append("|---|---|" + "---|" * len(metrics))
+    for (axis, level), group in effect_table.groupby(["axis", "level"], sort=False) if len(effect_table) else []:
+        by = {r.metric: r for r in group.itertuples()}
+        ref = group["reference"].iloc[0]
+        lines.append(f"| {axis} | {level} vs {ref} | " + " | ".join(_fmt(by[m].effect, by[m].ci95) if m in by else "" for m in metrics) + " |")
+    lines += ["", "### Cells (mean ± 95% t-interval over seeds)", ""]
+    names = [a.removeprefix(OVERRIDE_PREFIX) for a in axes(runs)]
+    lines.append("| " + " | ".join(names + ["seeds"] + [short(m) for m in metrics]) + " |")
+    lines.append("|" + "---|" * (len(names) + 1 + len(metrics)))
+    for r in cell_table.to_dict("records"):
+        lines.append("| " + " | ".join([str(r[n]) for n in names] + [str(r["seeds"])] +
+                                       [_fmt(r.get(m, float("nan")), r.get(f"{m} ci95", float("nan"))) for m in metrics]) + " |")
+    tasks = [m.removeprefix("eval/seen/") for m in metrics if m.startswith("eval/seen/")]
+    baselines = [(label, prefix) for label, prefix in (("chance: real images scored against another prompt's scene", "eval/chance/"),
+                                                       ("real images with their own prompt (the detector's ceiling)", "eval/real/"))
+                 if all(prefix + t in runs for t in tasks)]
+    if tasks and baselines:
+        lines += ["", "### Baselines (seen prompts)", "", "| baseline | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += [f"| {label} | " + " | ".join(f"{runs[prefix + t].mean():.3f}" for t in tasks) + " |" for label, prefix in baselines]
+    return "\n".join(lines) + "\n"
+
+
+def plot(effect_table: pd.DataFrame, path: str | Path, metrics: Sequence[str] = METRICS) -> Path:
+    """One panel per metric: each axis level's effect with its 95% interval (a dot alone with one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if len(effect_table) and m in set(effect_table["metric"])]
+    fig, panels = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 2.8), squeeze=False)
+    for ax, metric in zip(panels[0], metrics):
+        rows = effect_table[effect_table["metric"] == metric]
+        labels = [f"{r.axis}\n{r.level}" for r in rows.itertuples()]
+        ax.errorbar(rows["effect"], range(len(rows)), xerr=rows["ci95"].fillna(0), fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(short(metric) + (" (lower better)" if metric in LOWER_IS_BETTER else ""), fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class Report:
+    runs: pd.DataFrame
+    effects: pd.DataFrame
+    cells: pd.DataFrame
+    text: str
+    info: dict[str, str]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        where = [f"mlflow ui --backend-store-uri {self.info['tracking_uri']}   (parent run {self.info['parent_run_id']})"]
+        if self.info.get("sweep_dir"):
+            where.append(f"sample grids: {self.info['sweep_dir']}/<job>/eval/eval_grid_seen_*.png; images + metadata.jsonl: <job>/eval/{{seen,heldout}}/")
+        where += [f"{name}: {path}" for name, path in self.files.items()]
+        return self.text + "\nWhere to look:\n" + "\n".join(f"  {w}" for w in where) + "\n"
+
+
+def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS) -> Report:
+    """Load the runs, compute effects and cells, write report.md / report.png / runs.csv."""
+    runs, info = load_runs(source, tracking_uri)
+    reference = json.loads(info.get("reference", "{}"))
+    effect_table, cell_table = effects(runs, metrics, reference), cells(runs, metrics)
+    report = Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
+    folder = Path(out_dir or info.get("sweep_dir") or ".")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text(report.text)
+    runs.to_csv(folder / "runs.csv", index=False)
+    report.files = {"table": folder / "report.md", "plot": plot(effect_table, folder / "report.png", metrics), "runs": folder / "runs.csv"}
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m k3lab.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a sweep folder (with mlflow_sweep.json) or an MLflow parent run id")
+    p.add_argument("--tracking-uri", default=None, help="default: the sweep's, $MLFLOW_TRACKING_URI, or <project>/logs/mlflow.db")
+    p.add_argument("--out", default=None, help="where report.md/png and runs.csv go (default: the sweep folder)")
+    p.add_argument("--metric", action="append", default=None, help="metrics to tabulate (repeatable; default: the main ones)")
+    p.add_argument("--json", action="store_true", help="print the effects as JSON instead of the markdown")
+    args = p.parse_args(argv)
+    try:
+        report = build_report(args.source, args.tracking_uri, args.out, args.metric or METRICS)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.effects.to_dict("records"), indent=1) if args.json else report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""MLflow across a Hydra multirun: one parent run per sweep, each job a child run.
+
+The parent is created once, by a Hydra callback at multirun start (``hydra.callbacks.mlflow_sweep``), which also
+creates the experiment, so parallel jobs never race to create it. The sweep folder gets ``mlflow_sweep.json``
+(tracking URI, experiment id, parent run id); every job reads it and tags its run ``mlflow.parentRunId``. At the
+end, children still RUNNING (killed hard) are marked FAILED, and so are parents of earlier sweeps whose
+process is gone. A re-run makes a new parent: earlier runs are never touched except for that status fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "mlflow_sweep.json"
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "k3lab.role"          # sweep | cell | shared | run
+HOST_TAG, PID_TAG = "k3lab.host", "k3lab.pid"
+
+
+def process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def read_sweep_file(sweep_dir: str | Path) -> dict[str, str] | None:
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_tags() -> dict[str, str]:
+    """Tags that place this process's run in a sweep: the parent (``mlflow.parentRunId``) and the run's role.
+
+    A Hydra multirun job reads the parent from its sweep folder (role ``cell`` when the config is an ablation
+    cell, else ``run``); a shared part trained for a sweep (autoencoder, CLIP, prior) gets both from the
+    ``K3LAB_PARENT_RUN_ID`` / ``K3LAB_RUN_ROLE`` environment its cell sets."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    tags = process_tags()
+    if os.environ.get("K3LAB_PARENT_RUN_ID"):
+        tags[PARENT_TAG] = os.environ["K3LAB_PARENT_RUN_ID"]
+        tags[ROLE_TAG] = os.environ.get("K3LAB_RUN_ROLE", "shared")
+        return tags
+    tags[ROLE_TAG] = "run"
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        info = read_sweep_file(HydraConfig.get().sweep.dir)
+        if info is not None:
+            tags[PARENT_TAG] = info["parent_run_id"]
+            tags[ROLE_TAG] = "job"
+            tags["k3lab.job"] = str(HydraConfig.get().job.num)
+    return tags
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_stale(client: Any, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment_id`` started on this host by a process that is gone."""
+    failed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit() and not _pid_alive(int(tags[PID_TAG])):
+            client.set_terminated(run.info.run_id, "FAILED")
+            client.set_tag(run.info.run_id, "k3lab.failure", "process gone while RUNNING (killed hard); marked failed by a later sweep")
+            failed.append(run.info.run_id)
+    return failed
+
+
+def children(client: Any, experiment_id: str, parent_id: str, role: str | None = None) -> list[Any]:
+    query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
+    if role:
+        query += f" and tags.`{ROLE_TAG}` = '{role}'"
+    return client.search_runs([experiment_id], filter_string=query, max_results=10000)
+
+
+def _mlflow_settings(config: DictConfig) -> tuple[str, str] | None:
+    """(tracking URI, experiment name) when the composed config logs to MLflow, else None."""
+    node = OmegaConf.select(config, "logger.mlflow")
+    if not node:
+        return None
+    return str(node.tracking_uri), str(node.experiment_name)
+
+
+def _sweep_dir(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir))
+
+
+try:  # Hydra's callback base class (hydra-core >= 1.1)
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object  # type: ignore[misc,assignment]
+
+
+class MLflowSweepCallback(_HydraCallback):  # type: ignore[misc]
+    """Hydra callback: the sweep's MLflow parent run, stale-run clean-up and, for ablations, the report."""
+
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        settings = _mlflow_settings(config)
+        if settings is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        uri, name = settings
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        stale = mark_stale(client, experiment_id)
+        if stale:
+            log.warning("marked %d stale RUNNING run(s) of experiment %r failed: %s", len(stale), name, ", ".join(stale))
+        sweep_dir = _sweep_dir(config)
+        params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=True) or {}
+        overrides = list(config.hydra.overrides.task)
+        run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
+                                tags={ROLE_TAG: "sweep", "k3lab.sweep_dir": str(sweep_dir), **process_tags()})
+        for key, value in {**{f"sweep/{k}": str(v) for k, v in params.items()}, "sweep/overrides": " ".join(overrides)[:6000]}.items():
+            client.log_param(run.info.run_id, key, value)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        info = {"tracking_uri": uri, "experiment_id": experiment_id, "experiment_name": name, "parent_run_id": run.info.run_id}
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=1))
+        log.info("MLflow parent run %s (experiment %r) for sweep %s", run.info.run_id, name, sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        info = read_sweep_file(_sweep_dir(config))
+        if info is None or _mlflow_settings(config) is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(info["tracking_uri"])
+        kids = children(client, info["experiment_id"], info["parent_run_id"])
+        stale = [r.info.run_id for r in kids if r.info.status == "RUNNING"]
+        for run_id in stale:
+            client.set_terminated(run_id, "FAILED")
+            client.set_tag(run_id, "k3lab.failure", "still RUNNING when the sweep ended (killed hard); marked failed")
+        if stale:
+            log.warning("marked %d child run(s) failed that were still RUNNING at the sweep's end", len(stale))
+        failed = bool(stale) or any(r.info.status == "FAILED" for r in kids)
+        if self.report and any(r.data.tags.get(ROLE_TAG) == "cell" for r in kids):
+            self._report(config, client, info)
+        client.set_terminated(info["parent_run_id"], "FAILED" if failed else "FINISHED")
+
+    def _report(self, config: DictConfig, client: Any, info: dict[str, str]) -> None:
+        from k3lab.report import build_report
+
+        try:
+            report = build_report(str(_sweep_dir(config)))
+        except Exception as e:  # the sweep's runs stay intact; the report can be rebuilt with python -m k3lab.report
+            log.error("could not build the ablation report: %s (rebuild: python -m k3lab.report %s)", e, _sweep_dir(config))
+            return
+        for path in report.files.values():
+            client.log_artifact(info["parent_run_id"], str(path))
+        print(report.summary(), flush=True)
