@@ -223,17 +223,22 @@ class Report:
         return self.text + "\nWhere to look:\n" + "\n".join(f"  {w}" for w in where) + "\n"
 
 
-def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS) -> Report:
-    """Load the runs, compute effects and cells, write report.md / report.png / runs.csv."""
+def analyse(source: str, tracking_uri: str | None = None, metrics: Sequence[str] = METRICS) -> Report:
+    """The sweep's runs, effects (reference level = the first value of each swept axis) and cells; writes nothing."""
     runs, info = load_runs(source, tracking_uri)
     reference = json.loads(info.get("reference", "{}"))
     effect_table, cell_table = effects(runs, metrics, reference), cells(runs, metrics)
-    report = Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
-    folder = Path(out_dir or info.get("sweep_dir") or ".")
+    return Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
+
+
+def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS) -> Report:
+    """:func:`analyse`, then write report.md / report.png / runs.csv (into the sweep folder unless ``out_dir``)."""
+    report = analyse(source, tracking_uri, metrics)
+    folder = Path(out_dir or report.info.get("sweep_dir") or ".")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(report.text)
-    runs.to_csv(folder / "runs.csv", index=False)
-    report.files = {"table": folder / "report.md", "plot": plot(effect_table, folder / "report.png", metrics), "runs": folder / "runs.csv"}
+    report.runs.to_csv(folder / "runs.csv", index=False)
+    report.files = {"table": folder / "report.md", "plot": plot(report.effects, folder / "report.png", metrics), "runs": folder / "runs.csv"}
     return report
 
 

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from k3lab.ablation.evaluate import evaluate
-from k3lab.ablation.shared import reference_clip, train_part
+from k3lab.ablation.shared import precompute_part, reference_clip, train_part
 from k3lab.tracking import find_mlflow_logger, log_image
 from k3lab.tracking.sweep import PARENT_TAG, run_tags
 
@@ -54,6 +54,12 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
         updates["mapping.clip.checkpoint"] = str(clip)
         updates["mapping.prior.checkpoint"] = str(train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent))
+    if ab.get("precompute"):  # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
+        pc_overrides = [*inherited_overrides(cell_overrides), f"model/text_encoder={text_encoder}", f"task_name={cfg.task_name}",
+                        f"stage=diffusion", f"stage.first_stage.checkpoint={updates['stage.first_stage.checkpoint']}"]
+        folder = precompute_part(f"precomputed_{text_encoder}", pc_overrides, root)
+        updates |= {"data.resolution": int(cfg.data.resolution), "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
+                    "data.feature_keys": ["text.npy", "latent.npy"]}
     return updates
 
 
@@ -67,13 +73,13 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    splits = instantiate(cfg.data.source).build()  # the evaluation's prompts and real images: the dataset's own splits
     updates = prepare_shared(cfg, text_encoder, overrides)
-    splits = instantiate(cfg.data.source).build()
     settings = OmegaConf.to_container(cfg.ablation.evaluation, resolve=True)
     ref_dir = reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
     with open_dict(cfg):
         for key, value in updates.items():
-            OmegaConf.update(cfg, key, value, force_add=True)
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     result = fit(cfg, role="cell", keep_open=True)
     out_dir = Path(cfg.paths.output_dir)
     try:
@@ -83,7 +89,8 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
         step = int(stage.global_step)
         for lg in result.loggers:
             lg.log_metrics(metrics, step=step)
-            lg.log_hyperparams({f"shared/{k.split('.')[-2]}": v for k, v in updates.items()} | {"shared/reference_clip": str(ref_dir)})
+            lg.log_hyperparams({f"shared/{k.split('.')[-2]}": v for k, v in updates.items() if k.endswith(".checkpoint")} |
+                               {"shared/reference_clip": str(ref_dir), "shared/precomputed": str(OmegaConf.select(cfg, "data.source.root") or "")})
         for name, image in grids.items():
             log_image(result.loggers, image, f"eval/grid_{name}", step, out_dir / "eval")
         (out_dir / "metrics.json").write_text(json.dumps({**result.metrics, **metrics}, indent=1, sort_keys=True))

@@ -71,8 +71,9 @@ def ensure(name: str, folder: Path, build: Callable[[Path], None], expected: str
     return target
 
 
-def train_part(name: str, overrides: Sequence[str], shared_dir: str | Path, export: str, parent_run_id: str | None = None) -> Path:
-    """Train one part with ``python -m k3lab.train <overrides>`` into its keyed folder (once); returns its export."""
+def run_part(name: str, module: str, overrides: Sequence[str], shared_dir: str | Path, expected: str, parent_run_id: str | None = None,
+             folder_overrides: Sequence[str] = ("hydra.run.dir={out}",)) -> Path:
+    """Run ``python -m <module> <overrides>`` once into the part's keyed folder; returns ``folder/expected``."""
     key = config_key(compose_part(overrides))
     folder = Path(shared_dir) / f"{name}-{key}"
 
@@ -80,13 +81,25 @@ def train_part(name: str, overrides: Sequence[str], shared_dir: str | Path, expo
         env = dict(os.environ)
         if parent_run_id:
             env.update(K3LAB_PARENT_RUN_ID=parent_run_id, K3LAB_RUN_ROLE="shared")
-        cmd = [sys.executable, "-m", "k3lab.train", *overrides, f"hydra.run.dir={out}"]
+        cmd = [sys.executable, "-m", module, *overrides, *(o.format(out=out) for o in folder_overrides)]
         log.info("shared %s: %s", name, " ".join(cmd[1:]))
         result = subprocess.run(cmd, env=env)
         if result.returncode != 0:
-            raise RuntimeError(f"shared {name}: training failed (exit {result.returncode}); its log: {out}/*.log; command: {' '.join(cmd)}")
+            raise RuntimeError(f"shared {name}: {module} failed (exit {result.returncode}); its log: {out}/*.log; command: {' '.join(cmd)}")
 
-    return ensure(name, folder, build, f"checkpoints/{export}")
+    return ensure(name, folder, build, expected)
+
+
+def train_part(name: str, overrides: Sequence[str], shared_dir: str | Path, export: str, parent_run_id: str | None = None) -> Path:
+    """Train one part with ``python -m k3lab.train <overrides>`` into its keyed folder (once); returns its export."""
+    return run_part(name, "k3lab.train", overrides, shared_dir, f"checkpoints/{export}", parent_run_id)
+
+
+def precompute_part(name: str, overrides: Sequence[str], shared_dir: str | Path) -> Path:
+    """Text embeddings and latents of every split, written once by ``python -m k3lab.precompute``; returns the folder."""
+    path = run_part(name, "k3lab.precompute", [*overrides, "precompute.latents=true"], shared_dir, "manifest.json", None,
+                    ("hydra.run.dir={out}", "precompute.output_dir={out}"))
+    return path.parent
 
 
 def reference_clip(shared_dir: str | Path, train_shards: Sequence[str], val_shards: Sequence[str], settings: dict[str, Any]) -> Path:
