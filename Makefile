@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Main job on the embedded default (scene world + tiny MoVQ autoencoder, MLflow tracking).
+# Main job on the embedded default: a small ablation (block x prior), evaluated, tracked in MLflow, with the table printed.
 quickstart: $(STAMP)
-	$(PY) -m k3lab.train experiment=autoencoder_tiny
+	$(PY) -m k3lab.train -m experiment=ablation_tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q

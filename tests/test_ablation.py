@@ -47,7 +47,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     second = k3lab(SWEEP, root)
     dirs = [p.parent for p in sweeps(root)]
     assert len(dirs) == 2 and dirs[0] == first_dir
-    return {"root": root, "dirs": dirs, "stdout": [first.stdout, second.stdout], "logs": [first.stderr, second.stderr]}
+    return {"root": root, "dirs": dirs, "stdout": [first.stdout, second.stdout],
+            "logs": [first.stdout + first.stderr, second.stdout + second.stderr]}
 
 
 def client_for(sweep_dir: Path):
@@ -88,7 +89,7 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
 def test_shared_parts_are_trained_once_for_all_jobs_and_sweeps(sweep: dict) -> None:
     shared = sweep["root"] / "logs" / "shared"
     done = sorted(p.parent.name.rsplit("-", 1)[0] for p in shared.glob("*/DONE.json"))
-    assert done == ["autoencoder", "clip", "prior_t5_tiny", "reference_clip"]
+    assert done == ["autoencoder", "clip", "precomputed_t5_tiny", "prior_t5_tiny", "reference_clip"]
     client, info = client_for(sweep["dirs"][0])
     trained = client.search_runs([info["experiment_id"]], filter_string="tags.`k3lab.role` = 'shared'")
     assert len(trained) == 3  # autoencoder, CLIP, prior (as MLflow runs), under the first sweep's parent only
@@ -187,14 +188,16 @@ def test_stale_runs_are_marked_failed(tmp_path: Path) -> None:
     assert client.get_run(info["parent_run_id"]).info.status == "FAILED"
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "ablation.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "ablation.ipynb", "autoencoder_reconstructions.ipynb"])
 def test_notebooks_execute_on_the_sweep(sweep: dict, name: str) -> None:
     import nbformat
     from nbclient import NotebookClient
 
     sweep_dir = sweep["dirs"][0]
     job = next(p for p in sweep_dir.iterdir() if (p / "checkpoints" / "unet.safetensors").is_file())
-    env = {"K3LAB_ROOT": str(sweep["root"]), "K3LAB_SWEEP": str(sweep_dir), "K3LAB_RUN": str(job / "checkpoints")}
+    autoencoder = next((sweep["root"] / "logs" / "shared").glob("autoencoder-*/checkpoints/autoencoder.safetensors"))
+    env = {"K3LAB_ROOT": str(sweep["root"]), "K3LAB_SWEEP": str(sweep_dir), "K3LAB_RUN": str(job / "checkpoints"),
+           "K3LAB_AUTOENCODER": str(autoencoder)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -59,3 +59,10 @@ def cell_grids(runs, split: str = "seen") -> list[tuple[str, Path]]:
         if grids:
             out.append((str(row.run_name).split(":", 1)[-1], grids[-1]))
     return out
+
+
+def autoencoder_checkpoint(env: str = "K3LAB_AUTOENCODER") -> Path:
+    """``$K3LAB_AUTOENCODER``, else the newest exported autoencoder under logs/ (a run's or a sweep's shared one)."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    return latest("**/checkpoints/autoencoder.safetensors")

@@ -23,13 +23,13 @@ import numpy as np
 import pandas as pd
 
 METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/heldout/overall",
-                            "eval/fid_clip", "eval/clip_score")
+                            "eval/fid_clip", "eval/clip_score", "perf/train_samples_per_s")
 LOWER_IS_BETTER = ("eval/fid_clip", "eval/kid_clip", "val/loss")
 OVERRIDE_PREFIX = "override/"
 
 
 def short(metric: str) -> str:
-    return metric.removeprefix("eval/")
+    return metric.removeprefix("eval/").removeprefix("perf/")
 
 
 def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, str]:
@@ -147,9 +147,10 @@ def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fmt(mean: float, half: float, digits: int = 3) -> str:
+def _fmt(mean: float, half: float, digits: int | None = None) -> str:
     if math.isnan(mean):
         return "n/a"
+    digits = digits if digits is not None else (1 if abs(mean) >= 10 else 3)
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
 
 
@@ -179,8 +180,18 @@ def markdown(runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.Data
                  if all(prefix + t in runs for t in tasks)]
     if tasks and baselines:
         lines += ["", "### Baselines (seen prompts)", "", "| baseline | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        uniform = uniform_chance()
+        lines.append("| chance: one object of a uniformly random shape (and colour) | " +
+                     " | ".join(f"{uniform[t]:.3f}" if t in uniform else "" for t in tasks) + " |")
         lines += [f"| {label} | " + " | ".join(f"{runs[prefix + t].mean():.3f}" for t in tasks) + " |" for label, prefix in baselines]
     return "\n".join(lines) + "\n"
+
+
+def uniform_chance() -> dict[str, float]:
+    """Chance of a single-object prompt for an image holding one object of a random shape and colour."""
+    from evaluation.detector import PALETTE, SHAPES
+
+    return {"single_object": 1 / len(SHAPES), "colors": 1 / (len(SHAPES) * len(PALETTE))}
 
 
 def plot(effect_table: pd.DataFrame, path: str | Path, metrics: Sequence[str] = METRICS) -> Path:

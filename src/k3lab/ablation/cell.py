@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,18 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         for key, value in updates.items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    start = time.perf_counter()
     result = fit(cfg, role="cell", keep_open=True)
+    fit_seconds = time.perf_counter() - start
     out_dir = Path(cfg.paths.output_dir)
     try:
         stage = result.stage.eval()
+        start = time.perf_counter()
         with torch.no_grad():
             metrics, grids = evaluate(stage.generator(), splits, int(cfg.data.resolution), settings, ref_dir, out_dir / "eval")  # type: ignore[arg-type]
         step = int(stage.global_step)
+        metrics |= {"perf/fit_seconds": fit_seconds, "perf/eval_seconds": time.perf_counter() - start,
+                    "perf/train_samples_per_s": step * int(cfg.data.batch_size) / fit_seconds}
         for lg in result.loggers:
             lg.log_metrics(metrics, step=step)
             lg.log_hyperparams({f"shared/{k.split('.')[-2]}": v for k, v in updates.items() if k.endswith(".checkpoint")} |
