@@ -32,7 +32,7 @@ def short(metric: str) -> str:
     return metric.removeprefix("eval/").removeprefix("perf/")
 
 
-def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, str]:
+def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """(tracking URI, experiment id, parent run id) from a sweep folder's ``mlflow_sweep.json`` or a run id."""
     from k3lab.tracking.sweep import read_sweep_file
 
@@ -56,7 +56,7 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, st
             "sweep_dir": run.data.tags.get("k3lab.sweep_dir", "")}
 
 
-def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One row per cell run: ``run_id``, ``status``, ``seed``, ``override/<key>`` columns and every metric."""
     from mlflow.tracking import MlflowClient
 
@@ -65,8 +65,8 @@ def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFram
     info = resolve_source(source, tracking_uri)
     client = MlflowClient(info["tracking_uri"])
     parent = client.get_run(info["parent_run_id"])
-    info["reference"] = json.dumps({k.removeprefix("sweep/"): v.split(",")[0].strip() for k, v in parent.data.params.items()
-                                    if k.startswith("sweep/") and k != "sweep/overrides"})
+    info["reference"] = {k.removeprefix("sweep/"): v.split(",")[0].strip() for k, v in parent.data.params.items()
+                         if k.startswith("sweep/") and k != "sweep/overrides"}
     rows = []
     for run in children(client, info["experiment_id"], info["parent_run_id"], role="cell"):
         params = run.data.params
@@ -113,19 +113,11 @@ def effects(runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dic
         for level in [lv for lv in levels if lv != ref]:
             for metric in [m for m in metrics if m in runs]:
                 per_seed = []
-                for _, group in runs.groupby("seed"):
-                    keyed = group.set_index(others + [axis])[metric] if others else group.set_index(axis)[metric]
-                    diffs = []
-                    for key in keyed.index:
-                        key_t = key if isinstance(key, tuple) else (key,)
-                        if key_t[-1] != level:
-                            continue
-                        ref_key = key_t[:-1] + (ref,)
-                        ref_key = ref_key if others else ref
-                        if ref_key in keyed.index:
-                            diffs.append(float(keyed[key]) - float(keyed[ref_key]))
-                    if diffs:
-                        per_seed.append(float(np.mean(diffs)))
+                for _, group in runs.groupby("seed"):  # one row per combination of the other axes, one column per level
+                    wide = group.set_index([*others, axis])[metric].unstack(axis) if others else group.set_index(axis)[metric].to_frame().T
+                    diffs = (wide[level] - wide[ref]).dropna() if level in wide and ref in wide else pd.Series(dtype=float)
+                    if len(diffs):
+                        per_seed.append(float(diffs.mean()))
                 mean, half = interval(per_seed)
                 out.append({"axis": axis.removeprefix(OVERRIDE_PREFIX), "level": level, "reference": ref, "metric": metric,
                             "effect": mean, "ci95": half, "seeds": len(per_seed)})
@@ -223,7 +215,7 @@ class Report:
     effects: pd.DataFrame
     cells: pd.DataFrame
     text: str
-    info: dict[str, str]
+    info: dict[str, Any]   # tracking_uri, experiment_id, parent_run_id, sweep_dir, reference (axis -> first swept value)
     files: dict[str, Path] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -237,8 +229,7 @@ class Report:
 def analyse(source: str, tracking_uri: str | None = None, metrics: Sequence[str] = METRICS) -> Report:
     """The sweep's runs, effects (reference level = the first value of each swept axis) and cells; writes nothing."""
     runs, info = load_runs(source, tracking_uri)
-    reference = json.loads(info.get("reference", "{}"))
-    effect_table, cell_table = effects(runs, metrics, reference), cells(runs, metrics)
+    effect_table, cell_table = effects(runs, metrics, info.get("reference")), cells(runs, metrics)
     return Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
 
 

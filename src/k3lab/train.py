@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
@@ -42,13 +42,11 @@ def hydra_choices() -> dict[str, str]:
 
 @dataclass
 class FitResult:
-    """What ``fit`` leaves for the caller: final metrics, the trained stage and data, the loggers."""
+    """What ``fit`` leaves for the caller: final metrics, the trained stage, the loggers."""
 
     metrics: dict[str, float]
     stage: L.LightningModule
-    datamodule: L.LightningDataModule
     loggers: list[Any]
-    exported: dict[str, Path] = field(default_factory=dict)
 
 
 def make_loggers(cfg: DictConfig, role: str | None = None) -> list[Any]:
@@ -94,11 +92,7 @@ def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> Fi
     if trainer.is_global_zero:
         log_run_metadata(loggers, cfg, hydra_choices(), HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     log.info("output dir: %s", cfg.paths.output_dir)
-    try:
-        trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except BaseException:
-        close_loggers(loggers, "FAILED")
-        raise
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))  # on an error Lightning finalizes the run FAILED
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         for name, path in export.exported.items():
@@ -108,7 +102,7 @@ def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> Fi
             lg.log_hyperparams({"checkpoint_dir": str(Path(cfg.paths.checkpoint_dir))})
         log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
         log.info("run folder: %s", cfg.paths.output_dir)
-    return FitResult(metrics, stage, datamodule, loggers, dict(export.exported))
+    return FitResult(metrics, stage, loggers)
 
 
 def close_loggers(loggers: list[Any], status: str = "FINISHED") -> None:

@@ -48,7 +48,8 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
     ab = cfg.ablation
     parent = run_tags().get(PARENT_TAG)
     root = str(ab.shared_dir)
-    common = [*inherited_overrides(cell_overrides), *(ab.get("extra_overrides") or []), f"task_name={cfg.task_name}"]
+    inherited = [*inherited_overrides(cell_overrides), f"task_name={cfg.task_name}"]
+    common = [*inherited, *(ab.get("extra_overrides") or [])]
     updates = {"stage.first_stage.checkpoint": str(train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent))}
     if uses_prior(cfg):
         clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent)
@@ -56,8 +57,8 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         updates["mapping.clip.checkpoint"] = str(clip)
         updates["mapping.prior.checkpoint"] = str(train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent))
     if ab.get("precompute"):  # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
-        pc_overrides = [*inherited_overrides(cell_overrides), f"model/text_encoder={text_encoder}", f"task_name={cfg.task_name}",
-                        f"stage=diffusion", f"stage.first_stage.checkpoint={updates['stage.first_stage.checkpoint']}"]
+        pc_overrides = [*inherited, f"model/text_encoder={text_encoder}", "stage=diffusion",
+                        f"stage.first_stage.checkpoint={updates['stage.first_stage.checkpoint']}"]
         folder = precompute_part(f"precomputed_{text_encoder}", pc_overrides, root)
         updates |= {"data.resolution": int(cfg.data.resolution), "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
                     "data.feature_keys": ["text.npy", "latent.npy"]}
@@ -67,8 +68,7 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
 def run_cell(cfg: DictConfig) -> dict[str, float]:
     from k3lab.train import close_loggers, fit, hydra_choices, where_to_look
 
-    choices = hydra_choices()
-    text_encoder = choices.get("model/text_encoder") or str(cfg.ablation.get("text_encoder_choice", ""))
+    text_encoder = hydra_choices().get("model/text_encoder")
     if not text_encoder:
         raise ValueError("an ablation cell needs the model/text_encoder choice (run it through python -m k3lab.train)")
     from hydra.core.hydra_config import HydraConfig

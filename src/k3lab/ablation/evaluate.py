@@ -12,6 +12,7 @@ held-out split (pairs never seen). Metrics (all prefixed ``eval/``):
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +35,7 @@ def sample_records(generator: Any, prompts: Sequence[Any], resolution: int, sett
 
     batch, seed0 = int(settings["batch_size"]), int(settings["seed"])
     records = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="img", mininterval=5, file=__import__("sys").stdout)
+    bar = tqdm(total=len(prompts), desc=desc, unit="img", mininterval=5, file=sys.stdout)
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         seeds = [seed0 + start + i for i in range(len(chunk))]
@@ -53,8 +54,9 @@ def grid(records: Sequence[Any], count: int = 32) -> torch.Tensor:
 
 
 def evaluate(generator: Any, splits: dict[str, list[str]], resolution: int, settings: dict[str, Any], reference_clip_dir: str | Path,
-             out_dir: str | Path) -> dict[str, float]:
-    """Sample the seen and held-out prompts into ``out_dir/{seen,heldout}`` (PNG + metadata.jsonl) and score them."""
+             out_dir: str | Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Sample the seen and held-out prompts into ``out_dir/{seen,heldout}`` (PNG + metadata.jsonl) and score them;
+    returns the metrics and one sample grid per split."""
     from evaluation import compbench, fid
     from evaluation.clip_score import clip_score
     from evaluation.images import load_shards, write_folder
@@ -87,4 +89,4 @@ def evaluate(generator: Any, splits: dict[str, list[str]], resolution: int, sett
                                        lambda: real[: int(settings["fid_reference"])], extractor)
     result = fid.compute(records["seen"], reference, extractor, clip.name)
     metrics["eval/fid_clip"], metrics["eval/kid_clip"] = float(result["fid"]), float(result["kid"])
-    return metrics, {name: grid(r) for name, r in records.items()}  # type: ignore[return-value]
+    return metrics, {name: grid(r) for name, r in records.items()}

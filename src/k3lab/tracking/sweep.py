@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ def read_sweep_file(sweep_dir: str | Path) -> dict[str, str] | None:
 def run_tags() -> dict[str, str]:
     """Tags that place this process's run in a sweep: the parent (``mlflow.parentRunId``) and the run's role.
 
-    A Hydra multirun job reads the parent from its sweep folder (role ``cell`` when the config is an ablation
-    cell, else ``run``); a shared part trained for a sweep (autoencoder, CLIP, prior) gets both from the
+    A Hydra multirun job reads the parent from its sweep folder (role ``job``; an ablation cell's logger makes it
+    ``cell``), a single run gets role ``run``; a shared part trained for a sweep (autoencoder, CLIP, prior) gets both from the
     ``K3LAB_PARENT_RUN_ID`` / ``K3LAB_RUN_ROLE`` environment its cell sets."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -100,13 +101,7 @@ def _sweep_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir))
 
 
-try:  # Hydra's callback base class (hydra-core >= 1.1)
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover
-    _HydraCallback = object  # type: ignore[misc,assignment]
-
-
-class MLflowSweepCallback(_HydraCallback):  # type: ignore[misc]
+class MLflowSweepCallback(Callback):
     """Hydra callback: the sweep's MLflow parent run, stale-run clean-up and, for ablations, the report."""
 
     def __init__(self, report: bool = True) -> None:
