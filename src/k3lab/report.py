@@ -26,6 +26,7 @@ METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval
                             "eval/fid_clip", "eval/clip_score", "perf/train_samples_per_s")
 LOWER_IS_BETTER = ("eval/fid_clip", "eval/kid_clip", "val/loss")
 OVERRIDE_PREFIX = "override/"
+REFERENCE_PREFIX = "reference/"
 
 
 def short(metric: str) -> str:
@@ -65,20 +66,50 @@ def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFram
     info = resolve_source(source, tracking_uri)
     client = MlflowClient(info["tracking_uri"])
     parent = client.get_run(info["parent_run_id"])
-    info["reference"] = {k.removeprefix("sweep/"): v.split(",")[0].strip() for k, v in parent.data.params.items()
-                         if k.startswith("sweep/") and k != "sweep/overrides"}
+    params = parent.data.params
+    from k3lab.tracking.sweep import sweep_reference
+
+    recorded = {k.removeprefix(REFERENCE_PREFIX): v for k, v in params.items() if k.startswith(REFERENCE_PREFIX)}
+    info["reference"] = recorded or sweep_reference({k.removeprefix("sweep/"): v for k, v in params.items()
+                                                     if k.startswith("sweep/") and k != "sweep/overrides"})
     rows = []
     for run in children(client, info["experiment_id"], info["parent_run_id"], role="cell"):
         params = run.data.params
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                               "job": int(run.data.tags.get("k3lab.job", 0)),
+                               "start_time": int(run.info.start_time or 0), "job": int(run.data.tags.get("k3lab.job", 0)),
                                "seed": int(params.get("seed", 0)), "output_dir": params.get("output_dir", "")}
         row |= {k: v for k, v in params.items() if k.startswith(OVERRIDE_PREFIX) and k != f"{OVERRIDE_PREFIX}seed"}
         row |= dict(run.data.metrics)
         rows.append(row)
     if not rows:
         raise ValueError(f"no cell runs under parent {info['parent_run_id']} in {info['tracking_uri']}")
-    return pd.DataFrame(rows).sort_values(["job", "seed"]).reset_index(drop=True), info
+    return mark_superseded(pd.DataFrame(rows).sort_values(["job", "seed", "start_time"]).reset_index(drop=True)), info
+
+
+def mark_superseded(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add ``superseded_by``: a FINISHED run of the same cell and seed (every override and the seed equal) as a
+    newer FINISHED run names that newer run; the newest wins (a re-run or resumed sweep can leave both)."""
+    runs = runs.copy()
+    runs["superseded_by"] = ""
+    if "status" not in runs:
+        return runs
+    finished = runs[runs["status"] == "FINISHED"]
+    key = [c for c in runs.columns if c.startswith(OVERRIDE_PREFIX)] + ["seed"]
+    order = "start_time" if "start_time" in runs else "job"
+    for _, group in finished.groupby(key, dropna=False, sort=False):
+        if len(group) > 1:
+            newest = group.sort_values(order).index[-1]
+            runs.loc[[i for i in group.index if i != newest], "superseded_by"] = runs.at[newest, "run_id"]
+    return runs
+
+
+def usable(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs the tables use: FINISHED and not superseded by a newer run of the same cell and seed."""
+    if "status" in runs:
+        runs = runs[runs["status"] == "FINISHED"]
+    if "superseded_by" in runs:
+        runs = runs[runs["superseded_by"].fillna("") == ""]
+    return runs
 
 
 def axes(runs: pd.DataFrame) -> list[str]:
@@ -102,14 +133,17 @@ def effects(runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dic
     """Each axis level's effect (vs the reference level: ``reference[axis]``, else the first level) per metric: mean and 95% half-width over seeds.
 
     Within a seed, the effect is the mean over the other axes' cells of metric(level) - metric(reference);
-    cells missing on either side are left out (a failed run does not bias the difference)."""
-    runs = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
+    cells missing on either side are left out (a failed run does not bias the difference). A reference that is not
+    among the axis's levels falls back to the first level, and the row's ``reference`` says which was used."""
+    runs = mark_superseded(runs) if "superseded_by" not in runs else runs
+    runs = usable(runs)
     out = []
     ax = axes(runs)
     for axis in ax:
         others = [a for a in ax if a != axis]
         levels = list(dict.fromkeys(runs[axis]))
         ref = (reference or {}).get(axis.removeprefix(OVERRIDE_PREFIX), levels[0])
+        ref = ref if ref in levels else levels[0]
         for level in [lv for lv in levels if lv != ref]:
             for metric in [m for m in metrics if m in runs]:
                 per_seed = []
@@ -127,7 +161,7 @@ def effects(runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dic
 def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     """Every cell's mean and 95% half-width over seeds, per metric."""
     ax = axes(runs)
-    finished = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
+    finished = usable(mark_superseded(runs) if "superseded_by" not in runs else runs)
     rows = []
     for key, group in (finished.groupby(ax, sort=False) if ax else [((), finished)]):
         key = key if isinstance(key, tuple) else (key,)
@@ -151,6 +185,10 @@ def markdown(runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.Data
     seeds = sorted(runs["seed"].unique().tolist())
     lines = [f"## Ablation: {len(cell_table)} cells x {len(seeds)} seed(s) {seeds}; {len(runs)} runs "
              f"({int((runs['status'] != 'FINISHED').sum()) if 'status' in runs else 0} not finished)", ""]
+    superseded = runs[runs["superseded_by"].fillna("") != ""] if "superseded_by" in runs else runs.iloc[:0]
+    if len(superseded):
+        lines += [f"{len(superseded)} FINISHED run(s) repeat a cell and seed that a newer FINISHED run also holds; the newest "
+                  "run wins: " + ", ".join(f"{r.run_id} -> {r.superseded_by}" for r in superseded.itertuples()), ""]
     lines.append("### Effects (level - reference; mean ± 95% t-interval over seeds" + ("; one seed: no interval)" if len(seeds) < 2 else ")"))
     lines.append("")
     lines.append("| axis | level vs reference | " + " | ".join(short(m) for m in metrics) + " |")

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +34,42 @@ def process_tags() -> dict[str, str]:
 def read_sweep_file(sweep_dir: str | Path) -> dict[str, str] | None:
     path = Path(sweep_dir) / SWEEP_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sweep_reference(sweeps: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """The reference level of each swept key: the first value its sweep lists, written as Hydra writes a job's override.
+
+    ``sweeps`` maps keys to sweep expressions (``hydra.sweeper.params``); ``overrides`` are command-line overrides,
+    which win over ``sweeps`` as in Hydra's basic sweeper. Any sweep syntax Hydra parses is understood: ``a,b``,
+    ``choice(a,b)``, ``range(0,3)``, ``shuffle(...)`` (the first value as listed, before shuffling). A sweep that
+    needs the config to expand (``glob(...)``) is left out: its reference is then the first job's value.
+    """
+    import dataclasses
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    items = [f"{k}={v}" for k, v in (sweeps or {}).items()] + list(overrides)
+    out: dict[str, str] = {}
+    for item in items:
+        try:
+            override = parser.parse_override(item)
+        except HydraException:
+            continue
+        if not override.is_sweep_override() or override.get_key_element().startswith("hydra"):
+            continue
+        value = override.value()
+        if isinstance(value, (ChoiceSweep, RangeSweep)) and value.shuffle:
+            override._value = dataclasses.replace(value, shuffle=False)  # the first value as listed
+        try:
+            first = next(iter(override.sweep_string_iterator()), None)
+        except HydraException:  # glob(): expanding it needs the config's group options
+            continue
+        if first is not None:
+            out[override.get_key_element().lstrip("+~")] = first
+    return out
 
 
 def run_tags() -> dict[str, str]:
@@ -125,10 +161,13 @@ class MLflowSweepCallback(Callback):
         overrides = list(config.hydra.overrides.task)
         run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
                                 tags={ROLE_TAG: "sweep", "k3lab.sweep_dir": str(sweep_dir), **process_tags()})
-        for key, value in {**{f"sweep/{k}": str(v) for k, v in params.items()}, "sweep/overrides": " ".join(overrides)[:6000]}.items():
+        reference = sweep_reference({k: str(v) for k, v in params.items()}, overrides)
+        for key, value in {**{f"sweep/{k}": str(v) for k, v in params.items()}, "sweep/overrides": " ".join(overrides)[:6000],
+                           **{f"reference/{k}": v for k, v in reference.items()}}.items():
             client.log_param(run.info.run_id, key, value)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        info = {"tracking_uri": uri, "experiment_id": experiment_id, "experiment_name": name, "parent_run_id": run.info.run_id}
+        info = {"tracking_uri": uri, "experiment_id": experiment_id, "experiment_name": name, "parent_run_id": run.info.run_id,
+                "reference": reference}
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=1))
         log.info("MLflow parent run %s (experiment %r) for sweep %s", run.info.run_id, name, sweep_dir)
 
