@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import json
+import math
+import re
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -75,11 +78,28 @@ def export(pairs: Sequence[Pair], out_dir: str | Path, model_a: str, model_b: st
     # Repeats are shuffled in among the originals so raters cannot spot them by position.
     perm = rng.permutation(len(items))
     items = [items[j] for j in perm]
-    (out_dir / "items.json").write_text(json.dumps(items, indent=1))
-    page = HTML_TEMPLATE.read_text().replace("/*ITEMS*/[]", json.dumps(items)).replace("/*QUESTIONS*/[]", json.dumps(list(QUESTIONS)))
-    (out_dir / "index.html").write_text(page)
+    (out_dir / "items.json").write_text(json.dumps(items, indent=1), encoding="utf-8")
+    (out_dir / "index.html").write_text(render_page(items, QUESTIONS), encoding="utf-8")
     key_path.write_text(json.dumps({"model_a": model_a, "model_b": model_b, "seed": seed, "items": key}, indent=1))
     return {"html": out_dir / "index.html", "items": out_dir / "items.json", "key": key_path}
+
+
+# Inside <script>, "</script>" or "<!--" in a string would end or change the data block: the embedded JSON spells
+# every character that HTML or JavaScript could read as markup or a line end as a \u escape (still the same JSON).
+_SCRIPT_SAFE = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON that is safe inside an HTML ``<script>`` element, whatever strings it holds."""
+    return json.dumps(value, ensure_ascii=False).translate(_SCRIPT_SAFE)
+
+
+def render_page(items: Sequence[Mapping[str, Any]], questions: Sequence[str]) -> str:
+    """The annotation page: the template with the items and questions embedded (one pass, so a prompt that
+    contains a placeholder's text is never substituted into)."""
+    data = {"/*ITEMS*/[]": script_json(list(items)), "/*QUESTIONS*/[]": script_json(list(questions))}
+    template = HTML_TEMPLATE.read_text(encoding="utf-8")
+    return re.sub("|".join(map(re.escape, data)), lambda m: data[m.group(0)], template)
 
 
 def read_annotations(path: str | Path) -> list[dict[str, str]]:
@@ -165,8 +185,53 @@ def agreement(votes: Sequence[Mapping[str, Any]]) -> float:
     return krippendorff_alpha_nominal(by_item.values())
 
 
+def _md(text: object) -> str:
+    """A string for a Markdown line or table cell: HTML-escaped (renderers pass raw HTML through), pipes and
+    line breaks neutralised."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+
+
+def _alpha_text(alpha: float) -> str:
+    return "undefined (every rating the same value, or no item rated twice)" if math.isnan(alpha) else f"{alpha:.3f}"
+
+
+def _interval_text(interval: Sequence[float]) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN as None, so ``report.json`` is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+HEADER = ("slice", "W", "T", "L", "win rate (ties 1/2)", "Wilson 95%", "bootstrap 95%", "win rate (no ties)")
+
+
+def _table_rows(res: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for name, s in [("all", res["overall"]), *res["by_category"].items()]:
+        rows.append((str(name), str(s["wins"]), str(s["ties"]), str(s["losses"]), f"{s['win_rate_ties_half']:.3f}",
+                     _interval_text(s["wilson95_ties_half"]), _interval_text(s["bootstrap95_ties_half"]), f"{s['win_rate_no_ties']:.3f}"))
+    return rows
+
+
+def _agreement_text(res: Mapping[str, Any]) -> str:
+    c = res["consistency"]
+    return (f"Rater consistency on repeated items: {c['consistent']}/{c['pairs']}. "
+            f"Krippendorff's alpha: {_alpha_text(res['agreement_krippendorff_alpha'])}.")
+
+
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``report.md``, ``report.html``, ``report.json`` and ``win_rates.png`` (win rate with both intervals)."""
+    """``report.md``, ``report.html``, ``report.json`` and ``win_rates.png`` (win rate with both intervals).
+
+    Model names and categories come from the key file: every one is escaped where it lands (HTML, Markdown, the
+    plot's labels), so a name holding markup or ``$`` stays text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,30 +239,31 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Side-by-side: {report['model_a']} vs {report['model_b']}", "", f"{report['num_votes']} votes.", ""]
+    title = f"Side-by-side: {report['model_a']} vs {report['model_b']}"
+    md = [f"# {_md(title)}", "", f"{report['num_votes']} votes.", ""]
+    page = [f"<h1>{html.escape(title)}</h1>", f"<p>{report['num_votes']} votes.</p>"]
     fig, ax = plt.subplots(figsize=(5, 3))
     for qi, (q, res) in enumerate(report["questions"].items()):
+        rows = _table_rows(res)
+        md += [f"## {_md(q)}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        md += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
+        md += ["", _md(_agreement_text(res)), ""]
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+        page += [f"<h2>{html.escape(str(q))}</h2>", f"<table><tr>{cells}</tr>{body}</table>", f"<p>{html.escape(_agreement_text(res))}</p>"]
         o = res["overall"]
-        lines += [f"## {q}", "", "| slice | W | T | L | win rate (ties 1/2) | Wilson 95% | bootstrap 95% | win rate (no ties) |", "|---|---|---|---|---|---|---|---|"]
-        for name, s in [("all", o), *res["by_category"].items()]:
-            lines.append(f"| {name} | {s['wins']} | {s['ties']} | {s['losses']} | {s['win_rate_ties_half']:.3f} | "
-                         f"[{s['wilson95_ties_half'][0]:.3f}, {s['wilson95_ties_half'][1]:.3f}] | "
-                         f"[{s['bootstrap95_ties_half'][0]:.3f}, {s['bootstrap95_ties_half'][1]:.3f}] | {s['win_rate_no_ties']:.3f} |")
-        c = res["consistency"]
-        lines += ["", f"Rater consistency on repeated items: {c['consistent']}/{c['pairs']}. "
-                  f"Krippendorff's alpha: {res['agreement_krippendorff_alpha']:.3f}.", ""]
         lo, hi = o["bootstrap95_ties_half"]
         ax.errorbar([o["win_rate_ties_half"]], [qi], xerr=[[o["win_rate_ties_half"] - lo], [hi - o["win_rate_ties_half"]]], fmt="o", capsize=4)
     ax.axvline(0.5, color="grey", ls="--")
     ax.set_yticks(range(len(report["questions"])), list(report["questions"]))
-    ax.set_xlabel(f"win rate of {report['model_a']} (ties 1/2, bootstrap 95%)")
+    ax.set_xlabel(f"win rate of {report['model_a']} (ties 1/2, bootstrap 95%)", parse_math=False)
     ax.set_xlim(0, 1)
     fig.tight_layout()
     fig.savefig(out_dir / "win_rates.png", dpi=120)
     plt.close(fig)
-    md = "\n".join(lines) + "\n![win rates](win_rates.png)\n"
-    (out_dir / "report.md").write_text(md)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    html_rows = "".join(f"<pre>{line}</pre>" if line.startswith("|") else f"<p>{line.lstrip('# ')}</p>" for line in lines if line)
-    (out_dir / "report.html").write_text(f"<!doctype html><meta charset='utf-8'><title>SBS report</title>{html_rows}<img src='win_rates.png'>")
+    (out_dir / "report.md").write_text("\n".join(md) + "\n![win rates](win_rates.png)\n", encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=1, ensure_ascii=False), encoding="utf-8")
+    style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>SBS report</title><style>{style}</style>"
+                                         f"</head><body>{''.join(page)}<img src='win_rates.png' alt='win rates'></body></html>\n", encoding="utf-8")
     return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "report.json", "plot": out_dir / "win_rates.png"}

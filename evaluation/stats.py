@@ -33,7 +33,8 @@ def bootstrap_interval(groups: Sequence[Sequence[float]], num_samples: int = 200
 
 
 def fleiss_kappa(ratings: Iterable[Sequence[Hashable]]) -> float:
-    """Fleiss' kappa (Fleiss 1971) for items each rated by the same number of raters (items with fewer are dropped)."""
+    """Fleiss' kappa (Fleiss 1971) for items each rated by the same number of raters (items with fewer are dropped);
+    NaN where it is undefined (every rating in one category: chance agreement is 1)."""
     items = [list(r) for r in ratings]
     if not items:
         return float("nan")
@@ -46,11 +47,14 @@ def fleiss_kappa(ratings: Iterable[Sequence[Hashable]]) -> float:
     p_j = table.sum(0) / table.sum()
     p_i = ((table * (table - 1)).sum(1)) / (n * (n - 1))
     p_bar, p_e = p_i.mean(), (p_j**2).sum()
-    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else 1.0
+    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else float("nan")
 
 
 def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float:
-    """Krippendorff's alpha for nominal data (Krippendorff 2004); units may have different numbers of ratings."""
+    """Krippendorff's alpha for nominal data (Krippendorff 2004); units may have different numbers of ratings.
+
+    NaN where alpha is undefined: no unit with two ratings, or every pairable rating the same value (the expected
+    disagreement is 0; the reference ``krippendorff`` package raises there)."""
     coincidence: dict[tuple, float] = defaultdict(float)
     for values in units:
         values = [v for v in values if v is not None]
@@ -69,4 +73,4 @@ def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float:
     n = sum(totals.values())
     observed = sum(v for (c, d), v in coincidence.items() if c != d)
     expected = sum(totals[c] * totals[d] for c in totals for d in totals if c != d) / (n - 1)
-    return 1.0 - observed / expected if expected > 0 else 1.0
+    return 1.0 - observed / expected if expected > 0 else float("nan")

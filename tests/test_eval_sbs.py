@@ -110,6 +110,32 @@ def test_agreement_statistics() -> None:
     assert fleiss_kappa([["a", "a", "b"], ["b", "b", "a"], ["a", "a", "a"]]) < 1.0
 
 
+def test_agreement_is_undefined_when_every_rating_is_equal() -> None:
+    import krippendorff  # the reference package (a test dependency)
+
+    same = [["left", "left"], ["left", "left", "left"]]
+    with pytest.raises(ValueError, match="more than one value"):
+        krippendorff.alpha(reliability_data=[[0, 0, np.nan], [0, 0, 0]], level_of_measurement="nominal")
+    assert np.isnan(krippendorff_alpha_nominal(same)) and np.isnan(fleiss_kappa([["a", "a"], ["a", "a"]]))
+    assert np.isnan(krippendorff_alpha_nominal([["a"], ["b"]]))  # no item rated twice
+    # elsewhere it equals the reference package on random data with missing ratings
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        data = rng.integers(0, 3, size=(4, 30)).astype(float)
+        data[rng.random(data.shape) < 0.2] = np.nan
+        units = [[None if np.isnan(v) else int(v) for v in data[:, j]] for j in range(data.shape[1])]
+        assert krippendorff_alpha_nominal(units) == pytest.approx(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+
+
+def test_report_says_alpha_is_undefined(tmp_path: Path) -> None:
+    rows = [("i1", "r1", "left"), ("i1", "r2", "left"), ("i3", "r1", "left"), ("i3", "r2", "left")]  # every vote: A wins
+    report = sbs.ingest(write_annotations(tmp_path / "ann.csv", rows), write_key(tmp_path / "key.json"), bootstrap_samples=50)
+    assert np.isnan(report["questions"]["alignment"]["agreement_krippendorff_alpha"])
+    files = sbs.write_report(report, tmp_path / "report")
+    assert "Krippendorff's alpha: undefined" in files["markdown"].read_text() and "alpha: undefined" in files["html"].read_text()
+    assert json.loads(files["json"].read_text())["questions"]["alignment"]["agreement_krippendorff_alpha"] is None  # strict JSON
+
+
 def test_agreement_on_real_geneval_annotations() -> None:
     path = SHARED / "prompt-sets" / "geneval" / "annotations_sdv2.csv"
     with path.open(newline="") as f:
@@ -121,21 +147,27 @@ def test_agreement_on_real_geneval_annotations() -> None:
     assert len(rows) == 2000 and -1.0 <= alpha <= 1.0 and not np.isnan(alpha)
 
 
-def test_html_records_a_key_press_in_headless_chromium(tmp_path: Path) -> None:
+def chromium(tmp_path: Path):
+    """Debian's headless chromium through selenium (.ci/run and ``make test`` install chromium + chromium-driver)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, "Debian's chromium and chromium-driver are required (.ci/run installs them)"
-    out = sbs.export(make_pairs(tmp_path, 3), tmp_path / "pkg", "A", "B", seed=0, repeat_fraction=0.0)
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert binary and driver_path, "Debian's chromium and chromium-driver are required (.ci/run installs them)"
     opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
+    opts.binary_location = binary
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    return webdriver.Chrome(service=Service(driver_path), options=opts)
+
+
+def test_html_records_a_key_press_in_headless_chromium(tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    out = sbs.export(make_pairs(tmp_path, 3), tmp_path / "pkg", "A", "B", seed=0, repeat_fraction=0.0)
+    driver = chromium(tmp_path)
     try:
         driver.get(out["html"].resolve().as_uri())
         box = driver.find_element(By.ID, "annotator")
@@ -150,3 +182,64 @@ def test_html_records_a_key_press_in_headless_chromium(tmp_path: Path) -> None:
         assert "item 2 of 3" in driver.find_element(By.ID, "progress").text
     finally:
         driver.quit()
+
+
+PWN = "window.k3labPwned = (window.k3labPwned || []).concat"
+HOSTILE = [
+    f'</script><script>document.title = "pwned"; {PWN}(["script"]);</script>',
+    f"\"'><img src=x onerror='{PWN}([\"img\"])'>",
+    "&lt;b&gt; &amp; &quot;not bold&quot; <b>bold?</b> &#x3C;script&#x3E;",
+    "<!-- <script> a comment opener, then a placeholder: /*QUESTIONS*/[] /*ITEMS*/[]",
+    "\u202egnp.exe right-to-left override, \u05e9\u05dc\u05d5\u05dd \u0639\u0627\u0644\u0645 mixed direction",
+    "zero\u200bwidth\u200djoiner\ufeffbom and line\u2028separator\u2029paragraph ${template} \\ back\\slash",
+    "a very long prompt " + "x" * 4000 + " </script><script>" + PWN + "(['long'])</script> " + "y" * 6000,
+]
+
+
+def test_hostile_prompts_stay_text_in_the_page_and_the_report(tmp_path: Path) -> None:
+    """Third-party (and red-teaming) prompts, model names and categories are shown as text in the real browser,
+    run no script of theirs, and the page still records key presses; sbs-ingest's report escapes them too."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    pairs = [sbs.Pair(p.prompt_id, text, HOSTILE[i - 1] if i else "plain", 0, p.image_a, p.image_b)
+             for i, (p, text) in enumerate(zip(make_pairs(tmp_path, len(HOSTILE)), HOSTILE))]
+    model_a, model_b = f"<img src=x onerror='{PWN}([\"model\"])'>$x^2$", "B & <i>b</i>"
+    out = sbs.export(pairs, tmp_path / "pkg", model_a, model_b, seed=0, repeat_fraction=0.0)
+    items = json.loads(out["items"].read_text(encoding="utf-8"))
+    assert sorted(it["prompt"] for it in items) == sorted(HOSTILE)
+    page = out["html"].read_text(encoding="utf-8")
+    assert page.count("</script>") == 1 and "<!--" not in page and "\u2028" not in page  # one script element, closed once
+    driver = chromium(tmp_path)
+    try:
+        driver.get(out["html"].resolve().as_uri())
+        assert driver.execute_script("return ITEMS;") == items  # the embedded data is the same JSON, unchanged
+        driver.find_element(By.ID, "annotator").send_keys('rater "1", <b>', Keys.ENTER)
+        body = driver.find_element(By.TAG_NAME, "body")
+        for k, item in enumerate(items):
+            shown = driver.execute_script("return document.getElementById('prompt').textContent;")
+            assert shown == item["prompt"], f"item {k}: the page shows {shown[:80]!r}"
+            assert not driver.find_elements(By.CSS_SELECTOR, "#prompt *")  # text, never markup
+            body.send_keys(Keys.ARROW_LEFT if k % 2 else Keys.ARROW_RIGHT)
+            body.send_keys("t")
+        rows = driver.execute_script("return window.k3labAnnotations();")
+        assert len(rows) == 2 * len(items) and [r["item_id"] for r in rows[::2]] == [it["item_id"] for it in items]
+        assert driver.title == "Side-by-side annotation" and driver.execute_script("return window.k3labPwned;") is None
+        assert driver.find_element(By.ID, "done").is_displayed()
+
+        annotations = tmp_path / "annotations.json"
+        annotations.write_text(json.dumps(rows))
+        report = sbs.ingest(annotations, out["key"], bootstrap_samples=100)
+        files = sbs.write_report(report, tmp_path / "report")
+        driver.get(files["html"].resolve().as_uri())
+        text = driver.find_element(By.TAG_NAME, "body").text
+        assert driver.title == "SBS report" and driver.execute_script("return window.k3labPwned;") is None
+        assert f"{model_a} vs {model_b}" in text and "&lt;b&gt; &amp; &quot;not bold&quot;" in text
+        assert not driver.find_elements(By.CSS_SELECTOR, "body img:not([alt='win rates']), body i, body b, body script")
+        rows_shown = driver.find_elements(By.CSS_SELECTOR, "table tr")
+        assert len(rows_shown) == 2 * (1 + 1 + len(HOSTILE))  # per question: header, all, one row per category
+    finally:
+        driver.quit()
+    md = files["markdown"].read_text(encoding="utf-8")
+    assert "<script>" not in md and "<img" not in md and "&lt;/script&gt;" in md
+    assert all(line.count(" | ") == len(sbs.HEADER) - 1 for line in md.splitlines() if line.startswith("| ") and "---" not in line)
