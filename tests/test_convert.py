@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,72 @@ def test_movq_matches_diffusers_and_round_trips(i: int, tmp_path: Path) -> None:
     back, original = movq_state_to_diffusers(movq), peer.state_dict()
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
 
+
+# diffusers VQModel configs outside k3lab's presets: other encoder group counts (diffusers keeps 32 in the decoder's
+# spatial norms), attention at other or all levels, more layers, other image channels, the pipeline-only settings.
+DIFFUSERS_MOVQ_CONFIGS = [
+    dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16),
+    dict(block_out_channels=(32, 32, 64), layers_per_block=2, latent_channels=3, norm_num_groups=8, num_vq_embeddings=48,
+         down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"),
+         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D")),
+    dict(block_out_channels=(64, 128), layers_per_block=1, latent_channels=4, vq_embed_dim=4, norm_num_groups=64, in_channels=4,
+         out_channels=1, act_fn="swish", down_block_types=("AttnDownEncoderBlock2D",) * 2, up_block_types=("AttnUpDecoderBlock2D",) * 2,
+         scaling_factor=0.5, force_upcast=True, sample_size=64),
+]
+
+
+@pytest.mark.parametrize("i", range(len(DIFFUSERS_MOVQ_CONFIGS)))
+def test_movq_matches_diffusers_on_configs_k3lab_presets_do_not_use(i: int, tmp_path: Path) -> None:
+    cfg = DIFFUSERS_MOVQ_CONFIGS[i]
+    n = len(cfg["block_out_channels"])
+    cfg = {"norm_type": "spatial", "down_block_types": ("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
+           "up_block_types": ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1), **cfg}
+    torch.manual_seed(i)
+    peer = perturbed(diffusers.VQModel(**cfg), 10 + i)
+    peer.save_pretrained(tmp_path / "movq")
+    movq, kwargs = load_diffusers_movq(tmp_path / "movq")
+    movq.eval()
+    g = torch.Generator().manual_seed(2)
+    size = 16 * 2 ** (n - 1)
+    z = torch.randn(2, cfg["latent_channels"], size // 2 ** (n - 1), size // 2 ** (n - 1), generator=g)
+    img = torch.rand(2, cfg.get("in_channels", 3), size, size, generator=g) * 2 - 1
+    with torch.no_grad():  # float32 rounding only (a wrong group count differs by ~0.5)
+        torch.testing.assert_close(movq.decode(z), peer.decode(z, force_not_quantize=True).sample, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(movq.encode(img), peer.encode(img).latents, rtol=1e-4, atol=5e-5)
+    back, original = movq_state_to_diffusers(movq), peer.state_dict()
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    again = diffusers_movq_config(movq.config)  # and back out: the same model in diffusers' own config
+    for key in ("norm_num_groups", "down_block_types", "up_block_types", "layers_per_block", "in_channels", "out_channels"):
+        assert tuple(again[key]) == tuple(peer.config[key]) if isinstance(again[key], list) else again[key] == peer.config[key], key
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(act_fn="gelu"), "act_fn='gelu'"),
+    (dict(mid_block_add_attention=False), "mid_block_add_attention=False"),
+    (dict(lookup_from_codebook=True), "lookup_from_codebook=True"),
+    (dict(norm_type="group"), "norm_type='group'"),
+    (dict(block_out_channels=(32, 48)), "block_out_channels=[32, 48]"),
+    (dict(down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D")), "do not mirror"),
+    (dict(vq_embed_dim=8), "vq_embed_dim=8 != latent_channels=4"),
+    (dict(down_block_types=("DownBlock2D", "DownEncoderBlock2D")), "block types ['DownBlock2D']"),
+])
+def test_movq_configs_k3lab_cannot_reproduce_are_refused_by_name(change: dict, named: str) -> None:
+    from k3lab.convert.formats import movq_kwargs_from_diffusers
+
+    cfg = {"norm_type": "spatial", "block_out_channels": (32, 64), "latent_channels": 4, "norm_num_groups": 16,
+           "down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"), "up_block_types": ("AttnUpDecoderBlock2D", "UpDecoderBlock2D")}
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        movq_kwargs_from_diffusers({**cfg, **change})
+
+
+def test_movq_export_keeps_its_groups_or_refuses() -> None:
+    from k3lab.nn.movq import MoVQ
+
+    tiny = MoVQ(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, num_groups=8)
+    with pytest.raises(CheckpointError, match="decoder norms with 8 groups"):  # movq_tiny-like: diffusers cannot express it
+        diffusers_movq_config(tiny.config)
+    ok = MoVQ(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, num_groups=8, decoder_num_groups=32)
+    assert diffusers_movq_config(ok.config)["norm_num_groups"] == 8
 
 def test_padding_semantics_default_official_and_diffusers_compat(tmp_path: Path) -> None:
     """Official: project, THEN zero pads (pads add nothing to the pooling mean); diffusers: zero pads, then project

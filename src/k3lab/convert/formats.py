@@ -61,28 +61,71 @@ def diffusers_unet_config(unet: KandinskyUNet, kwargs: dict[str, Any], encoder_d
             "cross_attention_dim": kwargs["context_dim"], "encoder_hid_dim": encoder_dim}
 
 
+MOVQ_DOWN_TYPES = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}  # block type -> has attention
+MOVQ_UP_TYPES = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
+DIFFUSERS_SPATIAL_NORM_GROUPS = 32  # diffusers' SpatialNorm: every decoder norm of a norm_type='spatial' VQModel
+
+
 def movq_kwargs_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
-    if config.get("norm_type") != "spatial":
-        raise CheckpointError(f"diffusers VQModel norm_type={config.get('norm_type')!r}: Kandinsky 3's MoVQ needs norm_type='spatial'")
-    boc = list(config["block_out_channels"])
+    """MoVQ arguments that decode and encode exactly as a diffusers ``VQModel`` with this config, or an error naming
+    each setting k3lab does not reproduce. Settings that only steer diffusers' own pipeline
+    (``scaling_factor``, ``force_upcast``, ``sample_size``) change neither the weights nor the continuous decode and
+    are accepted."""
+    problems = []
+    if config.get("norm_type", "group") != "spatial":
+        problems.append(f"norm_type={config.get('norm_type', 'group')!r} (Kandinsky 3's MoVQ needs norm_type='spatial')")
+    if config.get("act_fn", "silu") not in ("silu", "swish"):
+        problems.append(f"act_fn={config.get('act_fn')!r} (k3lab's MoVQ uses SiLU)")
+    if config.get("lookup_from_codebook", False):
+        problems.append("lookup_from_codebook=True (diffusers then decodes code indices, not the continuous latents Kandinsky 3 decodes)")
+    if not config.get("mid_block_add_attention", True):
+        problems.append("mid_block_add_attention=False (k3lab's MoVQ always has mid-block attention)")
+    boc = list(config.get("block_out_channels", (64,)))
+    if any(b % boc[0] for b in boc):
+        problems.append(f"block_out_channels={boc} (each width must be a multiple of the first)")
+    down = list(config.get("down_block_types", ("DownEncoderBlock2D",)))
+    up = list(config.get("up_block_types", ("UpDecoderBlock2D",)))
+    unknown = [t for t in down if t not in MOVQ_DOWN_TYPES] + [t for t in up if t not in MOVQ_UP_TYPES]
+    if unknown:
+        problems.append(f"block types {unknown} (k3lab knows {sorted(MOVQ_DOWN_TYPES)} and {sorted(MOVQ_UP_TYPES)})")
+    elif len(down) != len(boc) or len(up) != len(boc):
+        problems.append(f"{len(down)} down / {len(up)} up block types for {len(boc)} block_out_channels")
+    elif [MOVQ_UP_TYPES[t] for t in reversed(up)] != [MOVQ_DOWN_TYPES[t] for t in down]:
+        problems.append(f"up_block_types={up} do not mirror down_block_types={down} (k3lab's MoVQ has attention at the same levels in both)")
+    latent = config.get("latent_channels", 3)
+    embed = config.get("vq_embed_dim") or latent
+    if embed != latent:
+        problems.append(f"vq_embed_dim={embed} != latent_channels={latent} (diffusers' spatial norms are built for latent_channels "
+                        "inputs and are fed vq_embed_dim ones: such a VQModel cannot decode)")
+    groups = config.get("norm_num_groups", 32)
+    for name, g in (("norm_num_groups", groups), ("the decoder's spatial-norm groups", DIFFUSERS_SPATIAL_NORM_GROUPS)):
+        if any(b % g for b in boc):
+            problems.append(f"block_out_channels={boc} not divisible by {name}={g}")
+    if problems:
+        raise CheckpointError("diffusers VQModel config that k3lab cannot reproduce exactly: " + "; ".join(problems))
     return dict(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3), ch=boc[0], ch_mult=tuple(b // boc[0] for b in boc),
-                num_res_blocks=config.get("layers_per_block", 1), z_channels=config.get("latent_channels", 4),
-                attn_levels=tuple(i for i, t in enumerate(config["down_block_types"]) if t.startswith("Attn")),
-                embed_dim=config.get("vq_embed_dim") or config.get("latent_channels", 4), n_embed=config.get("num_vq_embeddings", 256),
-                num_groups=config.get("norm_num_groups", 32))
+                num_res_blocks=config.get("layers_per_block", 1), z_channels=latent,
+                attn_levels=tuple(i for i, t in enumerate(down) if MOVQ_DOWN_TYPES[t]), embed_dim=embed,
+                n_embed=config.get("num_vq_embeddings", 256), num_groups=groups, decoder_num_groups=DIFFUSERS_SPATIAL_NORM_GROUPS)
 
 
 def diffusers_movq_config(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The diffusers ``VQModel`` config of a k3lab MoVQ; an error naming the setting diffusers cannot express."""
     n = len(kwargs["ch_mult"])
     attn = set(kwargs.get("attn_levels") or (n - 1,))
-    if kwargs.get("num_groups", 32) != 32:
-        raise CheckpointError(f"MoVQ num_groups={kwargs.get('num_groups')}: diffusers' SpatialNorm fixes 32 groups")
+    groups = kwargs.get("num_groups", 32)
+    decoder_groups = kwargs.get("decoder_num_groups") or groups
+    if decoder_groups != DIFFUSERS_SPATIAL_NORM_GROUPS:
+        raise CheckpointError(f"MoVQ decoder norms with {decoder_groups} groups (num_groups={groups}, decoder_num_groups="
+                              f"{kwargs.get('decoder_num_groups')}): diffusers' SpatialNorm fixes {DIFFUSERS_SPATIAL_NORM_GROUPS}")
+    if kwargs["z_channels"] != kwargs["embed_dim"]:
+        raise CheckpointError(f"MoVQ z_channels={kwargs['z_channels']} != embed_dim={kwargs['embed_dim']}: diffusers' VQModel cannot decode that")
     return {"_class_name": "VQModel", "in_channels": kwargs.get("in_channels", 3), "out_channels": kwargs.get("out_channels", 3),
             "block_out_channels": [kwargs["ch"] * m for m in kwargs["ch_mult"]], "layers_per_block": kwargs["num_res_blocks"],
             "down_block_types": ["AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D" for i in range(n)],
             "up_block_types": ["AttnUpDecoderBlock2D" if (n - 1 - i) in attn else "UpDecoderBlock2D" for i in range(n)],
             "latent_channels": kwargs["z_channels"], "vq_embed_dim": kwargs["embed_dim"], "num_vq_embeddings": kwargs["n_embed"],
-            "norm_num_groups": 32, "norm_type": "spatial", "mid_block_add_attention": True, "act_fn": "silu", "sample_size": 32,
+            "norm_num_groups": groups, "norm_type": "spatial", "mid_block_add_attention": True, "act_fn": "silu", "sample_size": 32,
             "scaling_factor": 1.0, "force_upcast": False, "lookup_from_codebook": False}
 
 

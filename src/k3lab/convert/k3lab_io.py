@@ -104,7 +104,7 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
         from k3lab.checkpoint import load_model
 
         movq = load_model(first, "autoencoder")
-        movq_kwargs = {**movq.config, "in_channels": 3, "out_channels": 3}
+        movq_kwargs = dict(movq.config)
         _save_diffusers(out / "movq", diffusers_movq_config(movq_kwargs), movq_state_to_diffusers(movq))
         index["movq"] = ["diffusers", "VQModel"]
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
