@@ -104,13 +104,10 @@ def check_stage(path: str | Path, expected: str) -> DictConfig:
 
 
 def export_model(module: nn.Module, path: str | Path) -> Path:
-    """Save ``module``'s state dict as safetensors (atomically)."""
-    from safetensors.torch import save
+    """Save ``module``'s state dict as safetensors (atomically, streamed: no second copy of the weights in memory)."""
+    from k3lab.safetensors_io import write_safetensors
 
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    path = Path(path)
-    atomic_write_bytes(path, save(state))
-    return path
+    return write_safetensors(path, module.state_dict())
 
 
 def load_config_beside(path: str | Path) -> DictConfig:

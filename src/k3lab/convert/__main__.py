@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from k3lab.convert.formats import load_diffusers_movq, load_diffusers_unet, load_official
+from k3lab.convert.formats import load_diffusers_movq, read_diffusers_unet, read_official
 from k3lab.convert.k3lab_io import to_diffusers, write_k3lab, write_movq
 
 log = logging.getLogger("k3lab.convert")
@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
     if args.command == "official":
-        unet, cond, kwargs = load_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
+        unet, cond, kwargs = read_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
         write_k3lab(out, unet, kwargs, cond, _movq(args.movq, out, None), args.text_encoder, f"official:{args.checkpoint}")
     elif args.command == "diffusers":
         pipe = Path(args.pipeline)
-        unet, cond, kwargs = load_diffusers_unet(pipe / "unet", args.variant)
+        unet, cond, kwargs = read_diffusers_unet(pipe / "unet", args.variant)
         encoder = args.text_encoder
         if encoder is None and (pipe / "text_encoder").is_dir():
             from k3lab.convert.k3lab_io import copy_text_encoder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ from torch import nn
 from k3lab.checkpoint import CheckpointError
 from k3lab.convert.keymaps import (PROJECTION_DIFFUSERS, PROJECTION_OFFICIAL_30, PROJECTION_OFFICIAL_31, is_movq_attention_projection,
                                    movq_to_diffusers, unet_to_diffusers)
-from k3lab.convert.remap import invert, remap
+from k3lab.convert.remap import invert, remap, subset
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.unet import KandinskyUNet
 from k3lab.nn.unet_blocks import BigGANDeepBlock
+from k3lab.safetensors_io import LazySafetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_UNET = dict(in_channels=4, out_channels=4, model_channels=384, init_channels=192, time_embed_dim=1536, context_dim=4096, groups=32,
@@ -130,21 +132,21 @@ def diffusers_movq_config(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- files
-def read_safetensors_folder(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
-    """``diffusion_pytorch_model[.variant].safetensors`` or its sharded index, read without a second copy."""
-    from safetensors.torch import load_file
-
+def read_safetensors_folder(folder: Path, variant: str | None = None) -> LazySafetensors:
+    """``diffusion_pytorch_model[.variant].safetensors`` or its sharded index, opened lazily: names, shapes and dtypes
+    from the headers, each tensor read only when used (a conversion never holds the whole model)."""
     stem = WEIGHTS if variant is None else WEIGHTS.replace(".safetensors", f".{variant}.safetensors")
     single, index = folder / stem, folder / f"{stem}.index.json"
     if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            out.update(load_file(str(folder / shard)))
-        return out
-    raise FileNotFoundError(f"{folder}: no {stem} (or its .index.json)")
+        files = [single]
+    elif index.is_file():
+        files = [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        raise FileNotFoundError(f"{folder}: no {stem} (or its .index.json)")
+    try:
+        return LazySafetensors(files)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file gets one clear error
+        raise CheckpointError(f"{folder}: cannot read {stem} as safetensors ({type(e).__name__}: {e})") from e
 
 
 def _meta_module(cls: type[nn.Module], **kwargs: Any) -> nn.Module:
@@ -157,17 +159,27 @@ def _movq_reshape(src: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Te
 
 
 # ----------------------------------------------------------------------------- import
-def load_diffusers_unet(folder: Path, variant: str | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
-    """A diffusers ``unet/`` folder -> (k3lab U-Net, text conditioning with a zero null embedding, U-Net kwargs)."""
+def read_diffusers_unet(folder: Path, variant: str | None = None) -> tuple[Mapping[str, torch.Tensor], TextConditioning, dict[str, Any]]:
+    """A diffusers ``unet/`` folder -> (the k3lab U-Net's state, lazy: checked from the headers, read tensor by tensor
+    when used; the text conditioning with a zero null embedding; the U-Net kwargs)."""
     config = json.loads((folder / "config.json").read_text())
     kwargs = unet_kwargs_from_diffusers(config)
     source = read_safetensors_folder(folder, variant)
-    proj_src = {k: source.pop(v) for k, v in PROJECTION_DIFFUSERS.items() if v in source}
+    projection = set(PROJECTION_DIFFUSERS.values())
+    proj_src = {k: source[v] for k, v in PROJECTION_DIFFUSERS.items() if v in source}
     unet = _meta_module(KandinskyUNet, **kwargs)
-    unet.load_state_dict(remap(source, unet, unet_to_diffusers, f"{folder} (diffusers Kandinsky3UNet)"), assign=True)
+    state = remap(subset(source, projection, keep=False), unet, unet_to_diffusers, f"{folder} (diffusers Kandinsky3UNet)")
     cond = TextConditioning(config.get("encoder_hid_dim", 4096), kwargs["context_dim"], diffusers_compat=True)
     proj_src["null_embedding"] = torch.zeros(kwargs["context_dim"], dtype=next(iter(proj_src.values())).dtype) if proj_src else torch.zeros(0)
     cond.load_state_dict(remap(proj_src, cond, lambda k: k, f"{folder} (encoder_hid_proj)"))
+    return state, cond.float(), kwargs
+
+
+def load_diffusers_unet(folder: Path, variant: str | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
+    """A diffusers ``unet/`` folder -> (k3lab U-Net in float32, text conditioning with a zero null embedding, U-Net kwargs)."""
+    state, cond, kwargs = read_diffusers_unet(folder, variant)
+    unet = _meta_module(KandinskyUNet, **kwargs)
+    unet.load_state_dict(dict(state), assign=True)
     return unet.float(), cond, kwargs
 
 
@@ -182,7 +194,16 @@ def load_diffusers_movq(folder: Path, variant: str | None = None) -> tuple[MoVQ,
 
 def load_official(path: Path, projection: Path | None = None, unet_kwargs: dict[str, Any] | None = None) -> tuple[KandinskyUNet, TextConditioning, dict[str, Any]]:
     """Official ``kandinsky3.pt``: 3.0 (unet, null_embedding, projections) or 3.1 (unet, null_embedding) + ``projection.pt``.
-    ``unet_kwargs`` (default: the released configuration) describes the U-Net the file holds."""
+    ``unet_kwargs`` (default: the released configuration) describes the U-Net the file holds. In float32."""
+    state, cond, kwargs = read_official(path, projection, unet_kwargs)
+    unet = _meta_module(KandinskyUNet, **kwargs)
+    unet.load_state_dict(dict(state), assign=True)
+    return unet.float(), cond, kwargs
+
+
+def read_official(path: Path, projection: Path | None = None, unet_kwargs: dict[str, Any] | None = None) -> tuple[Mapping[str, torch.Tensor], TextConditioning, dict[str, Any]]:
+    """:func:`load_official`'s parts without building the U-Net: its state as memory-mapped tensors in the file's own
+    dtype (pages are read as a writer walks them; nothing is copied or cast up front)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
@@ -199,8 +220,7 @@ def load_official(path: Path, projection: Path | None = None, unet_kwargs: dict[
     kwargs = dict(unet_kwargs or OFFICIAL_UNET)
     if "in_layer.weight" in unet_src:
         kwargs["in_channels"] = int(unet_src["in_layer.weight"].shape[1])
-    unet = _meta_module(KandinskyUNet, **kwargs)
-    unet.load_state_dict(remap(unet_src, unet, lambda k: k, f"{path} (official U-Net)"), assign=True)
+    state = remap(unet_src, _meta_module(KandinskyUNet, **kwargs), lambda k: k, f"{path} (official U-Net)")
     weight = proj_src.get(names["projection.0.weight"])
     encoder_dim = int(weight.shape[1]) if weight is not None else 4096
     cond = TextConditioning(encoder_dim, kwargs["context_dim"])
@@ -209,12 +229,14 @@ def load_official(path: Path, projection: Path | None = None, unet_kwargs: dict[
     if unknown:
         raise CheckpointError(f"{path}: unexpected projection keys {unknown}")
     cond.load_state_dict(remap(src, cond, lambda k: names.get(k, k), f"{path} (projection)"))
-    return unet.float(), cond, kwargs
+    return state, cond.float(), kwargs
 
 
 # ----------------------------------------------------------------------------- export
-def unet_state_to_diffusers(unet: nn.Module, conditioning: TextConditioning) -> dict[str, torch.Tensor]:
-    out = invert(unet.state_dict(), unet_to_diffusers)
+def unet_state_to_diffusers(unet: nn.Module | Mapping[str, torch.Tensor], conditioning: TextConditioning) -> dict[str, torch.Tensor]:
+    """The diffusers ``Kandinsky3UNet`` state (projection included) of a k3lab U-Net or its state; a lazy state stays lazy."""
+    state = unet.state_dict() if isinstance(unet, nn.Module) else unet
+    out = invert(state, unet_to_diffusers)
     for k, v in conditioning.state_dict().items():
         if k in PROJECTION_DIFFUSERS:
             out[PROJECTION_DIFFUSERS[k]] = v

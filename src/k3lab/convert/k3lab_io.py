@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,11 +14,13 @@ from omegaconf import OmegaConf, open_dict
 
 from k3lab.checkpoint import CheckpointError, atomic_write_bytes, check_stage, export_model, load_state_dict, load_weights, save_config
 from k3lab.config import compose
+from k3lab.convert.remap import remap
 from k3lab.convert.formats import OFFICIAL_UNET, diffusers_movq_config, diffusers_unet_config, movq_state_to_diffusers, unet_state_to_diffusers
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.unet import KandinskyUNet
+from k3lab.safetensors_io import LazySafetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,11 @@ def write_movq(out: Path, movq: MoVQ, kwargs: dict[str, Any]) -> Path:
     return export_model(movq, out / "autoencoder.safetensors")
 
 
-def write_k3lab(out: Path, unet: KandinskyUNet, kwargs: dict[str, Any], conditioning: TextConditioning, movq_checkpoint: Path | None,
-                text_encoder: str | None, source: str) -> Path:
+def write_k3lab(out: Path, unet: KandinskyUNet | Mapping[str, torch.Tensor], kwargs: dict[str, Any], conditioning: TextConditioning,
+                movq_checkpoint: Path | None, text_encoder: str | None, source: str) -> Path:
     """A folder ``python -m k3lab.sample`` and ``stage.init_weights`` read: config.yaml (experiment=kandinsky3 with the
-    converted sizes), unet / text_conditioning / latent_scale safetensors."""
+    converted sizes), unet / text_conditioning / latent_scale safetensors. ``unet`` may be a lazy state
+    (:func:`~k3lab.convert.formats.read_diffusers_unet`): it is streamed to disk in float32, one tensor at a time."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose(["experiment=kandinsky3"], output_dir=out)
     with open_dict(cfg):
@@ -61,7 +65,7 @@ def write_k3lab(out: Path, unet: KandinskyUNet, kwargs: dict[str, Any], conditio
         cfg.converted_from = source
     official = all(tuple(v) == tuple(OFFICIAL_UNET[k]) if isinstance(v, (tuple, list)) else v == OFFICIAL_UNET[k] for k, v in kwargs.items())
     save_config(cfg, out, {"model/unet": "kandinsky3" if official else "converted", "model/unet/block": "biggan_deep", "model/text_encoder": "flan_ul2"})
-    export_model(unet, out / "unet.safetensors")
+    write_safetensors(out / "unet.safetensors", unet.state_dict() if isinstance(unet, torch.nn.Module) else unet, dtype=torch.float32)
     export_model(conditioning, out / "text_conditioning.safetensors")
     export_model(LatentScale(1.0), out / "latent_scale.safetensors")
     if movq_checkpoint is None:
@@ -69,12 +73,10 @@ def write_k3lab(out: Path, unet: KandinskyUNet, kwargs: dict[str, Any], conditio
     return out
 
 
-def _save_diffusers(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
-
+def _save_diffusers(folder: Path, config: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "config.json", json.dumps(config, indent=2).encode())
-    atomic_write_bytes(folder / "diffusion_pytorch_model.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+    write_safetensors(folder / "diffusion_pytorch_model.safetensors", state)
 
 
 SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
@@ -93,11 +95,16 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
     with torch.device("meta"):
         unet = instantiate(cfg.model.unet)
     config = diffusers_unet_config(unet, kwargs, int(cfg.stage.encoder_dim))
-    unet_state = load_state_dict(path.parent / "unet.safetensors")
+    unet_file = path.parent / "unet.safetensors"
+    if not unet_file.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {unet_file}")
+    try:  # strict key/shape check from the header; tensors are streamed to the output one at a time
+        unet_state = remap(LazySafetensors([unet_file]), unet, lambda k: k, str(unet_file))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{unet_file}: truncated or not a safetensors file ({e})") from e
     cond = TextConditioning(int(cfg.stage.encoder_dim), int(kwargs["context_dim"]))
     load_weights(cond, load_state_dict(path.parent / "text_conditioning.safetensors"), path.parent / "text_conditioning.safetensors")
-    unet.load_state_dict(unet_state, assign=True)
-    _save_diffusers(out / "unet", config, unet_state_to_diffusers(unet, cond))
+    _save_diffusers(out / "unet", config, unet_state_to_diffusers(unet_state, cond))
     index = {"_class_name": "Kandinsky3Pipeline", "unet": ["diffusers", "Kandinsky3UNet"], "scheduler": ["diffusers", "DDPMScheduler"]}
     first = OmegaConf.select(cfg, "stage.first_stage.checkpoint")
     if first:
