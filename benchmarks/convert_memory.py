@@ -1,7 +1,7 @@
 """Peak memory of weight conversion against the model's size: ``python -m k3lab.convert`` streams tensors.
 
-Writes a diffusers ``unet/`` folder of random weights (a Kandinsky 3 U-Net at half width: ``--width 192`` is
-~0.76B parameters, 3.05 GB in float32), then runs, each in a fresh process whose peak resident memory is read from
+Writes a diffusers ``unet/`` folder of random weights (the Kandinsky 3 U-Net at 2/3 width: ``--width 256`` is
+~1.27B parameters, ~5.1 GB in float32), then runs, each in a fresh process whose peak resident memory is read from
 the kernel (``getrusage(RUSAGE_CHILDREN)``, the figure ``/usr/bin/time -v`` prints):
 
 - ``python -m k3lab.convert diffusers <pipeline> --out <k3lab folder>``
@@ -11,7 +11,7 @@ and prints peak RSS / model bytes for each (goal < 1.5), with the seconds and th
 It then checks that the round trip gave back the same bytes. ``--k3lab-src DIR`` runs the conversions from another
 checkout's ``src`` (e.g. an older commit, for a before/after figure).
 
-    .venv/bin/python benchmarks/convert_memory.py                    # ~3.05 GB; needs ~10 GB of free disk
+    .venv/bin/python benchmarks/convert_memory.py                    # ~5.1 GB; needs ~16 GB of free disk
     .venv/bin/python benchmarks/convert_memory.py --width 64         # a quick run (~0.34 GB)
 """
 
@@ -73,7 +73,7 @@ def peak_rss(cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=int, default=192, help="first block width (Kandinsky 3: 384 = 3.0B; 192 = 0.76B)")
+    p.add_argument("--width", type=int, default=256, help="first block width (Kandinsky 3: 384 = 3.0B; 256 = 1.27B; 192 = 0.71B)")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--encoder-dim", type=int, default=1024)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder (removed afterwards)")

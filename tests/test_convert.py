@@ -81,6 +81,21 @@ def test_movq_matches_diffusers_and_round_trips(i: int, tmp_path: Path) -> None:
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
 
 
+
+@pytest.mark.parametrize("change, named", [
+    (dict(layers_per_block=1), "layers_per_block=1"),
+    (dict(layers_per_block=(2, 3, 2, 2)), "layers_per_block=(2, 3, 2, 2)"),
+    (dict(block_out_channels=(32, 48, 64, 64)), "not multiples of the first width"),
+    (dict(block_out_channels=(32, 64, 64, 128, 128)), "5 levels"),
+    (dict(block_out_channels=(32, 64, 128)), "3 levels"),
+])
+def test_unet_configs_diffusers_cannot_run_are_refused_by_name(change: dict, named: str, tmp_path: Path) -> None:
+    """diffusers' Kandinsky3UNet builds these but fails in its own forward: k3lab refuses them, naming the setting."""
+    from k3lab.convert.formats import unet_kwargs_from_diffusers
+
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        unet_kwargs_from_diffusers({**UNET_CONFIGS[0], **change})
+
 # diffusers VQModel configs outside k3lab's presets: other encoder group counts (diffusers keeps 32 in the decoder's
 # spatial norms), attention at other or all levels, more layers, other image channels, the pipeline-only settings.
 DIFFUSERS_MOVQ_CONFIGS = [

@@ -28,15 +28,28 @@ OFFICIAL_UNET = dict(in_channels=4, out_channels=4, model_channels=384, init_cha
 
 # ----------------------------------------------------------------------------- configs
 def unet_kwargs_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
-    """KandinskyUNet arguments equal to a diffusers ``Kandinsky3UNet`` config (its fixed choices made explicit)."""
+    """KandinskyUNet arguments equal to a diffusers ``Kandinsky3UNet`` config (its fixed choices made explicit), or an
+    error naming each setting diffusers' own model cannot run with (k3lab would have to guess what it means)."""
     boc = list(config.get("block_out_channels", (384, 768, 1536, 3072)))
     lpb = config.get("layers_per_block", 3)
+    problems = []
     if any(b % boc[0] for b in boc):
-        raise CheckpointError(f"diffusers U-Net block_out_channels={boc}: not multiples of the first width")
+        problems.append(f"block_out_channels={boc}: not multiples of the first width")
+    if len(boc) > 4:
+        problems.append(f"block_out_channels has {len(boc)} levels (diffusers' Kandinsky3UNet runs with at most 4)")
+    elif len(boc) < 4:
+        problems.append(f"block_out_channels has {len(boc)} levels (with fewer than 4, diffusers pairs the down levels with the "
+                        "first attention flags and the up levels with the last, an asymmetric U-Net k3lab does not model)")
+    if not isinstance(lpb, int) or lpb < 2:
+        problems.append(f"layers_per_block={lpb} (diffusers' Kandinsky3UNet only runs with one integer >= 2: its up blocks drop "
+                        "the last width change with 1)")
+    if problems:
+        raise CheckpointError("diffusers U-Net config k3lab cannot reproduce: " + "; ".join(problems))
+    n = len(boc)
     return dict(in_channels=config.get("in_channels", 4), out_channels=config.get("in_channels", 4), model_channels=boc[0],
                 init_channels=boc[0] // 2, time_embed_dim=config.get("time_embedding_dim", 1536), context_dim=config.get("cross_attention_dim", 4096),
                 groups=config.get("groups", 32), head_dim=config.get("attention_head_dim", 64), expansion_ratio=4,
-                dim_mult=tuple(b // boc[0] for b in boc), num_blocks=tuple(lpb if isinstance(lpb, int) else lpb[i] for i in range(len(boc))),
+                dim_mult=tuple(b // boc[0] for b in boc), num_blocks=(lpb,) * n,
                 add_cross_attention=(False, True, True, True), add_self_attention=(False, True, True, True))
 
 
@@ -45,6 +58,7 @@ def diffusers_unet_config(unet: KandinskyUNet, kwargs: dict[str, Any], encoder_d
     problems = []
     if not isinstance(unet.down_samples[0].resnet_attn_blocks[0][0], BigGANDeepBlock):
         problems.append("block must be biggan_deep (diffusers has no plain ResBlock variant)")
+    n = len(kwargs["dim_mult"])
     for key, want in (("expansion_ratio", 4), ("add_cross_attention", (False, True, True, True)), ("add_self_attention", (False, True, True, True))):
         have = tuple(kwargs[key]) if isinstance(want, tuple) else kwargs[key]
         if have != want:
@@ -53,8 +67,10 @@ def diffusers_unet_config(unet: KandinskyUNet, kwargs: dict[str, Any], encoder_d
         problems.append(f"init_channels={kwargs.get('init_channels')} (diffusers fixes model_channels // 2)")
     if kwargs["in_channels"] != kwargs["out_channels"]:
         problems.append("in_channels != out_channels")
-    if len(set(kwargs["num_blocks"])) != 1:
-        problems.append(f"num_blocks={kwargs['num_blocks']} (diffusers: one layers_per_block)")
+    if len(set(kwargs["num_blocks"])) != 1 or min(kwargs["num_blocks"]) < 2:
+        problems.append(f"num_blocks={kwargs['num_blocks']} (diffusers: one layers_per_block, at least 2)")
+    if n != 4:
+        problems.append(f"{n} levels (diffusers' Kandinsky3UNet is symmetric with exactly 4)")
     if problems:
         raise CheckpointError("this U-Net cannot be written in the diffusers layout: " + "; ".join(problems))
     return {"_class_name": "Kandinsky3UNet", "in_channels": kwargs["in_channels"], "time_embedding_dim": kwargs["time_embed_dim"],
