@@ -330,7 +330,7 @@ def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path
     out = write_k3lab(tmp_path / "k3", loaded, lkw, lcond, write_movq(tmp_path / "k3" / "movq", movq, mkw), str(encoder), "official")
     gen, cfg = load_generator(out)
     assert not cfg.stage.diffusers_compat  # official semantics: learned null embedding
-    torch.testing.assert_close(gen.conditioning.null_embedding, cond.null_embedding)
+    torch.testing.assert_close(gen.arm.conditioning.null_embedding, cond.null_embedding)
     images = gen(["a red circle", ""], [0, 1], 64, "kandinsky3", 2, 3.0)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     with pytest.raises(SystemExit):  # the CLI needs --out

@@ -143,7 +143,7 @@ def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path]
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert len(list((Path(cfg.paths.output_dir) / "images").glob("val_samples_*.png"))) == 1
     unet_params = sum(p.numel() for p in gen.unet.parameters())
-    adapter_params = sum(p.numel() for p in (gen.conditioning or gen.image_conditioning).parameters())
+    adapter_params = sum(p.numel() for p in gen.arm.conditioning.parameters())
     print(f"{arm}: U-Net {unet_params:,} + conditioning adapter {adapter_params:,} parameters")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from k3lab.data.scene_captions import caption_vocabulary
-from k3lab.generate import encode_prompts
+from k3lab.conditioning import TextArm
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.text_encoder import TextEncoder, packaged_minilm, tiny_t5
 from k3lab.nn.tiny_text import build_tiny_t5
@@ -104,7 +104,7 @@ def test_null_context_and_caption_dropout() -> None:
 def test_empty_prompt_is_unconditional_with_a_warning(t5_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     enc, cond = TextEncoder(str(t5_dir)), TextConditioning(64, 16)
     with caplog.at_level(logging.WARNING):
-        ctx, mask = encode_prompts(enc, cond, ["a red circle", "  "])
+        ctx, mask = TextArm(cond).encode(enc, ["a red circle", "  "], [0, 1])
     assert "1 empty prompt(s)" in caplog.text
     torch.testing.assert_close(ctx[1, 0], cond.null_embedding.detach())
     assert mask[1].sum() == 1 and mask[0].sum() == 4

@@ -120,9 +120,10 @@ def load_config_beside(path: str | Path) -> DictConfig:
     return cfg
 
 
-def _select_prefix(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
-    """Pick one module's weights from a stage checkpoint: EMA first, then the live weights."""
-    for prefix in (f"{part}_ema.module.", f"{part}."):
+def _select_prefix(state: dict[str, torch.Tensor], part: str, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Pick one module's weights from a stage checkpoint: EMA first, then the live weights (or the first of
+    ``prefixes`` that matches)."""
+    for prefix in prefixes or (f"{part}_ema.module.", f"{part}."):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             return sub

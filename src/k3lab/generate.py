@@ -1,4 +1,4 @@
-"""Text-to-image generation from parts (U-Net, text conditioning, text encoder, first stage): used by the
+"""Text-to-image generation from parts (U-Net, conditioning arm, text encoder, first stage): used by the
 diffusion stage's validation and by ``python -m k3lab.sample``. No LightningModule in here."""
 
 from __future__ import annotations
@@ -9,16 +9,17 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from omegaconf import DictConfig
+
 from k3lab.checkpoint import CheckpointError
+from k3lab.conditioning import ConditioningArm, PriorArm, TextArm, make_arm
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
-from k3lab.mapping import PriorMapping
 from k3lab.nn.first_stage import LatentScale
-from k3lab.nn.text_conditioning import TextConditioning
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,10 @@ def check_resolution(resolution: int, first_stage: nn.Module, unet: nn.Module) -
     return resolution // int(getattr(first_stage, "downsample_factor", 1))
 
 
-def encode_prompts(text_encoder: nn.Module, conditioning: TextConditioning, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected context and mask; empty prompts become the unconditional (null) context, with a warning."""
-    empty = torch.tensor([not p.strip() for p in prompts])
-    if bool(empty.any()):
-        log.warning("%d empty prompt(s): sampled unconditionally (null text embedding)", int(empty.sum()))
-    hidden, mask = text_encoder.encode([p.strip() for p in prompts])
-    device = conditioning.null_embedding.device
-    context, mask = conditioning(hidden.to(device), mask.to(device))
-    return conditioning.replace_with_null(context, mask, empty.to(device))
-
-
 @dataclass
 class Generator:
-    """Everything needed to turn prompts into images (all modules in eval mode).
+    """Everything needed to turn prompts into images (all modules in eval mode): the U-Net, a conditioning arm
+    (:mod:`k3lab.conditioning`: text, or the mapping prior), the text encoder and the first stage.
 
     Memory options for large models: ``sequential=True`` keeps every module on the CPU and moves each one to
     ``device`` only while it runs (text encoder, then U-Net, then MoVQ); ``free_text_encoder()`` drops the
@@ -55,7 +46,7 @@ class Generator:
     """
 
     unet: nn.Module
-    conditioning: TextConditioning | None           # text arm: Kandinsky 3's projection + null embedding
+    arm: ConditioningArm
     text_encoder: nn.Module | None
     first_stage: nn.Module
     schedule: Schedule
@@ -63,13 +54,69 @@ class Generator:
     latent_scale: float = 1.0
     device: str = "cpu"
     sequential: bool = False
-    image_conditioning: nn.Module | None = None     # mapping-prior arm: CLIP image embedding -> U-Net inputs
-    mapping: PriorMapping | None = None             # mapping-prior arm: text -> sampled image embedding
     x0_threshold: float | None = 0.99               # samplers' dynamic thresholding (None: off), see stage.x0_threshold
 
-    def _conditioning_modules(self) -> list[nn.Module]:
-        parts = [self.conditioning, self.image_conditioning, self.mapping.prior if self.mapping is not None else None]
-        return [m for m in parts if m is not None]
+    @classmethod
+    def from_stage(cls, stage: Any) -> Generator:
+        """The generator of a diffusion stage: its EMA weights when kept, its own arm, encoders and schedule."""
+        unet, arm = stage.eval_modules()
+        if stage.text_encoder is None:
+            raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
+        return cls(unet, arm, stage.text_encoder, stage.first_stage, stage.schedule, str(stage.hparams.prediction),
+                   float(stage.latent_scale.value), str(stage.device), x0_threshold=stage.hparams.x0_threshold)
+
+    @classmethod
+    def from_export(cls, checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None,
+                    sequential: bool = False, text_encoder_dtype: str | None = None) -> tuple[Generator, DictConfig]:
+        """Rebuild from a diffusion run: its checkpoints folder, an exported ``unet.safetensors`` in it, or a Lightning
+        ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config. The arm is built by the
+        stage's own builder (:func:`~k3lab.conditioning.make_arm`). ``unet_preset`` (e.g. 'kandinsky3') asserts which
+        U-Net preset the checkpoint must hold."""
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        from k3lab.checkpoint import check_stage, describe, load_weights
+
+        path = Path(checkpoint)
+        if path.is_dir():
+            path = path / "unet.safetensors"
+        cfg = check_stage(path, "diffusion")
+        found = (cfg.get("choices") or {}).get("model/unet")
+        if unet_preset and found and found != unet_preset:
+            raise CheckpointError(f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})")
+        unet = instantiate(cfg.model.unet)
+        try:
+            load_weights(unet, _part_state(path, "unet"), path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
+        schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
+        clip = instantiate(cfg.stage.clip) if OmegaConf.select(cfg, "stage.clip") is not None else None
+        prior = instantiate(cfg.stage.prior) if OmegaConf.select(cfg, "stage.prior") is not None else None
+        try:
+            arm = make_arm(int(cfg.stage.encoder_dim), unet, schedule, diffusers_compat=bool(cfg.stage.get("diffusers_compat", False)), clip=clip,
+                           prior=prior, image_tokens=int(cfg.stage.get("image_tokens", 10)), prior_steps=int(cfg.stage.get("prior_steps", 25)),
+                           prior_guidance=float(cfg.stage.get("prior_guidance", 3.0)))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        if not arm.can_sample:
+            raise CheckpointError(f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text")
+        load_weights(arm.conditioning, _part_state(path, arm.export_name), path)
+        scale = LatentScale()
+        load_weights(scale, _part_state(path, "latent_scale"), path)
+        if not scale.measured():
+            raise CheckpointError(f"{path}: its latent scale was never measured (the run stopped before its first batch)")
+        encoder_cfg = cfg.model.text_encoder.encoder
+        if text_encoder_path:
+            encoder_cfg.path = text_encoder_path
+        if text_encoder_dtype:
+            encoder_cfg.dtype = text_encoder_dtype
+        text_encoder = instantiate(encoder_cfg)
+        first_stage = instantiate(cfg.stage.first_stage)
+        for m in (unet, arm, text_encoder, first_stage):
+            m.to("cpu" if sequential else device).eval()
+        generator = cls(unet, arm, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential,
+                        OmegaConf.select(cfg, "stage.x0_threshold", default=0.99))
+        return generator, cfg
 
     @contextmanager
     def _placed(self, *modules: nn.Module) -> Iterator[None]:
@@ -92,30 +139,17 @@ class Generator:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
-        """The U-Net's condition for ``prompts`` (on ``device``): (context, mask) in the text arm; (context, mask,
-        time_extra) in the mapping-prior arm, where the prior samples an image embedding per prompt (seeded)."""
+        """The U-Net's condition for ``prompts`` (on ``device``), from the arm: (context, mask) in the text arm;
+        (context, mask, time_extra) in the mapping-prior arm, where the prior samples an embedding per prompt (seeded)."""
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was freed: encode every prompt before free_text_encoder()")
-        with self._placed(self.text_encoder, *self._conditioning_modules()):
-            if self.mapping is None:
-                assert self.conditioning is not None
-                cond: tuple[torch.Tensor, ...] = encode_prompts(self.text_encoder, self.conditioning, prompts)
-            else:
-                assert self.image_conditioning is not None
-                hidden, mask = self.text_encoder.encode([p.strip() for p in prompts])
-                device = next(self.mapping.prior.parameters()).device
-                emb = self.mapping.sample(hidden.to(device), mask.to(device), list(seeds if seeds is not None else range(len(prompts))))
-                cond = self.image_conditioning(emb)
+        with self._placed(self.text_encoder, self.arm):
+            cond = self.arm.encode(self.text_encoder, prompts, list(seeds if seeds is not None else range(len(prompts))))
         return tuple(c.to(self.device) for c in cond)
 
     def null(self, cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The unconditional condition with the shapes of ``cond``."""
-        if self.mapping is None:
-            assert self.conditioning is not None
-            return self.conditioning.null(*cond)
-        assert self.image_conditioning is not None
-        negative = self.image_conditioning.negative.expand(cond[0].shape[0], -1)
-        return self.image_conditioning(negative)
+        return self.arm.null(cond)
 
     def free_text_encoder(self) -> None:
         """Drop the text encoder (Flan-UL2 is 17 GB in bf16) once all prompts are encoded."""
@@ -138,7 +172,7 @@ class Generator:
         sample_fn = get_sampler(sampler)
         if "x0_threshold" in inspect.signature(sample_fn).parameters:
             sampler_options.setdefault("x0_threshold", self.x0_threshold)
-        with self._placed(self.unet, *self._conditioning_modules()):
+        with self._placed(self.unet, self.arm):
             denoise = cfg_denoiser(self.model_fn, cond, self.null(cond), guidance_weight)
             gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
             z = sample_fn(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
@@ -158,12 +192,14 @@ class Generator:
 
 
 def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
-    """``part``'s weights from an exported ``<part>.safetensors`` beside ``path``, or from a Lightning ``.ckpt``."""
+    """``part``'s weights from an exported ``<part>.safetensors`` beside ``path``, or from a Lightning ``.ckpt`` (the
+    arm's trained module, exported as ``text_conditioning``/``image_conditioning``, is the stage's ``arm.conditioning``)."""
     from k3lab.checkpoint import _select_prefix, load_state_dict
 
     if path.suffix == ".ckpt":
         state = load_state_dict(path)
-        sub = _select_prefix(state, part)
+        arm_part = part in (TextArm.export_name, PriorArm.export_name)
+        sub = _select_prefix(state, part, ("conditioning_ema.module.", "arm.conditioning.") if arm_part else None)
         if sub is state:
             raise CheckpointError(f"{path}: has no '{part}' weights")
         return sub
@@ -171,58 +207,6 @@ def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
 
 
 def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None,
-                   sequential: bool = False, text_encoder_dtype: str | None = None) -> tuple[Generator, dict]:
-    """Rebuild a :class:`Generator` from a diffusion run: its checkpoints folder, an exported ``unet.safetensors``
-    in it, or a Lightning ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config.
-    ``unet_preset`` (e.g. 'kandinsky3') asserts which U-Net preset the checkpoint must hold."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from k3lab.checkpoint import check_stage, describe, load_weights
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "unet.safetensors"
-    cfg = check_stage(path, "diffusion")
-    found = (cfg.get("choices") or {}).get("model/unet")
-    if unet_preset and found and found != unet_preset:
-        raise CheckpointError(f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})")
-    unet = instantiate(cfg.model.unet)
-    try:
-        load_weights(unet, _part_state(path, "unet"), path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
-    schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
-    conditioning: TextConditioning | None = None
-    image_conditioning, mapping = None, None
-    if OmegaConf.select(cfg, "stage.clip") is None:
-        conditioning = TextConditioning(int(cfg.stage.encoder_dim), unet.context_dim, bool(cfg.stage.get("diffusers_compat", False)))
-        load_weights(conditioning, _part_state(path, "text_conditioning"), path)
-    else:  # the mapping-prior arm: text -> prior -> CLIP image embedding -> adapter -> U-Net
-        from k3lab.nn.image_conditioning import ImageConditioning
-
-        if OmegaConf.select(cfg, "stage.prior") is None:
-            raise CheckpointError(f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text")
-        clip, prior = instantiate(cfg.stage.clip), instantiate(cfg.stage.prior)
-        image_conditioning = ImageConditioning(int(clip.embed_dim), unet.context_dim, unet.time_embed_dim, int(cfg.stage.image_tokens))
-        load_weights(image_conditioning, _part_state(path, "image_conditioning"), path)
-        if int(prior.embedding_dim) != image_conditioning.clip_dim:
-            raise CheckpointError(f"the prior predicts {prior.embedding_dim}-d embeddings but the U-Net adapter of {path} takes {image_conditioning.clip_dim}-d ones")
-        mapping = PriorMapping(prior.to("cpu" if sequential else device).eval(), schedule, int(cfg.stage.prior_steps), float(cfg.stage.prior_guidance))
-    scale = LatentScale()
-    load_weights(scale, _part_state(path, "latent_scale"), path)
-    if not scale.measured():
-        raise CheckpointError(f"{path}: its latent scale was never measured (the run stopped before its first batch)")
-    encoder_cfg = cfg.model.text_encoder.encoder
-    if text_encoder_path:
-        encoder_cfg.path = text_encoder_path
-    if text_encoder_dtype:
-        encoder_cfg.dtype = text_encoder_dtype
-    text_encoder = instantiate(encoder_cfg)
-    first_stage = instantiate(cfg.stage.first_stage)
-    for m in (unet, conditioning, image_conditioning, text_encoder, first_stage):
-        if m is not None:
-            m.to("cpu" if sequential else device).eval()
-    generator = Generator(unet, conditioning, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential,
-                          image_conditioning, mapping, OmegaConf.select(cfg, "stage.x0_threshold", default=0.99))
-    return generator, cfg
+                   sequential: bool = False, text_encoder_dtype: str | None = None) -> tuple[Generator, DictConfig]:
+    """:meth:`Generator.from_export` (kept as a function for scripts and notebooks)."""
+    return Generator.from_export(checkpoint, device, text_encoder_path, unet_preset, sequential, text_encoder_dtype)

@@ -18,11 +18,9 @@ from torch.optim import Optimizer
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.generate import Generator, check_resolution
-from k3lab.mapping import PriorMapping
+from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.nn.ema import EMA
-from k3lab.nn.image_conditioning import ImageConditioning
 from k3lab.nn.first_stage import LatentScale
-from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.tracking import log_image
 
 log = logging.getLogger(__name__)
@@ -91,72 +89,40 @@ class DiffusionStage(L.LightningModule):
         if resolution is not None:
             check_resolution(int(resolution), first_stage, unet)
         self.unet = unet
-        self.clip = clip.eval().requires_grad_(False) if clip is not None else None
-        self.prior = prior.eval().requires_grad_(False) if prior is not None else None
-        self.image_conditioning: ImageConditioning | None = None
-        if clip is not None:
-            self.image_conditioning = ImageConditioning(int(clip.embed_dim), unet.context_dim, unet.time_embed_dim, image_tokens)
-            if prior is not None and int(prior.embedding_dim) != int(clip.embed_dim):
-                raise ValueError(f"the prior predicts {prior.embedding_dim}-d image embeddings but the CLIP / U-Net adapter use {clip.embed_dim}-d ones")
-            if prior is not None and int(prior.text_dim) != int(encoder_dim):
-                raise ValueError(f"the prior reads {prior.text_dim}-d text states but the text encoder gives {encoder_dim}-d ones")
-            with torch.no_grad():
-                self.image_conditioning.negative.copy_(clip.embed_zero_image().reshape(-1))
-        self.text_conditioning = TextConditioning(encoder_dim, unet.context_dim, diffusers_compat) if clip is None else None
+        self.schedule = Schedule.named(schedule, num_timesteps)
+        self.arm: ConditioningArm = make_arm(encoder_dim, unet, self.schedule, diffusers_compat=diffusers_compat, clip=clip, prior=prior,
+                                             image_tokens=image_tokens, prior_steps=prior_steps, prior_guidance=prior_guidance)
         if init_weights:
             from k3lab.checkpoint import load_state_dict, load_weights
 
             folder = Path(init_weights)
             load_weights(self.unet, load_state_dict(folder / "unet.safetensors"), folder / "unet.safetensors")
-            name = "text_conditioning" if self.image_conditioning is None else "image_conditioning"
-            load_weights(self.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors")
+            name = self.arm.export_name
+            load_weights(self.arm.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors")
             log.info("initialised the U-Net and %s from %s", name, folder)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.optimizer_factory = optimizer
-        self.schedule = Schedule.named(schedule, num_timesteps)
         self.unet_ema = EMA(unet, ema_decay) if ema_decay is not None else None
-        keep = ema_decay is not None
-        self.text_conditioning_ema = EMA(self.text_conditioning, ema_decay) if keep and self.text_conditioning is not None else None
-        self.image_conditioning_ema = EMA(self.image_conditioning, ema_decay) if keep and self.image_conditioning is not None else None
+        self.conditioning_ema = EMA(self.arm.conditioning, ema_decay) if ema_decay is not None else None
         self.latent_scale = LatentScale(float("nan") if latent_scale == "auto" else float(latent_scale))
 
     # ------------------------------------------------------------------ parts
-    @property
-    def conditioning(self) -> nn.Module:
-        """The trained conditioning module: the text projection (text arm) or the image adapter (prior arm)."""
-        return self.text_conditioning if self.image_conditioning is None else self.image_conditioning  # type: ignore[return-value]
-
-    @property
-    def conditioning_ema(self) -> EMA | None:
-        return self.text_conditioning_ema if self.image_conditioning is None else self.image_conditioning_ema
-
     def exportable_modules(self) -> dict[str, nn.Module]:
-        unet, conditioning = self.eval_modules()
-        name = "text_conditioning" if self.image_conditioning is None else "image_conditioning"
-        return {"unet": unet, name: conditioning, "latent_scale": self.latent_scale}
+        unet, arm = self.eval_modules()
+        return {"unet": unet, arm.export_name: arm.conditioning, "latent_scale": self.latent_scale}
 
-    def eval_modules(self) -> tuple[nn.Module, nn.Module]:
-        """The weights sampling and export use: the EMA copies when kept."""
+    def eval_modules(self) -> tuple[nn.Module, ConditioningArm]:
+        """The U-Net and the arm that sampling and export use: around the EMA copies when kept."""
         if self.unet_ema is not None and self.conditioning_ema is not None:
-            return self.unet_ema.module, self.conditioning_ema.module
-        return self.unet, self.conditioning
+            return self.unet_ema.module, self.arm.with_conditioning(self.conditioning_ema.module)
+        return self.unet, self.arm
 
     def generator(self) -> Generator:
-        unet, conditioning = self.eval_modules()
-        if self.text_encoder is None:
-            raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
-        if self.image_conditioning is None:
-            return Generator(unet, conditioning, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction,  # type: ignore[arg-type]
-                             float(self.latent_scale.value), str(self.device), x0_threshold=self.hparams.x0_threshold)
-        if self.prior is None:
-            raise RuntimeError("sampling the mapping-prior arm needs a trained prior (mapping.prior)")
-        mapping = PriorMapping(self.prior, self.schedule, self.hparams.prior_steps, self.hparams.prior_guidance)
-        return Generator(unet, None, self.text_encoder, self.first_stage, self.schedule, self.hparams.prediction, float(self.latent_scale.value),
-                         str(self.device), image_conditioning=conditioning, mapping=mapping, x0_threshold=self.hparams.x0_threshold)
+        return Generator.from_stage(self)
 
     def configure_optimizers(self) -> dict:
-        params = list(self.unet.parameters()) + list(self.conditioning.parameters())
+        params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
         opt = self.optimizer_factory(params)
         warmup = max(int(self.hparams.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -168,14 +134,6 @@ class DiffusionStage(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     # ------------------------------------------------------------------ inputs
-    def text_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw encoder outputs [B, L, D] and mask: precomputed when the batch has them, else encoded now."""
-        if "text_embedding" in batch:
-            return batch["text_embedding"].float(), batch["text_mask"].bool()  # type: ignore[typeddict-item]
-        if self.text_encoder is None:
-            raise RuntimeError("the batch has no precomputed text_embedding and the stage has no text encoder")
-        return self.text_encoder.encode(batch["caption"])
-
     def latents(self, batch: Batch) -> torch.Tensor:
         z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
         if not self.latent_scale.measured():
@@ -188,24 +146,10 @@ class DiffusionStage(L.LightningModule):
         return z * self.latent_scale.value.to(z.dtype)
 
     # ------------------------------------------------------------------ steps
-    def condition(self, batch: Batch, conditioning: nn.Module, drop: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """(context, mask[, time_extra]) for the U-Net: projected text (text arm) or the true CLIP image embedding of
-        the batch's images (prior arm, as 2.2's decoder trains); ``drop`` rows become unconditional."""
-        device = self.latent_scale.value.device
-        if self.image_conditioning is None:
-            hidden, mask = self.text_inputs(batch)
-            context, mask = conditioning(hidden.to(device), mask.to(device))
-            return conditioning.replace_with_null(context, mask, drop) if drop is not None else (context, mask)
-        with torch.no_grad():
-            emb = self.clip.embed_images(batch["image"].to(device)).float()  # type: ignore[union-attr]
-        if drop is not None:
-            emb = conditioning.replace_with_negative(emb, drop)
-        return conditioning(emb)
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         z = self.latents(batch)
         drop = torch.rand(z.shape[0], device=z.device) < self.hparams.caption_dropout
-        cond = self.condition(batch, self.conditioning, drop)
+        cond = self.arm.condition(batch, self.text_encoder, drop)
         loss = diffusion_loss(lambda x, t: self.unet(x, t, *cond), z, self.schedule, self.hparams.prediction)
         if not torch.isfinite(loss):
             keys = batch.get("key", [])[:4]
@@ -220,13 +164,13 @@ class DiffusionStage(L.LightningModule):
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
         if self.unet_ema is not None and self.conditioning_ema is not None:
             self.unet_ema.update(self.unet)
-            self.conditioning_ema.update(self.conditioning)
+            self.conditioning_ema.update(self.arm.conditioning)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Loss of the EMA model at 10 fixed timesteps with fixed noise (comparable across runs and steps)."""
-        unet, conditioning = self.eval_modules()
+        unet, arm = self.eval_modules()
         z = self.latents(batch)
-        cond = self.condition(batch, conditioning)
+        cond = arm.condition(batch, self.text_encoder)
         gen = torch.Generator(device=z.device).manual_seed(self.hparams.val_seed + batch_idx)
         losses = []
         for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
@@ -236,7 +180,7 @@ class DiffusionStage(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         prompts = list(self.hparams.val_prompts)
-        if not prompts or self.text_encoder is None or self.trainer.sanity_checking or (self.image_conditioning is not None and self.prior is None):
+        if not prompts or self.text_encoder is None or self.trainer.sanity_checking or not self.arm.can_sample:
             return
         res = int(self.hparams.resolution or 0)
         if not res:
