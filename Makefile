@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # Main job on the embedded default: a small ablation (block x prior), evaluated, tracked in MLflow, with the table printed.
 quickstart: $(STAMP)
-	$(PY) -m k3lab.train -m experiment=ablation_tiny
+	$(PY) -m k3lab.ablation -m experiment=ablation_tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -23,10 +23,10 @@ SWEEP = ["-m", "experiment=ablation_tiny", "model/prior=none,diffusion_mapping",
          *TINY_WORLD, *TINY_CELL]
 
 
-def k3lab(args: list[str], root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def k3lab(args: list[str], root: Path, timeout: int = 600, module: str = "k3lab.ablation") -> subprocess.CompletedProcess:
     env = {**os.environ, "K3LAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "k3lab.train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -178,7 +178,7 @@ def test_stale_runs_are_marked_failed(tmp_path: Path) -> None:
     # a job killed hard leaves its child RUNNING: the sweep's end marks it failed, and the parent too
     cfg = OmegaConf.create({"logger": {"mlflow": {"tracking_uri": uri, "experiment_name": "stale2"}},
                             "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "sweeper": {"params": {"seed": "0,1"}}, "overrides": {"task": []}}})
-    callback = MLflowSweepCallback(report=False)
+    callback = MLflowSweepCallback()
     callback.on_multirun_start(cfg)
     info = json.loads((tmp_path / "sweep" / "mlflow_sweep.json").read_text())
     child = client.create_run(info["experiment_id"], tags={PARENT_TAG: info["parent_run_id"], ROLE_TAG: "cell", HOST_TAG: "elsewhere"})
@@ -214,7 +214,7 @@ def test_notebooks_execute_on_the_sweep(sweep: dict, name: str) -> None:
 
 def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
     k3lab(["-m", "hydra/launcher=slurm_local", "experiment=autoencoder_tiny", "trainer.max_steps=2", "trainer.val_check_interval=2",
-           "trainer.limit_val_batches=1", "logger=csv", *TINY_WORLD], tmp_path)
+           "trainer.limit_val_batches=1", "logger=csv", *TINY_WORLD], tmp_path, module="k3lab.train")
     sweep_dir = next((tmp_path / "logs" / "autoencoder_tiny" / "multiruns").iterdir())
     assert (sweep_dir / "0" / "checkpoints" / "autoencoder.safetensors").is_file()
     assert list((sweep_dir / ".submitit").glob("*/*_submitted.pkl"))  # it went through submitit's executor

@@ -124,7 +124,7 @@ def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Pa
 
 
 def test_checkpoint_of_another_stage_or_preset_is_refused(trained: DictConfig, tmp_path: Path, t2i_cfg: Callable[..., DictConfig]) -> None:
-    from k3lab.nn.first_stage import load_first_stage
+    from k3lab.checkpoint import load_first_stage
 
     first = Path(trained.stage.first_stage.checkpoint)
     with pytest.raises(CheckpointError, match=r"autoencoder stage .*the diffusion stage's checkpoint is needed"):

@@ -33,7 +33,7 @@ def _sweep(tmp_path: Path, params: dict[str, str], overrides: list[str], cells: 
     sweep_dir = tmp_path / "sweep"
     cfg = OmegaConf.create({"logger": {"mlflow": {"tracking_uri": uri, "experiment_name": "report"}},
                             "hydra": {"sweep": {"dir": str(sweep_dir)}, "sweeper": {"params": params}, "overrides": {"task": overrides}}})
-    callback = MLflowSweepCallback(report=False)
+    callback = MLflowSweepCallback()
     callback.on_multirun_start(cfg)
     info = json.loads((sweep_dir / "mlflow_sweep.json").read_text())
     client = MlflowClient(uri)

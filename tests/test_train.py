@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -98,3 +99,11 @@ def test_cli_bad_value_fails_before_training(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "data.resolution=-64: must be a positive integer" in out.stderr
     assert not (tmp_path / "data").exists()  # nothing generated, nothing trained
+
+
+def test_train_refuses_an_ablation_preset_and_names_the_entry_point(tmp_path: Path) -> None:
+    from conftest import compose_config
+
+    cfg = compose_config(["experiment=ablation_tiny", "logger=csv"], tmp_path)
+    with pytest.raises(ValueError, match=r"python -m k3lab.ablation -m experiment=<preset>"):
+        train(cfg)

@@ -7,9 +7,7 @@ rebuild its module (``load_model``).
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,38 +15,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from k3lab.weights import CheckpointError, load_state_dict
+
+__all__ = ["CheckpointError", "load_state_dict", "load_model", "load_weights", "load_frozen", "load_first_stage", "export_model"]
+
 CONFIG_NAME = "config.yaml"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing pieces, truncated, or not a checkpoint at all."""
-
-
-def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, a plain state dict, or a Lightning ``.ckpt`` (its ``state_dict``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: truncated or not a safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: cannot be read with torch.load(weights_only=True): truncated, corrupt, or a foreign "
-            f"pickle that would need arbitrary code ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors (found {type(obj).__name__})")
-    return dict(obj)
+# Targets that moved between modules: configs saved by older runs still rebuild (see load_config_beside).
+MOVED_TARGETS = {
+    "k3lab.nn.first_stage.load_first_stage": "k3lab.checkpoint.load_first_stage",
+    "k3lab.nn.text_encoder.tiny_t5": "k3lab.text_encoders.tiny_t5",
+}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -117,7 +94,20 @@ def load_config_beside(path: str | Path) -> DictConfig:
         raise CheckpointError(f"{path}: no {CONFIG_NAME} beside it ({cfg_path}), so its model cannot be rebuilt")
     cfg = OmegaConf.load(cfg_path)
     assert isinstance(cfg, DictConfig)
+    _update_moved_targets(cfg)
     return cfg
+
+
+def _update_moved_targets(node: object) -> None:
+    if isinstance(node, DictConfig):
+        target = node.get("_target_") if "_target_" in node else None
+        if isinstance(target, str) and target in MOVED_TARGETS:
+            node["_target_"] = MOVED_TARGETS[target]
+        for key in node:
+            _update_moved_targets(node._get_node(key))
+    elif OmegaConf.is_list(node):
+        for item in node:  # type: ignore[union-attr]
+            _update_moved_targets(item)
 
 
 def _select_prefix(state: dict[str, torch.Tensor], part: str, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -182,3 +172,16 @@ def load_frozen(checkpoint: str | Path | None, stage: str, part: str) -> nn.Modu
         raise FileNotFoundError(f"{part} weights file not found: looked for {checkpoint} (train it with stage={stage})")
     check_stage(checkpoint, stage)
     return load_model(checkpoint, part).eval().requires_grad_(False)
+
+
+def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
+    """``checkpoint=None``: Identity (pixel space); else the autoencoder stage's exported weights
+    (``autoencoder.safetensors``, or its Lightning ``.ckpt``) with the ``config.yaml`` beside them, frozen."""
+    from k3lab.nn.first_stage import FrozenMoVQ, IdentityFirstStage
+
+    if checkpoint is None:
+        return IdentityFirstStage(channels)
+    check_stage(checkpoint, "autoencoder")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)")
+    return FrozenMoVQ(load_model(checkpoint, "autoencoder"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -21,12 +22,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/heldout/overall",
                             "eval/fid_clip", "eval/clip_score", "perf/train_samples_per_s")
 LOWER_IS_BETTER = ("eval/fid_clip", "eval/kid_clip", "val/loss")
 OVERRIDE_PREFIX = "override/"
 REFERENCE_PREFIX = "reference/"
+
+log = logging.getLogger(__name__)
 
 
 def short(metric: str) -> str:
@@ -40,7 +45,7 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, An
     if Path(source).is_dir():
         info = read_sweep_file(source)
         if info is None:
-            raise FileNotFoundError(f"{source}: no mlflow_sweep.json here; was this sweep run with logger=mlflow (python -m k3lab.train -m ...)?")
+            raise FileNotFoundError(f"{source}: no mlflow_sweep.json here; was this sweep run with logger=mlflow (python -m k3lab.ablation -m ... or python -m k3lab.train -m ...)?")
         return {**info, "sweep_dir": str(Path(source).resolve()), **({"tracking_uri": tracking_uri} if tracking_uri else {})}
     import os
 
@@ -280,6 +285,32 @@ def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Pa
     report.runs.to_csv(folder / "runs.csv", index=False)
     report.files = {"table": folder / "report.md", "plot": plot(report.effects, folder / "report.png", metrics), "runs": folder / "runs.csv"}
     return report
+
+
+class ReportCallback(Callback):
+    """Hydra callback: at the end of an ablation multirun, build the report from the sweep's MLflow runs, log its files
+    to the parent run and print it (``hydra.callbacks.ablation_report``; a sweep with no cell runs is left alone)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from k3lab.tracking.sweep import ROLE_TAG, children, read_sweep_file, sweep_dir_of
+
+        sweep_dir = sweep_dir_of(config)
+        info = read_sweep_file(sweep_dir)
+        if info is None:
+            return
+        client = MlflowClient(info["tracking_uri"])
+        if not any(r.data.tags.get(ROLE_TAG) == "cell" for r in children(client, info["experiment_id"], info["parent_run_id"])):
+            return
+        try:
+            report = build_report(str(sweep_dir))
+        except Exception as e:  # noqa: BLE001 - the sweep's runs stay intact; the report can be rebuilt
+            log.error("could not build the ablation report: %s (rebuild: python -m k3lab.report %s)", e, sweep_dir)
+            return
+        for path in report.files.values():
+            client.log_artifact(info["parent_run_id"], str(path))
+        print(report.summary(), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,130 +1,25 @@
-"""Training entry point: ``python -m k3lab.train experiment=<name> [overrides]``."""
+"""Training entry point: ``python -m k3lab.train experiment=<name> [overrides]`` (one stage; ablation sweeps have their
+own entry point, ``python -m k3lab.ablation -m experiment=ablation_tiny``)."""
 
 from __future__ import annotations
 
 import logging
-import warnings
-from pathlib import Path
-from dataclasses import dataclass
-from typing import Any
 
 import hydra
-import lightning as L
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from k3lab.callbacks import ExportModels
-from k3lab.checkpoint import check_resume
-from k3lab.config import CONF_DIR, validate
-from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
-from k3lab.tracking.mlflow import RunLogger
-from k3lab.tracking.sweep import ROLE_TAG, run_tags
+from k3lab.config import CONF_DIR
+from k3lab.fitting import fit, where_to_look
 
 log = logging.getLogger(__name__)
 
-# Frozen parts (EMA copies, frozen encoders) are kept in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-
-
-def _instantiate_all(node: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` child of a group such as ``callbacks`` or ``logger``."""
-    if not node:
-        return []
-    return [instantiate(child) for child in node.values() if isinstance(child, DictConfig) and "_target_" in child]
-
-
-def hydra_choices() -> dict[str, str]:
-    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` leaves for the caller: final metrics, the trained stage, the loggers."""
-
-    metrics: dict[str, float]
-    stage: L.LightningModule
-    loggers: list[Any]
-
-
-def make_loggers(cfg: DictConfig, role: str | None = None) -> list[Any]:
-    """The config's loggers; an MLflow run is tagged into its sweep (parent run, role) when there is one."""
-    loggers = []
-    for name, child in (cfg.get("logger") or {}).items():
-        if not (isinstance(child, DictConfig) and "_target_" in child):
-            continue
-        if name == "mlflow":
-            tags = {**run_tags(), **(dict(child.tags) if child.get("tags") else {})}
-            if role and tags.get(ROLE_TAG) in ("job", "run"):
-                tags[ROLE_TAG] = role
-            loggers.append(instantiate(child, tags=tags, run_name=child.get("run_name") or run_name(cfg)))
-        else:
-            loggers.append(instantiate(child))
-    return loggers
-
-
-def run_name(cfg: DictConfig) -> str | None:
-    """A multirun job's run name: its overrides (``model/unet/block=resnet,seed=1``)."""
-    if HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
-        return f"{cfg.task_name}:{HydraConfig.get().job.override_dirname}"
-    return None
-
-
-def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> FitResult:
-    """Validate, build data / stage / trainer from the config, fit and export."""
-    validate(cfg)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, str(cfg.stage._target_), hydra_choices())
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    stage = instantiate(cfg.stage)
-    loggers = make_loggers(cfg, role)
-    for lg in loggers:
-        if isinstance(lg, RunLogger):
-            lg.keep_open = keep_open
-    export = ExportModels(cfg, cfg.paths.checkpoint_dir, hydra_choices())
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [export]
-    if not cfg.trainer.get("enable_progress_bar", True):
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    if trainer.is_global_zero:
-        log_run_metadata(loggers, cfg, hydra_choices(), HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
-    log.info("output dir: %s", cfg.paths.output_dir)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))  # on an error Lightning finalizes the run FAILED
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
-        for name, path in export.exported.items():
-            log_tag(loggers, f"checkpoint/{name}", str(path))
-            log.info("exported %s -> %s", name, path)
-        for lg in loggers:
-            lg.log_hyperparams({"checkpoint_dir": str(Path(cfg.paths.checkpoint_dir))})
-        log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
-        log.info("run folder: %s", cfg.paths.output_dir)
-    return FitResult(metrics, stage, loggers)
-
-
-def close_loggers(loggers: list[Any], status: str = "FINISHED") -> None:
-    for lg in loggers:
-        if isinstance(lg, RunLogger):
-            lg.close(status)
-
-
-def where_to_look(cfg: DictConfig, loggers: list[Any]) -> None:
-    mlf = find_mlflow_logger(loggers)
-    if mlf is not None:
-        uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
-        log.info("look at it: mlflow ui --backend-store-uri %s  (run %s)", uri, mlf.run_id)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit one stage from the config; an ablation cell (``cfg.ablation``) also trains its shared parts first and
-    evaluates after. Returns the final metrics."""
+    """Fit one stage from the config; returns the final metrics."""
     if cfg.get("ablation"):
-        from k3lab.ablation.cell import run_cell
-
-        return run_cell(cfg)
+        raise ValueError("this config is an ablation preset (it has an `ablation` node): run it with "
+                         "python -m k3lab.ablation -m experiment=<preset> [overrides]")
     result = fit(cfg)
     where_to_look(cfg, result.loggers)
     return result.metrics

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from k3lab.ablation.evaluate import evaluate
 from k3lab.ablation.shared import precompute_part, reference_clip, train_part
+from k3lab.fitting import close_loggers, fit, hydra_choices, where_to_look
 from k3lab.tracking import find_mlflow_logger, log_image
 from k3lab.tracking.sweep import PARENT_TAG, run_tags
 
@@ -66,13 +68,12 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
 
 
 def run_cell(cfg: DictConfig) -> dict[str, float]:
-    from k3lab.train import close_loggers, fit, hydra_choices, where_to_look
-
+    """Shared parts (trained once), the diffusion stage, the evaluation: one MLflow child run; returns every metric."""
+    if not cfg.get("ablation"):
+        raise ValueError("python -m k3lab.ablation runs ablation presets (configs with an `ablation` node), e.g. experiment=ablation_tiny")
     text_encoder = hydra_choices().get("model/text_encoder")
     if not text_encoder:
-        raise ValueError("an ablation cell needs the model/text_encoder choice (run it through python -m k3lab.train)")
-    from hydra.core.hydra_config import HydraConfig
-
+        raise ValueError("an ablation cell needs the model/text_encoder choice (run it through python -m k3lab.ablation)")
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     splits = instantiate(cfg.data.source).build()  # the evaluation's prompts and real images: the dataset's own splits
     updates = prepare_shared(cfg, text_encoder, overrides)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -44,19 +42,6 @@ class FrozenMoVQ(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.movq.decode(z, quantize=False)
-
-
-def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
-    """``checkpoint=None``: Identity (pixel space); else the autoencoder stage's exported weights
-    (``autoencoder.safetensors``, or its Lightning ``.ckpt``) with the ``config.yaml`` beside them."""
-    if checkpoint is None:
-        return IdentityFirstStage(channels)
-    from k3lab.checkpoint import check_stage, load_model
-
-    check_stage(checkpoint, "autoencoder")
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)")
-    return FrozenMoVQ(load_model(checkpoint, "autoencoder"))
 
 
 class LatentScale(nn.Module):

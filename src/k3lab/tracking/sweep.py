@@ -133,15 +133,13 @@ def _mlflow_settings(config: DictConfig) -> tuple[str, str] | None:
     return str(node.tracking_uri), str(node.experiment_name)
 
 
-def _sweep_dir(config: DictConfig) -> Path:
+def sweep_dir_of(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir))
 
 
 class MLflowSweepCallback(Callback):
-    """Hydra callback: the sweep's MLflow parent run, stale-run clean-up and, for ablations, the report."""
-
-    def __init__(self, report: bool = True) -> None:
-        self.report = report
+    """Hydra callback: the sweep's MLflow parent run and stale-run clean-up (the report is its own callback,
+    :class:`k3lab.report.ReportCallback`, which reads what this one writes)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
@@ -156,7 +154,7 @@ class MLflowSweepCallback(Callback):
         stale = mark_stale(client, experiment_id)
         if stale:
             log.warning("marked %d stale RUNNING run(s) of experiment %r failed: %s", len(stale), name, ", ".join(stale))
-        sweep_dir = _sweep_dir(config)
+        sweep_dir = sweep_dir_of(config)
         params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=True) or {}
         overrides = list(config.hydra.overrides.task)
         run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
@@ -172,7 +170,7 @@ class MLflowSweepCallback(Callback):
         log.info("MLflow parent run %s (experiment %r) for sweep %s", run.info.run_id, name, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        info = read_sweep_file(_sweep_dir(config))
+        info = read_sweep_file(sweep_dir_of(config))
         if info is None or _mlflow_settings(config) is None:
             return
         from mlflow.tracking import MlflowClient
@@ -186,18 +184,4 @@ class MLflowSweepCallback(Callback):
         if stale:
             log.warning("marked %d child run(s) failed that were still RUNNING at the sweep's end", len(stale))
         failed = bool(stale) or any(r.info.status == "FAILED" for r in kids)
-        if self.report and any(r.data.tags.get(ROLE_TAG) == "cell" for r in kids):
-            self._report(config, client, info)
         client.set_terminated(info["parent_run_id"], "FAILED" if failed else "FINISHED")
-
-    def _report(self, config: DictConfig, client: Any, info: dict[str, str]) -> None:
-        from k3lab.report import build_report
-
-        try:
-            report = build_report(str(_sweep_dir(config)))
-        except Exception as e:  # the sweep's runs stay intact; the report can be rebuilt with python -m k3lab.report
-            log.error("could not build the ablation report: %s (rebuild: python -m k3lab.report %s)", e, _sweep_dir(config))
-            return
-        for path in report.files.values():
-            client.log_artifact(info["parent_run_id"], str(path))
-        print(report.summary(), flush=True)

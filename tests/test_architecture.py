@@ -1,0 +1,88 @@
+"""The package's shape, checked from the source (every import statement, at module level or inside a function):
+no import cycle, ``k3lab.nn`` pure torch, and ``evaluation`` free of k3lab (see also test_evaluation_package)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "k3lab"
+FRAMEWORKS = ("hydra", "omegaconf", "lightning", "pytorch_lightning", "mlflow")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for f in SRC.rglob("*.py"):
+        parts = f.relative_to(SRC.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = f
+    return out
+
+
+def imports() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(k3lab module -> k3lab modules it imports, k3lab module -> top-level external packages it imports)."""
+    mods = modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    internal: dict[str, set[str]] = {}
+    external: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        deps, ext = set(), set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module for a in node.names]
+            for t in targets:
+                if t.split(".")[0] == "k3lab":
+                    dep = resolve(t)
+                    if dep and dep != name:
+                        deps.add(dep)
+                else:
+                    ext.add(t.split(".")[0])
+        internal[name], external[name] = deps, ext
+    return internal, external
+
+
+def closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    graph, _ = imports()
+    assert len(graph) > 40  # the scan sees the package
+    cycles = sorted({tuple(sorted({m, d})) for m in graph for d in graph[m] if m in closure(graph, d)})
+    assert not cycles, f"modules that import each other (directly or through others): {cycles}"
+
+
+def test_nn_is_pure_torch() -> None:
+    """``k3lab.nn`` never reaches Hydra, OmegaConf, Lightning or MLflow, directly or through another k3lab module, and
+    imports nothing from ``k3lab.data`` or ``k3lab.stages``."""
+    graph, external = imports()
+    nn_modules = [m for m in graph if m.startswith("k3lab.nn.")]
+    assert len(nn_modules) >= 10
+    for m in nn_modules:
+        reach = {m} | closure(graph, m)
+        banned = sorted(d for d in reach if d.startswith(("k3lab.data", "k3lab.stages")))
+        assert not banned, f"{m} reaches {banned}"
+        frameworks = sorted({(d, e) for d in reach for e in external[d] if e in FRAMEWORKS})
+        assert not frameworks, f"{m} reaches {frameworks}"
+
+
+def test_the_scan_sees_what_it_forbids(tmp_path: Path) -> None:
+    """The checks above would fail on the cycle and the leak they forbid (the scanner is not blind)."""
+    graph, external = imports()
+    assert "k3lab.tracking.sweep" in closure(graph, "k3lab.report")  # report reads tracking ...
+    assert "k3lab.report" not in closure(graph, "k3lab.tracking.sweep")  # ... never the other way
+    assert "omegaconf" in external["k3lab.checkpoint"] and "k3lab.checkpoint" not in closure(graph, "k3lab.nn.first_stage")
