@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all bench-autoencoder bench-text2image bench-unet bench-convert clean
+.PHONY: venv quickstart test test-all lint format browser bench-autoencoder bench-text2image bench-unet bench-convert clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -21,11 +21,31 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m k3lab.ablation -m experiment=ablation_tiny
 
-test: $(STAMP)
+# The annotation-page tests drive Debian's chromium + chromium-driver: installed here when missing (as root or with
+# sudo); otherwise the command to run is printed and the tests that need it fail, naming it.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; \
+	  else echo "make: the browser tests need Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; exit 0; fi; \
+	  echo "make: installing Debian's chromium and chromium-driver for the browser tests"; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; } \
+	    || echo "make: could not install chromium; run: sudo apt-get install chromium chromium-driver"; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench-autoencoder: $(STAMP)
 	$(PY) benchmarks/autoencoder_tiny.py

@@ -1,4 +1,4 @@
-"""``python -m evaluation <command>``: fid, clip-score, compbench, train-reference-clip, sbs-export, sbs-ingest.
+"""``python -m evaluation <command>``: metrics, fid, clip-score, compbench, train-reference-clip, sbs-export, sbs-ingest.
 
 Every command prints its result as JSON (and writes it with ``--out``), so callers can log it to MLflow.
 """
@@ -104,6 +104,12 @@ def cmd_sbs_ingest(args: argparse.Namespace) -> Any:
     return report
 
 
+def cmd_metrics(args: argparse.Namespace) -> Any:
+    from evaluation.metrics import describe
+
+    return describe()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,19 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--clip-weights", type=Path, required=False, help="local open_clip weights file")
         sp.add_argument("--clip-config", type=Path, default=None, help="JSON model config for custom models")
 
-    sp = common(sub.add_parser("compbench", help="compositional accuracy of scene-world images"))
+    from evaluation.metrics import REGISTRY
+
+    sp = common(sub.add_parser("metrics", help="the metric registry: names, directions, inputs and exact definitions"))
+    sp.set_defaults(func=cmd_metrics)
+    sp = common(sub.add_parser("compbench", help="compositional accuracy of scene-world images", description=REGISTRY["compbench"].definition))
     sp.add_argument("images", type=Path, help="folder with metadata.jsonl (each line with the scene 'spec')")
     sp.add_argument("--group-key", default="split", help="spec field for the breakdown (seen vs heldout)")
     expected(sp)
     sp.set_defaults(func=cmd_compbench)
-    sp = common(sub.add_parser("fid", help="FID and KID between two image folders"))
+    sp = common(sub.add_parser("fid", help="FID and KID between two image folders", description=REGISTRY["fid_clip"].definition))
     sp.add_argument("images", type=Path)
     sp.add_argument("reference", type=Path)
     sp.add_argument("--extractor", choices=["inception", "clip"], default="inception")
     sp.add_argument("--inception", type=Path, default=Path("weights") / "inception-2015-12-05.pt")
     clip_args(sp)
     sp.set_defaults(func=cmd_fid)
-    sp = common(sub.add_parser("clip-score", help="CLIP score of a folder's images against their prompts"))
+    sp = common(sub.add_parser("clip-score", help="CLIP score of a folder's images against their prompts", description=REGISTRY["clip_score"].definition))
     sp.add_argument("images", type=Path)
     clip_args(sp)
     expected(sp)

@@ -1,5 +1,6 @@
-"""CLIP score (Hessel et al. 2021, arXiv 2104.08718) as torchmetrics defines it: 100 * max(cos(image, text), 0),
-with an open_clip model loaded from local files only.
+"""CLIP score (Hessel et al. 2021, arXiv 2104.08718) in its per-image form: the mean over images of
+100 * max(cos(image, text), 0), with an open_clip model loaded from local files only. torchmetrics' ``CLIPScore``
+(1.9) clamps the mean instead, 100 * max(mean cos, 0): the two differ whenever a cosine is negative.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def load_clip(model_name: str, weights: str | Path, config: str | Path | None = 
 
 
 def clip_score(clip: ClipModel, images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, Any]:
-    """Mean and per-image CLIP score of image-prompt pairs."""
+    """Mean and per-image CLIP score of image-prompt pairs: ``100 * max(cos, 0)`` per image, then the mean."""
     if len(images) != len(prompts):
         raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
     cos = (clip.embed_images(images) * clip.embed_texts(prompts)).sum(-1)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_WORLD = ["data.source.num_train=256", "data.source.num_val=64", "data.source.num_test=64", "data.source.num_heldout=64",
               "data.source.shard_size=128", "data.batch_size=16"]
 TINY_CELL = ["trainer.max_steps=4", "trainer.val_check_interval=4", "ablation.evaluation.num_seen=16", "ablation.evaluation.num_heldout=8",
-             "ablation.evaluation.fid_reference=32", "ablation.evaluation.steps=3", "ablation.evaluation.batch_size=8",
+             "ablation.evaluation.fid_reference=32", "sampling.steps=3", "ablation.evaluation.batch_size=8",
              "ablation.evaluation.reference_clip.steps=3", "ablation.evaluation.reference_clip.batch_size=16",
              'ablation.extra_overrides=["trainer.max_steps=3","trainer.val_check_interval=3"]']
 SWEEP = ["-m", "experiment=ablation_tiny", "model/prior=none,diffusion_mapping", "model/unet/block=biggan_deep", "seed=0",

@@ -40,15 +40,22 @@ def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "group", ["trainer", "logger", "callbacks", "data", "model/autoencoder", "model/prior", "model/text_encoder", "model/unet",
-              "model/unet/block", "model/clip", "debug", "stage", "paths"]
+              "model/unet/block", "model/clip", "debug", "stage", "paths", "sampling"]
 )
 def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
+    """Each option composes, resolves, and is what the config then holds (its own file's values, not the default's)."""
+    assert options(group), f"no options found for {group}"
     for option in options(group):
         overrides = [f"{group}={option}"]
         if group == "data" and option == "webdataset":
             overrides.append(f"data.shards.train={tmp_path}/x.tar")
         cfg = compose_config(overrides, tmp_path)
         OmegaConf.resolve(cfg)
+        own = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        node = OmegaConf.select(cfg, group.replace("/", ".")) if not str(own).startswith("{'# @package") else None
+        target = own.get("_target_") if isinstance(own, dict) or hasattr(own, "get") else None
+        if node is not None and target is not None:
+            assert node.get("_target_") == target, f"{group}={option}: _target_ {node.get('_target_')} instead of {target}"
 
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))
@@ -89,7 +96,11 @@ def test_missing_shard_path_names_key_and_path(tmp_path: Path) -> None:
 
 
 def test_valid_default_passes_validation(tmp_path: Path) -> None:
-    validate(compose_config([], tmp_path))
+    cfg = compose_config([], tmp_path)
+    validate(cfg)  # raises ConfigError listing every problem otherwise
+    broken = compose_config(["data.batch_size=0"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.batch_size=0: must be a positive integer"):
+        validate(broken)  # the same check sees a bad value: the pass above is not vacuous
 
 
 def test_mlflow_uri_is_absolute_sqlite_and_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,3 +129,14 @@ def test_resume_from_truncated_or_missing_checkpoint_is_refused(tmp_path: Path) 
         validate(compose_config([f"ckpt_path={path}"], tmp_path))
     with pytest.raises(ConfigError, match=r"ckpt_path=.*missing\.ckpt': no such file"):
         validate(compose_config([f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path))
+
+
+def test_non_numeric_optimizer_values_are_named(tmp_path: Path) -> None:
+    from k3lab.config import ConfigError, validate
+
+    cfg = compose_config(["stage.optimizer.lr=abc", "stage.optimizer.betas=[0.9,x]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"stage\.optimizer\.lr='abc': must be a number") as info:
+        validate(cfg)
+    assert "stage.optimizer.betas=[0.9, 'x']: must be a number (a list of numbers)" in str(info.value)
+    with pytest.raises(ConfigError, match=r"stage\.optimizer\.lr=0\.0: must be positive"):
+        validate(compose_config(["stage.optimizer.lr=0.0"], tmp_path))

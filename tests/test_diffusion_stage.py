@@ -35,7 +35,7 @@ def t2i_cfg(tmp_path: Path, data_root: Path, weights_dir: Path) -> Callable[...,
     def make(*overrides: str, root: Path | None = None, scene_world: bool = True) -> DictConfig:
         base = ["experiment=text2image_tiny", f"paths.data_dir={data_root}", f"paths.weights_dir={weights_dir}", *(SMALL_WORLD if scene_world else []), *PIXEL,
                 "data.resolution=16", "logger=csv", "data.batch_size=8", "data.val_batch_size=16", "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false", "trainer.limit_val_batches=1", "stage.sample_steps=4", "stage.val_prompts=[a red circle,a blue square]"]
+                "trainer.enable_model_summary=false", "trainer.limit_val_batches=1", "sampling.steps=4", "stage.val_prompts=[a red circle,a blue square]"]
         return compose_config([*base, *overrides], root or tmp_path)
 
     return make
@@ -76,7 +76,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path, weights_d
     cfg = compose_config(["experiment=text2image_tiny", f"paths.data_dir={data_root}", f"paths.weights_dir={weights_dir}", *SMALL_WORLD,
                           f"stage.first_stage.checkpoint={ckpt}", "logger=csv", "data.batch_size=8", "trainer.max_steps=4",
                           "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-                          "stage.sample_steps=3", "stage.val_prompts=[a red circle,a blue square]"], root / "t2i")
+                          "sampling.steps=3", "stage.val_prompts=[a red circle,a blue square]"], root / "t2i")
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     return cfg
@@ -98,7 +98,7 @@ def test_trains_on_movq_latents_and_exports_everything(trained: DictConfig) -> N
     torch.testing.assert_close(from_ckpt(["a red circle"], [0], 64, "ddim", 3, 0.0), generator(["a red circle"], [0], 64, "ddim", 3, 0.0))
 
 
-def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Path) -> None:
+def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from k3lab.sample import main
 
     prompts = tmp_path / "prompts.jsonl"
@@ -119,8 +119,18 @@ def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Pa
     from evaluation.images import load_folder  # the evaluation package reads the folder as is
 
     assert len(load_folder(out, expected=6)) == 6
-    with pytest.raises(ValueError, match="resolution 60 is not divisible by 32"):
-        main([str(trained.paths.checkpoint_dir), "--prompt", "x", "--out", str(out), "--resolution", "60", "--steps", "2"])
+    capsys.readouterr()
+    # bad input: one line naming the problem (exit 2), no traceback
+    assert main([str(trained.paths.checkpoint_dir), "--prompt", "x", "--out", str(out), "--resolution", "60", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: resolution 60 is not divisible by 32") and "Traceback" not in err
+    assert main([str(tmp_path / "no" / "such" / "path"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such checkpoint:") and "Traceback" not in err and err.count("\n") == 1
+    # the sampling defaults come from the run's sampling group (the tiny preset: 25 steps, no thresholding)
+    assert main([str(trained.paths.checkpoint_dir), "--prompt", "x", "--out", str(tmp_path / "defaults")]) == 0
+    row = json.loads((tmp_path / "defaults" / "metadata.jsonl").read_text())
+    assert (row["sampler"], row["steps"], row["guidance"], row["x0_threshold"]) == (trained.sampling.sampler, trained.sampling.steps, 3.0, None)
 
 
 def test_checkpoint_of_another_stage_or_preset_is_refused(trained: DictConfig, tmp_path: Path, t2i_cfg: Callable[..., DictConfig]) -> None:

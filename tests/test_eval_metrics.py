@@ -109,8 +109,33 @@ def test_reference_statistics_are_cached_by_key(scene_records: dict, tmp_path: P
 
 
 def test_clip_score_definition_and_missing_weights(tmp_path: Path) -> None:
+    """clip_score computes Hessel et al.'s per-image form, 100 * mean(max(cos, 0)), checked by hand on a small random
+    open_clip model saved and loaded from local files; torchmetrics' form clamps the mean and differs here."""
+    import open_clip
+
+    from evaluation.reference_clip import NAME, model_config
+
     with pytest.raises(FileNotFoundError, match=r"CLIP weights for 'ViT-B-32' not found at .*nope\.pt"):
         load_clip("ViT-B-32", tmp_path / "nope.pt")
+    config = tmp_path / f"{NAME}.json"
+    config.write_text(json.dumps(model_config(32)))
+    open_clip.add_model_config(config)
+    torch.manual_seed(7)
+    model = open_clip.create_model(NAME)
+    with torch.no_grad():  # perturbed so that cosines take both signs (a fresh init gives only positive ones here)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    clip = load_clip(NAME, tmp_path / "w.pt", config)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(12)]
+    prompts = [f"a {c} circle" for c in ("red", "blue", "green", "yellow")] * 3
+    result = clip_score(clip, images, prompts)
+    cos = (clip.embed_images(images) * clip.embed_texts(prompts)).sum(-1).numpy()
+    assert (cos < 0).any() and (cos > 0).any()  # both signs: the two forms must differ
+    assert result["per_image"] == pytest.approx(list(100 * np.maximum(cos, 0)), abs=1e-4)
+    assert result["clip_score"] == pytest.approx(100 * np.maximum(cos, 0).mean(), abs=1e-4)
+    assert abs(result["clip_score"] - 100 * max(cos.mean(), 0)) > 0.1  # torchmetrics' clamp-the-mean form is another number
 
 
 def test_folder_errors_name_the_file(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Prompt-set loaders read the real files in ../shared/prompt-sets with the right counts and categories."""
+"""Prompt-set loaders: small files in each public format that the tests write themselves (always), and the real
+public files in ../shared/prompt-sets (or $K3LAB_SHARED) with their exact counts, when that folder is there."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,36 @@ from evaluation.prompts import (PromptSet, Prompt, load_drawbench, load_geneval,
 from conftest import SHARED
 
 PROMPTS = SHARED / "prompt-sets"
+real_files = pytest.mark.skipif(not PROMPTS.is_dir(), reason=f"the public prompt sets are not at {PROMPTS} (set K3LAB_SHARED)")
 
 
+def test_partiprompts_format(tmp_path: Path) -> None:
+    path = tmp_path / "PartiPrompts.tsv"
+    path.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\tBiology-inspired\n"
+                    "a red cube on a blue sphere\tArtifacts\tPerspective\t\n\"quoted, with tab-free text\"\tAbstract\tBasic\tn\n")
+    ps = load_partiprompts(path)
+    assert [p.text for p in ps] == ["bond", "a red cube on a blue sphere", "quoted, with tab-free text"]
+    assert ps.categories() == {"Abstract": 2, "Artifacts": 1} and ps[1].spec["challenge"] == "Perspective"
+
+
+def test_geneval_format(tmp_path: Path) -> None:
+    rows = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+            {"tag": "counting", "include": [{"class": "cow", "count": 3}], "prompt": "a photo of three cows"}]
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ps = load_geneval(path)
+    assert [p.category for p in ps] == ["single_object", "counting"] and ps[1].spec["include"] == [{"class": "cow", "count": 3}]
+    assert ps[0].text == "a photo of a bench"
+
+
+def test_t2i_compbench_format(tmp_path: Path) -> None:
+    (tmp_path / "color_val.txt").write_text("a green bench and a blue bowl\na blue bench and a green bowl\n")
+    (tmp_path / "3d_spatial_val.txt").write_text("a dog in front of a desk\n")
+    ps = load_t2i_compbench(tmp_path)
+    assert ps.categories() == {"color": 2, "3d_spatial": 1} and ps.filter(["color"])[0].text == "a green bench and a blue bowl"
+
+
+@real_files
 def test_partiprompts() -> None:
     ps = load_partiprompts(PROMPTS / "partiprompts" / "PartiPrompts.tsv")
     assert len(ps) == 1632
@@ -22,6 +52,7 @@ def test_partiprompts() -> None:
     assert ps[0].text == "bond"
 
 
+@real_files
 def test_geneval() -> None:
     ps = load_geneval(PROMPTS / "geneval" / "evaluation_metadata.jsonl")
     assert len(ps) == 553
@@ -29,6 +60,7 @@ def test_geneval() -> None:
     assert ps[0].spec["include"] == [{"class": "bench", "count": 1}]
 
 
+@real_files
 def test_t2i_compbench() -> None:
     ps = load_t2i_compbench(PROMPTS / "t2i-compbench")
     cats = ps.categories()

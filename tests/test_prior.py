@@ -130,7 +130,7 @@ def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path]
     overrides = ["experiment=text2image_tiny", f"model/prior={arm}", f"paths.data_dir={data_root}", f"paths.weights_dir={arm_parts['weights']}",
                  *SMALL_WORLD, "logger=csv", "data.resolution=16", "data.batch_size=8", "trainer.max_steps=3", "trainer.val_check_interval=3",
                  "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "stage.first_stage.checkpoint=null", "model.unet.in_channels=3",
-                 "model.unet.out_channels=3", "stage.latent_scale=1.0", "stage.sample_steps=2", "stage.prior_steps=2", "stage.val_prompts=[a red circle]"]
+                 "model.unet.out_channels=3", "stage.latent_scale=1.0", "sampling.steps=2", "stage.prior_steps=2", "stage.val_prompts=[a red circle]"]
     if arm == "diffusion_mapping":
         overrides += [f"mapping.clip.checkpoint={arm_parts['clip']}", f"mapping.prior.checkpoint={arm_parts['prior']}"]
     cfg = compose_config(overrides, arm_parts["root"] / f"t2i_{arm}")
@@ -164,9 +164,16 @@ def test_prior_width_mismatch_names_both_widths(arm_parts: dict[str, Path], tmp_
         load_frozen("/nowhere/prior.safetensors", "prior", "prior")
 
 
-def test_evaluate_prior_reports_cosines_and_baselines(arm_parts: dict[str, Path]) -> None:
+def test_evaluate_prior_reports_cosines_and_baselines(arm_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from k3lab import mapping
     from k3lab.mapping import evaluate_prior
 
     result = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)
     row = result["heldout"]
     assert row["num"] == 32 and all(-1.0 <= row[k] <= 1.0 for k in ("cosine", "mean_embedding_baseline", "other_image_baseline"))
+    assert evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16) == result  # seeded: the same figures
+    # the definition: a prior that always answers the dataset-mean embedding scores exactly the mean-embedding baseline
+    monkeypatch.setattr(mapping.PriorMapping, "sample", lambda self, hidden, mask, seeds: self.prior.clip_mean.expand(len(seeds), -1).clone())
+    constant = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)["heldout"]
+    assert constant["cosine"] == pytest.approx(row["mean_embedding_baseline"], abs=1e-6)
+    assert constant["other_image_baseline"] == row["other_image_baseline"]

@@ -9,7 +9,9 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The checkout's conf/ (source tree or editable install), else the copy a wheel ships inside the package.
+_CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = _CHECKOUT_CONF if (_CHECKOUT_CONF / "train.yaml").is_file() else Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,27 @@ register_resolvers()
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+_NUMERIC_OPTIMIZER_KEYS = ("lr", "weight_decay", "eps", "momentum", "betas")
+
+
+def _optimizer_problems(stage: DictConfig) -> list[str]:
+    """Numeric optimizer settings that are not numbers (``stage.optimizer.lr=abc`` would fail deep inside torch)."""
+    problems = []
+    for name in ("optimizer", "disc_optimizer"):
+        node = stage.get(name) if name in stage else None
+        if not isinstance(node, DictConfig):
+            continue
+        for key in _NUMERIC_OPTIMIZER_KEYS:
+            value = node.get(key) if key in node else None
+            values = list(value) if OmegaConf.is_list(value) else [value]
+            if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                problems.append(f"stage.{name}.{key}={OmegaConf.to_container(value) if OmegaConf.is_list(value) else value!r}: must be a number"
+                                + (" (a list of numbers)" if key == "betas" else ""))
+            elif key == "lr" and value is not None and value <= 0:
+                problems.append(f"stage.{name}.lr={value!r}: must be positive")
+    return problems
 
 
 def validate(cfg: DictConfig) -> None:
@@ -76,6 +99,7 @@ def validate(cfg: DictConfig) -> None:
             value = stage.get(key)
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
                 problems.append(f"stage.{key}={value!r}: must be a number >= 0")
+        problems += _optimizer_problems(stage)
         first = OmegaConf.select(stage, "first_stage.checkpoint", throw_on_missing=False, default=None)
         if OmegaConf.is_missing(stage, "first_stage") or (stage.get("first_stage") is not None and OmegaConf.is_missing(stage.first_stage, "checkpoint")):
             problems.append("stage.first_stage.checkpoint is not set: give the autoencoder stage's autoencoder.safetensors (python -m k3lab.train experiment=autoencoder_tiny writes one), or null for pixel space")
@@ -108,19 +132,29 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def compose_in_place(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml``: inside the running Hydra app when there is one (its state is kept), else
+    in a temporary context."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, return_hydra_config=return_hydra_config, overrides=list(overrides))
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return hydra_compose(config_name=config_name, return_hydra_config=return_hydra_config, overrides=list(overrides))
+
+
 def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python -m k3lab.train`` would, outside a Hydra app
     (tests, benchmarks, notebooks). ``${hydra:runtime.output_dir}`` resolves to ``output_dir``.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = hydra_compose(config_name=config_name, return_hydra_config=True, overrides=list(overrides))
+    cfg = compose_in_place(overrides, config_name, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd() / "outputs")
         cfg.hydra.job.num = 0

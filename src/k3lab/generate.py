@@ -20,6 +20,7 @@ from k3lab.checkpoint import CheckpointError
 from k3lab.conditioning import ConditioningArm, PriorArm, TextArm, make_arm
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
 from k3lab.nn.first_stage import LatentScale
+from k3lab.nn.text_encoder import frozen_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Generator:
         from k3lab.checkpoint import check_stage, describe, load_weights
 
         path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"no such checkpoint: {checkpoint} (give a diffusion run's checkpoints folder, its unet.safetensors or a .ckpt)")
         if path.is_dir():
             path = path / "unet.safetensors"
         cfg = check_stage(path, "diffusion")
@@ -105,12 +108,8 @@ class Generator:
         load_weights(scale, _part_state(path, "latent_scale"), path)
         if not scale.measured():
             raise CheckpointError(f"{path}: its latent scale was never measured (the run stopped before its first batch)")
-        encoder_cfg = cfg.model.text_encoder.encoder
-        if text_encoder_path:
-            encoder_cfg.path = text_encoder_path
-        if text_encoder_dtype:
-            encoder_cfg.dtype = text_encoder_dtype
-        text_encoder = instantiate(encoder_cfg)
+        encoder = instantiate(encoder_config(cfg.model.text_encoder.encoder, text_encoder_path, text_encoder_dtype))
+        text_encoder = frozen_text_encoder(encoder, int(cfg.stage.encoder_dim))
         first_stage = instantiate(cfg.stage.first_stage)
         for m in (unet, arm, text_encoder, first_stage):
             m.to("cpu" if sequential else device).eval()
@@ -189,6 +188,21 @@ class Generator:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         check_resolution(resolution, self.first_stage, self.unet)
         return self.sample(self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options)
+
+
+def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None = None) -> DictConfig:
+    """The run's text-encoder config with the user's overrides. ``path`` swaps in a generic Hugging Face encoder from
+    that folder (whatever factory the run used, e.g. the packaged MiniLM); ``dtype`` is passed to any target."""
+    from omegaconf import OmegaConf, open_dict
+
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    if path:
+        keep = {k: node[k] for k in ("dtype", "max_length", "family") if k in node}
+        node = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.TextEncoder", "path": str(path), **keep})
+    if dtype:
+        with open_dict(node):
+            node.dtype = dtype
+    return node
 
 
 def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:

@@ -25,9 +25,24 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/heldout/overall",
-                            "eval/fid_clip", "eval/clip_score", "perf/train_samples_per_s")
-LOWER_IS_BETTER = ("eval/fid_clip", "eval/kid_clip", "val/loss")
+PERF_METRICS: tuple[str, ...] = ("perf/train_samples_per_s",)
+
+
+def default_metrics() -> tuple[str, ...]:
+    """Every registered metric's headline keys (``evaluation.metrics``), then the training throughput."""
+    from evaluation.metrics import REGISTRY
+
+    return tuple(f"eval/{key}" for m in REGISTRY.values() for key in m.headline) + PERF_METRICS
+
+
+def lower_is_better(metric: str) -> bool:
+    """From the metric registry (FID, KID, ...); the validation loss too."""
+    from evaluation.metrics import lower_is_better as registered
+
+    return metric == "val/loss" or registered(metric)
+
+
+METRICS = default_metrics()  # the built-in metrics' headline keys; analyse() re-reads the registry for added ones
 OVERRIDE_PREFIX = "override/"
 REFERENCE_PREFIX = "reference/"
 
@@ -244,7 +259,7 @@ def plot(effect_table: pd.DataFrame, path: str | Path, metrics: Sequence[str] = 
         ax.errorbar(rows["effect"], range(len(rows)), xerr=rows["ci95"].fillna(0), fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
-        ax.set_title(short(metric) + (" (lower better)" if metric in LOWER_IS_BETTER else ""), fontsize=8)
+        ax.set_title(short(metric) + (" (lower better)" if lower_is_better(metric) else ""), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -269,15 +284,17 @@ class Report:
         return self.text + "\nWhere to look:\n" + "\n".join(f"  {w}" for w in where) + "\n"
 
 
-def analyse(source: str, tracking_uri: str | None = None, metrics: Sequence[str] = METRICS) -> Report:
+def analyse(source: str, tracking_uri: str | None = None, metrics: Sequence[str] | None = None) -> Report:
     """The sweep's runs, effects (reference level = the first value of each swept axis) and cells; writes nothing."""
     runs, info = load_runs(source, tracking_uri)
+    metrics = list(metrics or default_metrics())
     effect_table, cell_table = effects(runs, metrics, info.get("reference")), cells(runs, metrics)
     return Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
 
 
-def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, metrics: Sequence[str] = METRICS) -> Report:
+def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, metrics: Sequence[str] | None = None) -> Report:
     """:func:`analyse`, then write report.md / report.png / runs.csv (into the sweep folder unless ``out_dir``)."""
+    metrics = list(metrics or default_metrics())
     report = analyse(source, tracking_uri, metrics)
     folder = Path(out_dir or report.info.get("sweep_dir") or ".")
     folder.mkdir(parents=True, exist_ok=True)
@@ -322,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the effects as JSON instead of the markdown")
     args = p.parse_args(argv)
     try:
-        report = build_report(args.source, args.tracking_uri, args.out, args.metric or METRICS)
+        report = build_report(args.source, args.tracking_uri, args.out, args.metric or None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,13 +13,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from k3lab.checkpoint import atomic_write_bytes
+from k3lab.checkpoint import CheckpointError, atomic_write_bytes
 from k3lab.diffusion import SAMPLERS
+from k3lab.imaging import to_uint8
 
 log = logging.getLogger("k3lab.sample")
 
@@ -55,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help=".txt (one per line) or .jsonl with a prompt/text field")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--sampler", default="kandinsky3", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0, help="w in eps = (w+1) eps_cond - w eps_uncond")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the run's sampling.sampler")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sampling.steps")
+    p.add_argument("--guidance", type=float, default=None, help="w in eps = (w+1) eps_cond - w eps_uncond (default: the run's sampling.guidance)")
     p.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--x0-threshold", default=None, help="dynamic-thresholding quantile, or 'none' (default: the run's stage.x0_threshold)")
+    p.add_argument("--x0-threshold", default=None, help="dynamic-thresholding quantile, or 'none' (default: the run's sampling.x0_threshold)")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,12 +74,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-encoder-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the encoder's dtype")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return sample(args)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # one line naming the problem, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def sampling_defaults(cfg: DictConfig) -> dict[str, Any]:
+    """The run's sampling settings (the ``sampling`` group; older runs: the stage's validation settings)."""
+    if OmegaConf.select(cfg, "sampling") is not None:
+        s = cfg.sampling
+        return {"sampler": str(s.sampler), "steps": int(s.steps), "guidance": float(s.guidance)}
+    st = cfg.stage
+    return {"sampler": str(st.get("sampler", "kandinsky3")), "steps": int(st.get("sample_steps", 50)), "guidance": float(st.get("guidance_weight", 3.0))}
+
+
+def sample(args: argparse.Namespace) -> int:
+    """The command's work (see :func:`main`)."""
     from k3lab.generate import load_generator
 
     rows_in = read_prompts(args.prompt, args.prompt_file)
     jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
     generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype)
     resolution = int(args.resolution or cfg.data.resolution)
+    for key, value in sampling_defaults(cfg).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.x0_threshold is not None:
         generator.x0_threshold = None if args.x0_threshold.lower() == "none" else float(args.x0_threshold)
     out = Path(args.out)
@@ -95,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.guidance, callback=lambda i, t, x0: bar.update(len(batch)))
         for (row, seed), image in zip(batch, images):
             name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"
-            array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-            Image.fromarray(array).save(out / name)
+            Image.fromarray(to_uint8(image)).save(out / name)
             rows.append({"file": name, **row, "seed": seed, "sampler": args.sampler, "steps": args.steps, "x0_threshold": generator.x0_threshold,
                          "guidance": args.guidance, "resolution": resolution, "checkpoint": str(Path(args.checkpoint).resolve())})
         atomic_write_bytes(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())

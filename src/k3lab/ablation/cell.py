@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -78,6 +77,7 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     splits = instantiate(cfg.data.source).build()  # the evaluation's prompts and real images: the dataset's own splits
     updates = prepare_shared(cfg, text_encoder, overrides)
     settings = OmegaConf.to_container(cfg.ablation.evaluation, resolve=True)
+    settings["sampling"] = OmegaConf.to_container(cfg.sampling, resolve=True)  # type: ignore[index]
     ref_dir = reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
     with open_dict(cfg):
         for key, value in updates.items():

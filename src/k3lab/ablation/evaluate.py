@@ -21,12 +21,9 @@ import torch
 import torchvision
 from tqdm import tqdm
 
+from k3lab.imaging import to_uint8
+
 log = logging.getLogger(__name__)
-
-
-def _flat(prefix: str, report: dict[str, Any], group: str) -> dict[str, float]:
-    part = report.get(group, {"tasks": {}, "overall": float("nan")})
-    return {**{f"{prefix}/{t}": float(v) for t, v in part["tasks"].items()}, f"{prefix}/overall": float(part["overall"])}
 
 
 def sample_records(generator: Any, prompts: Sequence[Any], resolution: int, settings: dict[str, Any], desc: str) -> list[Any]:
@@ -39,8 +36,10 @@ def sample_records(generator: Any, prompts: Sequence[Any], resolution: int, sett
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         seeds = [seed0 + start + i for i in range(len(chunk))]
-        images = generator([p.text for p in chunk], seeds, resolution, settings["sampler"], int(settings["steps"]), float(settings["guidance"]))
-        arrays = images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        sampling = settings["sampling"]
+        generator.x0_threshold = sampling.get("x0_threshold", generator.x0_threshold)
+        images = generator([p.text for p in chunk], seeds, resolution, sampling["sampler"], int(sampling["steps"]), float(sampling["guidance"]))
+        arrays = to_uint8(images)
         records += [ImageRecord(a, p.id, p.text, s, p.category, p.spec) for a, p, s in zip(arrays, chunk, seeds)]
         bar.update(len(chunk))
     bar.close()
@@ -55,38 +54,31 @@ def grid(records: Sequence[Any], count: int = 32) -> torch.Tensor:
 
 def evaluate(generator: Any, splits: dict[str, list[str]], resolution: int, settings: dict[str, Any], reference_clip_dir: str | Path,
              out_dir: str | Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Sample the seen and held-out prompts into ``out_dir/{seen,heldout}`` (PNG + metadata.jsonl) and score them;
-    returns the metrics and one sample grid per split."""
-    from evaluation import compbench, fid
-    from evaluation.clip_score import clip_score
+    """Sample the seen and held-out prompts into ``out_dir/{seen,heldout}`` (PNG + metadata.jsonl) and score them with
+    the registered metrics ``settings["metrics"]`` (``evaluation.metrics``); returns the metrics and one grid per split."""
+    from evaluation import fid
+    from evaluation import metrics as registry
     from evaluation.images import load_shards, write_folder
     from evaluation.prompts import load_scene_world
-    from evaluation.reference_clip import OPENAI_MEAN, OPENAI_STD, load_reference
+    from evaluation.reference_clip import load_reference
 
+    names = list(settings.get("metrics") or ("compbench", "fid_clip", "clip_score"))
+    needs = {n for name in names for n in registry.get(name).needs}  # unknown names fail here, before any sampling
     out_dir = Path(out_dir)
     n_seen, n_heldout = int(settings["num_seen"]), int(settings["num_heldout"])
-    seen = load_scene_world(splits["test"]).prompts[:n_seen]
-    heldout = load_scene_world(splits["heldout"]).prompts[:n_heldout] if n_heldout else []
-    metrics: dict[str, float] = {}
+    prompts = {"seen": load_scene_world(splits["test"]).prompts[:n_seen],
+               "heldout": load_scene_world(splits["heldout"]).prompts[:n_heldout] if n_heldout else []}
     records: dict[str, list[Any]] = {}
-    for name, prompts in (("seen", seen), ("heldout", heldout)):
-        if not prompts:
-            continue
-        records[name] = sample_records(generator, prompts, resolution, settings, f"sampling {name}")
-        write_folder(records[name], out_dir / name)
-        metrics |= _flat(f"eval/{name}", compbench.score((r.image, r.spec) for r in records[name]), "all")
+    for name, split_prompts in prompts.items():
+        if split_prompts:
+            records[name] = sample_records(generator, split_prompts, resolution, settings, f"sampling {name}")
+            write_folder(records[name], out_dir / name)
     real = list(load_shards(splits["test"], limit=max(n_seen, int(settings["fid_reference"]))))
-    rng = np.random.default_rng(0)
-    shuffled = [real[i] for i in rng.permutation(len(real))]
-    metrics |= _flat("eval/real", compbench.score((r.image, r.spec) for r in real[:n_seen]), "all")
-    metrics |= _flat("eval/chance", compbench.score((s.image, r.spec) for s, r in zip(shuffled[:n_seen], real[:n_seen]) if s.prompt != r.prompt), "all")
-    clip = load_reference(reference_clip_dir)
-    metrics["eval/clip_score"] = clip_score(clip, [r.image for r in records["seen"]], [r.prompt for r in records["seen"]])["clip_score"]
-    metrics["eval/clip_score_real"] = clip_score(clip, [r.image for r in real[:n_seen]], [r.prompt for r in real[:n_seen]])["clip_score"]
-    size = clip.model.visual.image_size
-    extractor = fid.open_clip_extractor(clip.model, size[0] if isinstance(size, (tuple, list)) else size, OPENAI_MEAN, OPENAI_STD)
-    reference = fid.reference_features(Path(reference_clip_dir) / "fid", "scene-world", "test", resolution, clip.name,
-                                       lambda: real[: int(settings["fid_reference"])], extractor)
-    result = fid.compute(records["seen"], reference, extractor, clip.name)
-    metrics["eval/fid_clip"], metrics["eval/kid_clip"] = float(result["fid"]), float(result["kid"])
-    return metrics, {name: grid(r) for name, r in records.items()}
+    clip = load_reference(reference_clip_dir) if needs & {"reference_clip", "fid_reference"} else None
+
+    def fid_reference(extractor: Any) -> np.ndarray:
+        return fid.reference_features(Path(reference_clip_dir) / "fid", "scene-world", "test", resolution, clip.name,
+                                      lambda: real[: int(settings["fid_reference"])], extractor)
+
+    inputs = registry.EvalInputs(records, real, clip, fid_reference if clip is not None else None, settings)
+    return registry.compute(names, inputs), {name: grid(r) for name, r in records.items()}

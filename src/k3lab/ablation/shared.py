@@ -29,24 +29,22 @@ DONE = "DONE.json"
 _IGNORED = ("paths", "hydra", "logger", "callbacks", "tags", "task_name", "ablation", "optimized_metric", "ckpt_path", "debug")
 
 
+def content_key(content: Any) -> str:
+    """A short, stable hash of JSON-able content (the cache key of a shared part's folder)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def config_key(cfg: DictConfig) -> str:
     """A short hash of what a part learns from: its composed config without paths, logging and names."""
     container = OmegaConf.to_container(cfg, resolve=False)
-    content = {k: v for k, v in container.items() if k not in _IGNORED}  # type: ignore[union-attr]
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return content_key({k: v for k, v in container.items() if k not in _IGNORED})  # type: ignore[union-attr]
 
 
 def compose_part(overrides: Sequence[str]) -> DictConfig:
     """The train config a part's overrides compose to (inside a Hydra app, or standalone)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from k3lab.config import compose_in_place
 
-    from k3lab.config import CONF_DIR
-
-    if GlobalHydra.instance().is_initialized():
-        return compose("train", overrides=list(overrides))
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose_in_place(overrides)
 
 
 def ensure(name: str, folder: Path, build: Callable[[Path], None], expected: str) -> Path:
@@ -109,7 +107,7 @@ def reference_clip(shared_dir: str | Path, train_shards: Sequence[str], val_shar
 
     steps, batch, seed = int(settings["steps"]), int(settings["batch_size"]), int(settings.get("seed", 0))
     content = {"train": sorted(Path(s).name for s in train_shards), "data": str(Path(train_shards[0]).parent.name), "steps": steps, "batch": batch, "seed": seed}
-    key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
+    key = content_key(content)
 
     def build(out: Path) -> None:
         report = ref.train(load_shards(train_shards), list(load_shards(val_shards, limit=512)), out, steps=steps, batch_size=batch, seed=seed)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from k3lab.checkpoint import CheckpointError
 from k3lab.convert.formats import load_diffusers_movq, read_diffusers_unet, read_official
 from k3lab.convert.k3lab_io import to_diffusers, write_k3lab, write_movq
 
@@ -55,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        convert(args)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # one line naming the problem, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def convert(args: argparse.Namespace) -> None:
+    """The command's work (see :func:`main`)."""
     out = Path(args.out).resolve()
     if args.command == "official":
         unet, cond, kwargs = read_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
@@ -72,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         to_diffusers(Path(args.checkpoint), out, args.text_encoder)
     log.info("wrote %s", out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -117,6 +117,11 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "scheduler" / "scheduler_config.json", json.dumps(SCHEDULER, indent=2).encode())
     encoder = text_encoder or OmegaConf.select(cfg, "model.text_encoder.encoder.path")
+    kind = json.loads((Path(encoder) / "config.json").read_text()).get("model_type") if encoder and (Path(encoder) / "config.json").is_file() else None
+    if encoder and kind is not None and kind not in ("t5", "mt5", "umt5"):
+        log.warning("not exporting text_encoder/: diffusers' Kandinsky3Pipeline loads a T5 encoder and %s is a %r model "
+                    "(pass --text-encoder a T5 folder to include one)", encoder, kind)
+        encoder = None
     if encoder and Path(encoder).is_dir():
         from transformers import AutoTokenizer, T5EncoderModel
 

@@ -10,18 +10,48 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
+
+@runtime_checkable
+class TextEncoderLike(Protocol):
+    """The text-encoder contract: what the diffusion stage, the prior stage and the generator use.
+
+    ``dim`` is the width of the hidden states, read from the model itself (a config's ``model.text_encoder.dim`` is
+    only checked against it); ``encode(prompts)`` returns ``(hidden [B, L, dim] float32, mask [B, L] bool)``, pads
+    masked out. Encoders are frozen (:func:`frozen_text_encoder`). A new encoder is one class with these two members
+    (or one YAML for any Hugging Face encoder: ``TextEncoder`` loads T5 and every ``AutoModel`` family).
+    """
+
+    dim: int
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def frozen_text_encoder(encoder: nn.Module, expected_dim: int | None = None) -> nn.Module:
+    """``encoder`` checked against :class:`TextEncoderLike` (and ``expected_dim``, a config's value), in eval mode with
+    every parameter frozen."""
+    if not isinstance(encoder, TextEncoderLike) or not isinstance(encoder, nn.Module):
+        raise TypeError(f"{type(encoder).__name__} is not a text encoder: it needs an integer `dim` and `encode(prompts) -> (hidden, mask)`"
+                        " and must be an nn.Module")
+    if expected_dim is not None and int(encoder.dim) != int(expected_dim):
+        raise ValueError(f"the text encoder {getattr(encoder, 'path', type(encoder).__name__)} outputs {encoder.dim}-d states but the "
+                         f"config says {expected_dim} (model.text_encoder.dim / stage.encoder_dim): the model's own width wins, fix the config")
+    return encoder.eval().requires_grad_(False)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 T5_TYPES = ("t5", "mt5", "umt5")
 
 
 class TextEncoder(nn.Module):
-    """Frozen encoder + tokenizer. Output hidden states are returned in float32."""
+    """Frozen Hugging Face encoder + tokenizer (a :class:`TextEncoderLike`). Output hidden states are returned in float32.
+    ``family``: 't5' loads ``T5EncoderModel``, 'auto' does so for T5 configs, and any other name (bert, roberta, ...)
+    loads ``AutoModel``."""
 
     def __init__(self, path: str, dtype: str = "float32", max_length: int = 128, family: str = "auto") -> None:
         super().__init__()
@@ -29,8 +59,8 @@ class TextEncoder(nn.Module):
 
         if dtype not in DTYPES:
             raise ValueError(f"text encoder dtype={dtype!r}: use one of {sorted(DTYPES)}")
-        if family not in ("auto", "t5", "bert"):
-            raise ValueError(f"text encoder family={family!r}: use auto, t5 or bert")
+        if not isinstance(family, str) or not family:
+            raise ValueError(f"text encoder family={family!r}: 't5' loads T5EncoderModel, 'auto' picks it for T5 configs, any other name AutoModel")
         local = Path(path).is_dir()
         if not local and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
             raise FileNotFoundError(f"text encoder directory not found: {path} (give a folder written by save_pretrained, or a hub id when online)")

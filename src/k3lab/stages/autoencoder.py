@@ -8,7 +8,6 @@ the discriminator is on, ``trainer.max_steps`` advances by 2 per batch. ``disc_s
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterable
 
 import lightning as L
 import torch
@@ -22,9 +21,7 @@ from k3lab.losses import hinge_discriminator_loss, hinge_generator_loss, reconst
 from k3lab.nn.ema import EMA
 from k3lab.nn.movq import MoVQ
 from k3lab.tracking import log_image
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-
+from k3lab.stages.common import OptimizerFactory
 
 class AutoencoderStage(L.LightningModule):
     """Trains a :class:`~k3lab.nn.movq.MoVQ`; validation reports PSNR/SSIM of the (EMA) model."""

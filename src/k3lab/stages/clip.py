@@ -4,18 +4,14 @@ small CLIP a mapping prior uses, with held-out retrieval accuracy as its validat
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterable
 
 import lightning as L
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from k3lab.data.batch import Batch
 from k3lab.nn.clip import Clip
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-
+from k3lab.stages.common import OptimizerFactory, with_warmup
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the batch (CLIP, arXiv 2103.00020); identical captions count as positives."""
@@ -37,10 +33,7 @@ class ClipStage(L.LightningModule):
         return {"clip": self.clip}
 
     def configure_optimizers(self) -> dict:
-        opt = self.optimizer_factory(self.clip.parameters())
-        warm = max(int(self.hparams.warmup_steps), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_warmup(self.optimizer_factory(self.clip.parameters()), self.hparams.warmup_steps)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = clip_loss(*self.clip(batch["image"], batch["caption"]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -21,12 +21,11 @@ from k3lab.generate import Generator, check_resolution
 from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import LatentScale
+from k3lab.nn.text_encoder import frozen_text_encoder
+from k3lab.stages.common import OptimizerFactory, clip_by_norm, with_warmup
 from k3lab.tracking import log_image
 
 log = logging.getLogger(__name__)
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN/inf training loss; the message names the step and the batch's sample keys."""
@@ -78,12 +77,11 @@ class DiffusionStage(L.LightningModule):
             raise ValueError(f"stage.prediction={prediction!r}: use epsilon or v")
         if not (latent_scale == "auto" or (isinstance(latent_scale, (int, float)) and latent_scale > 0)):
             raise ValueError(f"stage.latent_scale={latent_scale!r}: a positive number or 'auto'")
-        if encoder_dim is None:
-            if text_encoder is None:
-                raise ValueError("stage.encoder_dim is needed when no text encoder is given (precomputed embeddings)")
+        if text_encoder is not None:
+            text_encoder = frozen_text_encoder(text_encoder, encoder_dim)
             encoder_dim = int(text_encoder.dim)
-        elif text_encoder is not None and int(text_encoder.dim) != int(encoder_dim):
-            raise ValueError(f"stage.encoder_dim={encoder_dim} but the text encoder {getattr(text_encoder, 'path', '')} outputs {text_encoder.dim}")
+        elif encoder_dim is None:
+            raise ValueError("stage.encoder_dim is needed when no text encoder is given (precomputed embeddings)")
         if int(first_stage.latent_channels) != int(unet.in_channels):
             raise ValueError(f"the first stage gives {first_stage.latent_channels}-channel latents but model.unet.in_channels={unet.in_channels}")
         if resolution is not None:
@@ -101,7 +99,7 @@ class DiffusionStage(L.LightningModule):
             load_weights(self.arm.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors")
             log.info("initialised the U-Net and %s from %s", name, folder)
         self.first_stage = first_stage.eval().requires_grad_(False)
-        self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
+        self.text_encoder = text_encoder
         self.optimizer_factory = optimizer
         self.unet_ema = EMA(unet, ema_decay) if ema_decay is not None else None
         self.conditioning_ema = EMA(self.arm.conditioning, ema_decay) if ema_decay is not None else None
@@ -123,15 +121,10 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
-        opt = self.optimizer_factory(params)
-        warmup = max(int(self.hparams.warmup_steps), 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_warmup(self.optimizer_factory(params), self.hparams.warmup_steps)
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
-        clip = self.hparams.grad_clip if gradient_clip_val is None else gradient_clip_val
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
 
     # ------------------------------------------------------------------ inputs
     def latents(self, batch: Batch) -> torch.Tensor:

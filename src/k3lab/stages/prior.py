@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Callable, Iterable
 
 import lightning as L
 import torch
@@ -17,11 +16,10 @@ from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.mapping import PriorMapping, null_text, text_for_prior
 from k3lab.nn.ema import EMA
 from k3lab.nn.prior import PriorTransformer
+from k3lab.nn.text_encoder import frozen_text_encoder
+from k3lab.stages.common import OptimizerFactory, clip_by_norm, with_warmup
 
 log = logging.getLogger(__name__)
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-
-
 class PriorStage(L.LightningModule):
     """Trains ``prior``; validation samples embeddings for the validation captions and reports their cosine
     similarity to the true CLIP image embeddings, next to the dataset-mean-embedding baseline."""
@@ -46,12 +44,13 @@ class PriorStage(L.LightningModule):
         self.save_hyperparameters(ignore=["prior", "text_encoder", "clip", "optimizer"])
         if prior is None or clip is None:
             raise ValueError("stage=prior needs a prior and its CLIP: compose it with model/prior=diffusion_mapping (or kandinsky22)")
-        if int(getattr(text_encoder, "dim", prior.text_dim)) != prior.text_dim:
+        text_encoder = frozen_text_encoder(text_encoder)
+        if int(text_encoder.dim) != prior.text_dim:
             raise ValueError(f"the prior's text_dim={prior.text_dim} does not match the text encoder's width {text_encoder.dim}")
         if int(clip.embed_dim) != prior.embedding_dim:
             raise ValueError(f"the prior's embedding_dim={prior.embedding_dim} does not match the CLIP's embedding width {clip.embed_dim}")
         self.prior = prior
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
         self.clip = clip.eval().requires_grad_(False)
         self.optimizer_factory = optimizer
         self.schedule = Schedule.named(schedule, num_timesteps)
@@ -65,13 +64,10 @@ class PriorStage(L.LightningModule):
         return self.prior_ema.module if self.prior_ema is not None else self.prior  # type: ignore[return-value]
 
     def configure_optimizers(self) -> dict:
-        opt = self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad])
-        warm = max(int(self.hparams.warmup_steps), 1)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm)), "interval": "step"}}
+        return with_warmup(self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad]), self.hparams.warmup_steps)
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:

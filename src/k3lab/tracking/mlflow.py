@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 import torch
+
+from k3lab.imaging import to_uint8
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -44,11 +45,6 @@ def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:
     mlf = find_mlflow_logger(loggers)
     if mlf is not None:
         mlf.experiment.set_tag(mlf.run_id, key, value)
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
-    return image.detach().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def log_image(loggers: Iterable[Logger], image: torch.Tensor, name: str, step: int, directory: str | Path | None) -> Path | None:
