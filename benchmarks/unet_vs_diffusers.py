@@ -19,13 +19,14 @@ from typing import Callable
 
 import torch
 
-from _report import report
-
 from k3lab.convert.formats import load_diffusers_unet
+
+from _report import report
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Median seconds per call after two warm-up calls."""
+
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -57,8 +58,16 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     w = args.width
-    config = dict(in_channels=4, time_embedding_dim=4 * w, groups=32, attention_head_dim=64, layers_per_block=3,
-                  block_out_channels=(w, 2 * w, 4 * w, 8 * w), cross_attention_dim=4 * w, encoder_hid_dim=4 * w)
+    config = dict(
+        in_channels=4,
+        time_embedding_dim=4 * w,
+        groups=32,
+        attention_head_dim=64,
+        layers_per_block=3,
+        block_out_channels=(w, 2 * w, 4 * w, 8 * w),
+        cross_attention_dim=4 * w,
+        encoder_hid_dim=4 * w,
+    )
     peer = Kandinsky3UNet(**config)
     with torch.no_grad():
         for q in peer.parameters():
@@ -81,6 +90,7 @@ def main() -> None:
                 if backward:
                     ours.zero_grad(set_to_none=True)
                     out.float().pow(2).mean().backward()
+
         return run
 
     def df(backward: bool) -> Callable[[], None]:
@@ -90,17 +100,30 @@ def main() -> None:
                 if backward:
                     peer.zero_grad(set_to_none=True)
                     out.float().pow(2).mean().backward()
+
         return run
 
     with torch.no_grad():
         diff = (ours(x, t, *cond(hidden, mask.bool())) - peer(x, t, hidden, mask).sample).abs().max().item()
-    res: dict[str, object] = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(), "dtype": args.dtype,
-                              "threads": torch.get_num_threads(), "params": sum(q.numel() for q in peer.parameters()), "batch": args.batch,
-                              "latent": args.latent, "tokens": args.tokens, "max_abs_diff_same_weights": diff}
+    res: dict[str, object] = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "params": sum(q.numel() for q in peer.parameters()),
+        "batch": args.batch,
+        "latent": args.latent,
+        "tokens": args.tokens,
+        "max_abs_diff_same_weights": diff,
+    }
     for name, backward in (("forward", False), ("forward_backward", True)):
         a, b = timed(k3(backward), args.repeats, args.device), timed(df(backward), args.repeats, args.device)
         res[f"{name}_s_k3lab"], res[f"{name}_s_diffusers"], res[f"{name}_ratio_k3lab_over_diffusers"] = a, b, a / b
-    report(f"k3lab vs diffusers Kandinsky3UNet ({res['device']}, {args.dtype}, {res['threads']} threads, torch {torch.__version__})", res, args.out)
+    report(
+        f"k3lab vs diffusers Kandinsky3UNet ({res['device']}, {args.dtype}, {res['threads']} threads, torch "
+        f"{torch.__version__})",
+        res,
+        args.out,
+    )
 
 
 if __name__ == "__main__":

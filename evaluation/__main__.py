@@ -1,4 +1,5 @@
-"""``python -m evaluation <command>``: metrics, fid, clip-score, compbench, train-reference-clip, sbs-export, sbs-ingest.
+"""``python -m evaluation <command>``: metrics, fid, clip-score, compbench, train-reference-clip, sbs-export,
+sbs-ingest.
 
 Every command prints its result as JSON (and writes it with ``--out``), so callers can log it to MLflow.
 """
@@ -35,8 +36,12 @@ def cmd_compbench(args: argparse.Namespace) -> Any:
     records = load_folder(args.images, expected=args.expected)
     missing = [r.prompt_id for r in records if r.spec is None]
     if missing:
-        raise ValueError(f"{args.images}: {len(missing)} images have no scene spec in metadata.jsonl, e.g. {missing[0]!r}")
-    return compbench.score(((r.image, r.spec) for r in tqdm(records, desc="compbench", mininterval=2)), group_key=args.group_key)
+        raise ValueError(
+            f"{args.images}: {len(missing)} images have no scene spec in metadata.jsonl, e.g. {missing[0]!r}"
+        )
+    return compbench.score(
+        ((r.image, r.spec) for r in tqdm(records, desc="compbench", mininterval=2)), group_key=args.group_key
+    )
 
 
 def _extractor(args: argparse.Namespace) -> tuple[Any, str]:
@@ -51,8 +56,12 @@ def _extractor(args: argparse.Namespace) -> tuple[Any, str]:
     size = size[0] if isinstance(size, (tuple, list)) else size
     from evaluation.reference_clip import OPENAI_MEAN, OPENAI_STD
 
-    return fid.open_clip_extractor(clip.model, size, getattr(clip.model.visual, "image_mean", None) or OPENAI_MEAN,
-                                   getattr(clip.model.visual, "image_std", None) or OPENAI_STD), clip.name
+    return fid.open_clip_extractor(
+        clip.model,
+        size,
+        getattr(clip.model.visual, "image_mean", None) or OPENAI_MEAN,
+        getattr(clip.model.visual, "image_std", None) or OPENAI_STD,
+    ), clip.name
 
 
 def cmd_fid(args: argparse.Namespace) -> Any:
@@ -60,7 +69,13 @@ def cmd_fid(args: argparse.Namespace) -> Any:
 
     extractor, name = _extractor(args)
     a, b = fid.folder_features(args.images, extractor), fid.folder_features(args.reference, extractor)
-    return {**fid.distances(a, b), "extractor": name, "implementation": fid.implementation(), "num_generated": len(a), "num_reference": len(b)}
+    return {
+        **fid.distances(a, b),
+        "extractor": name,
+        "implementation": fid.implementation(),
+        "num_generated": len(a),
+        "num_reference": len(b),
+    }
 
 
 def cmd_clip_score(args: argparse.Namespace) -> Any:
@@ -68,7 +83,11 @@ def cmd_clip_score(args: argparse.Namespace) -> Any:
     from evaluation.images import load_folder
 
     records = load_folder(args.images, expected=args.expected)
-    return clip_score(load_clip(args.clip_model, args.clip_weights, args.clip_config), [r.image for r in records], [r.prompt for r in records])
+    return clip_score(
+        load_clip(args.clip_model, args.clip_weights, args.clip_config),
+        [r.image for r in records],
+        [r.prompt for r in records],
+    )
 
 
 def cmd_train_reference_clip(args: argparse.Namespace) -> Any:
@@ -91,7 +110,15 @@ def cmd_sbs_export(args: argparse.Namespace) -> Any:
     if not common:
         raise ValueError(f"{args.images_a} and {args.images_b} share no (prompt_id, seed)")
     pairs = [sbs.Pair(a[k].prompt_id, a[k].prompt, a[k].category, a[k].seed, a[k].path, b[k].path) for k in common]
-    paths = sbs.export(pairs, args.out_dir, args.model_a, args.model_b, seed=args.seed, repeat_fraction=args.repeat_fraction, key_path=args.key)
+    paths = sbs.export(
+        pairs,
+        args.out_dir,
+        args.model_a,
+        args.model_b,
+        seed=args.seed,
+        repeat_fraction=args.repeat_fraction,
+        key_path=args.key,
+    )
     return {k: str(v) for k, v in paths.items()} | {"num_pairs": len(pairs), "only_in_one": len(set(a) ^ set(b))}
 
 
@@ -119,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     def expected(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--expected", type=int, default=None, help="prompts x seeds: a different image count is an error")
+        sp.add_argument(
+            "--expected", type=int, default=None, help="prompts x seeds: a different image count is an error"
+        )
 
     def clip_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (or the stem of --clip-config)")
@@ -130,19 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = common(sub.add_parser("metrics", help="the metric registry: names, directions, inputs and exact definitions"))
     sp.set_defaults(func=cmd_metrics)
-    sp = common(sub.add_parser("compbench", help="compositional accuracy of scene-world images", description=REGISTRY["compbench"].definition))
+    sp = common(
+        sub.add_parser(
+            "compbench",
+            help="compositional accuracy of scene-world images",
+            description=REGISTRY["compbench"].definition,
+        )
+    )
     sp.add_argument("images", type=Path, help="folder with metadata.jsonl (each line with the scene 'spec')")
     sp.add_argument("--group-key", default="split", help="spec field for the breakdown (seen vs heldout)")
     expected(sp)
     sp.set_defaults(func=cmd_compbench)
-    sp = common(sub.add_parser("fid", help="FID and KID between two image folders", description=REGISTRY["fid_clip"].definition))
+    sp = common(
+        sub.add_parser("fid", help="FID and KID between two image folders", description=REGISTRY["fid_clip"].definition)
+    )
     sp.add_argument("images", type=Path)
     sp.add_argument("reference", type=Path)
     sp.add_argument("--extractor", choices=["inception", "clip"], default="inception")
     sp.add_argument("--inception", type=Path, default=Path("weights") / "inception-2015-12-05.pt")
     clip_args(sp)
     sp.set_defaults(func=cmd_fid)
-    sp = common(sub.add_parser("clip-score", help="CLIP score of a folder's images against their prompts", description=REGISTRY["clip_score"].definition))
+    sp = common(
+        sub.add_parser(
+            "clip-score",
+            help="CLIP score of a folder's images against their prompts",
+            description=REGISTRY["clip_score"].definition,
+        )
+    )
     sp.add_argument("images", type=Path)
     clip_args(sp)
     expected(sp)

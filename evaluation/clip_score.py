@@ -34,8 +34,12 @@ class ClipModel:
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        out = [torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(list(texts[i : i + batch_size]))).float(), dim=-1)
-               for i in range(0, len(texts), batch_size)]
+        out = [
+            torch.nn.functional.normalize(
+                self.model.encode_text(self.tokenizer(list(texts[i : i + batch_size]))).float(), dim=-1
+            )
+            for i in range(0, len(texts), batch_size)
+        ]
         return torch.cat(out)
 
 
@@ -54,7 +58,9 @@ def load_clip(model_name: str, weights: str | Path, config: str | Path | None = 
         open_clip.add_model_config(config)  # registers the JSON's model under its file stem
         model_name = config.stem
     if not weights.is_file():
-        raise FileNotFoundError(f"CLIP weights for {model_name!r} not found at {weights} (open_clip state dict; nothing is downloaded)")
+        raise FileNotFoundError(
+            f"CLIP weights for {model_name!r} not found at {weights} (open_clip state dict; nothing is downloaded)"
+        )
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
     tokenizer = open_clip.get_tokenizer(model_name)
     return ClipModel(model.eval(), preprocess, tokenizer, f"open_clip:{model_name}:{weights.name}")
@@ -66,4 +72,9 @@ def clip_score(clip: ClipModel, images: Sequence[np.ndarray], prompts: Sequence[
         raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
     cos = (clip.embed_images(images) * clip.embed_texts(prompts)).sum(-1)
     scores = (100.0 * cos.clamp(min=0)).tolist()
-    return {"clip_score": float(np.mean(scores)) if scores else float("nan"), "per_image": scores, "model": clip.name, "num_images": len(scores)}
+    return {
+        "clip_score": float(np.mean(scores)) if scores else float("nan"),
+        "per_image": scores,
+        "model": clip.name,
+        "num_images": len(scores),
+    }

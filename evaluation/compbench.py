@@ -62,9 +62,17 @@ def check(spec: dict[str, Any], dets: list[Detection]) -> dict[str, bool]:
         out["color_attr"] = _all_present(dets, objs, with_color=True)
         rel = spec["relations"][0]
         subj, obj = objs[rel["subject"]], objs[rel["object"]]
-        out["position"] = any(relation_holds(a, b, rel["relation"]) for a in _matches(dets, subj) for b in _matches(dets, obj) if a is not b)
+        out["position"] = any(
+            relation_holds(a, b, rel["relation"])
+            for a in _matches(dets, subj)
+            for b in _matches(dets, obj)
+            if a is not b
+        )
     elif kind == "count":
-        out["counting"] = len(_matches(dets, {"shape": spec["count"]["shape"], "color": spec["count"]["color"]})) == spec["count"]["n"]
+        out["counting"] = (
+            len(_matches(dets, {"shape": spec["count"]["shape"], "color": spec["count"]["color"]}))
+            == spec["count"]["n"]
+        )
     elif kind == "multi":
         out["color_attr"] = _all_present(dets, objs, with_color=True)
         if spec.get("order") == "left_to_right":
@@ -91,6 +99,9 @@ def score(items: Iterable[tuple[np.ndarray, dict[str, Any]]], group_key: str = "
     report: dict[str, Any] = {"num_images": n}
     for group, tasks in totals.items():
         acc = {t: float(np.mean(v)) for t, v in tasks.items()}
-        report[group] = {"tasks": acc, "counts": {t: len(v) for t, v in tasks.items()},
-                         "overall": float(np.mean(list(acc.values()))) if acc else float("nan")}
+        report[group] = {
+            "tasks": acc,
+            "counts": {t: len(v) for t, v in tasks.items()},
+            "overall": float(np.mean(list(acc.values()))) if acc else float("nan"),
+        }
     return report

@@ -55,8 +55,13 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return "cross", fill
 
 
-def detect(image: np.ndarray, palette: dict[str, tuple[int, int, int]] = PALETTE, background: tuple[int, int, int] = BACKGROUND,
-           max_distance: float = 90.0, min_area: float = 0.004) -> list[Detection]:
+def detect(
+    image: np.ndarray,
+    palette: dict[str, tuple[int, int, int]] = PALETTE,
+    background: tuple[int, int, int] = BACKGROUND,
+    max_distance: float = 90.0,
+    min_area: float = 0.004,
+) -> list[Detection]:
     """Objects in an RGB uint8 image [H, W, 3] (any resolution)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"detect() needs an RGB image [H, W, 3], got shape {image.shape}")
@@ -79,6 +84,14 @@ def detect(image: np.ndarray, palette: dict[str, tuple[int, int, int]] = PALETTE
                 continue
             shape, fill = classify_shape(sub)
             ys, xs = np.nonzero(sub)
-            found.append(Detection(name, shape, float((xs.mean() + sl[1].start + 0.5) / w), float((ys.mean() + sl[0].start + 0.5) / h),
-                                   area / float(h * w), fill))
+            found.append(
+                Detection(
+                    name,
+                    shape,
+                    float((xs.mean() + sl[1].start + 0.5) / w),
+                    float((ys.mean() + sl[0].start + 0.5) / h),
+                    area / float(h * w),
+                    fill,
+                )
+            )
     return found

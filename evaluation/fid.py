@@ -36,7 +36,8 @@ def inception_extractor(weights: str | Path) -> Extractor:
         path = path / INCEPTION_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception weights not found at {path}. Offline, place clean-fid's TorchScript file {INCEPTION_FILE} there "
+            f"Inception weights not found at {path}. Offline, place clean-fid's TorchScript file {INCEPTION_FILE} "
+            "there "
             "(from https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt) "
             "or pass another feature extractor."
         )
@@ -46,14 +47,18 @@ def inception_extractor(weights: str | Path) -> Extractor:
     return lambda x: model(x)
 
 
-def open_clip_extractor(model: torch.nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Extractor:
+def open_clip_extractor(
+    model: torch.nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Extractor:
     """An open_clip image tower as an extractor: 0..255 input -> resized, normalised -> image embedding."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def extract(x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x / 255.0, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False
+        )
         return model.encode_image((x - m.to(x)) / s.to(x)).float()
 
     return extract
@@ -73,15 +78,26 @@ def checked(extractor: Extractor) -> Extractor:
     return run
 
 
-def folder_features(directory: str | Path, extractor: Extractor, batch_size: int = 32, verbose: bool = True) -> np.ndarray:
+def folder_features(
+    directory: str | Path, extractor: Extractor, batch_size: int = 32, verbose: bool = True
+) -> np.ndarray:
     """Features of every image file in a folder (clean-fid's resize, then the extractor)."""
     from cleanfid.fid import get_folder_features
 
-    return get_folder_features(str(directory), model=checked(extractor), num_workers=0, batch_size=batch_size,
-                               device=torch.device("cpu"), mode="clean", verbose=verbose)
+    return get_folder_features(
+        str(directory),
+        model=checked(extractor),
+        num_workers=0,
+        batch_size=batch_size,
+        device=torch.device("cpu"),
+        mode="clean",
+        verbose=verbose,
+    )
 
 
-def record_features(records: Sequence[ImageRecord], extractor: Extractor, batch_size: int = 32, verbose: bool = True) -> np.ndarray:
+def record_features(
+    records: Sequence[ImageRecord], extractor: Extractor, batch_size: int = 32, verbose: bool = True
+) -> np.ndarray:
     """Features of in-memory images (written to a temporary folder so clean-fid's exact pipeline applies)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_folder(records, tmp)
@@ -99,21 +115,45 @@ def cache_key(dataset: str, split: str, resolution: int, count: int, extractor_n
     return hashlib.sha256(json.dumps([dataset, split, resolution, count, extractor_name]).encode()).hexdigest()[:16]
 
 
-def reference_features(cache_dir: str | Path, dataset: str, split: str, resolution: int, extractor_name: str,
-                       records: Callable[[], Sequence[ImageRecord]], extractor: Extractor) -> np.ndarray:
+def reference_features(
+    cache_dir: str | Path,
+    dataset: str,
+    split: str,
+    resolution: int,
+    extractor_name: str,
+    records: Callable[[], Sequence[ImageRecord]],
+    extractor: Extractor,
+) -> np.ndarray:
     """Reference features, computed once per (dataset, split, resolution, count, extractor) and cached as .npz."""
     items = records()
-    path = Path(cache_dir) / f"{dataset}-{split}-{cache_key(dataset, split, resolution, len(items), extractor_name)}.npz"
+    path = (
+        Path(cache_dir) / f"{dataset}-{split}-{cache_key(dataset, split, resolution, len(items), extractor_name)}.npz"
+    )
     if path.is_file():
         return np.load(path)["features"]
     feats = record_features(items, extractor)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, features=feats, dataset=dataset, split=split, resolution=resolution, count=len(items), extractor=extractor_name)
+    np.savez(
+        path,
+        features=feats,
+        dataset=dataset,
+        split=split,
+        resolution=resolution,
+        count=len(items),
+        extractor=extractor_name,
+    )
     return feats
 
 
-def compute(generated: Sequence[ImageRecord], reference: np.ndarray, extractor: Extractor, extractor_name: str) -> dict[str, Any]:
+def compute(
+    generated: Sequence[ImageRecord], reference: np.ndarray, extractor: Extractor, extractor_name: str
+) -> dict[str, Any]:
     """FID/KID of generated images against reference features, as a JSON-ready dict."""
     feats = record_features(generated, extractor)
-    return {**distances(feats, reference), "extractor": extractor_name, "implementation": implementation(),
-            "num_generated": len(generated), "num_reference": int(reference.shape[0])}
+    return {
+        **distances(feats, reference),
+        "extractor": extractor_name,
+        "implementation": implementation(),
+        "num_generated": len(generated),
+        "num_reference": int(reference.shape[0]),
+    }

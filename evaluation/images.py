@@ -51,7 +51,9 @@ def load_folder(directory: str | Path, expected: int | None = None) -> list[Imag
     directory = Path(directory)
     meta_path = directory / "metadata.jsonl"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory}: no metadata.jsonl (one JSON line per image: file, prompt_id, prompt, seed)")
+        raise FileNotFoundError(
+            f"{directory}: no metadata.jsonl (one JSON line per image: file, prompt_id, prompt, seed)"
+        )
     records = []
     for i, line in enumerate(meta_path.read_text().splitlines()):
         if not line.strip():
@@ -60,8 +62,17 @@ def load_folder(directory: str | Path, expected: int | None = None) -> list[Imag
         path = directory / meta["file"]
         if not path.is_file():
             raise FileNotFoundError(f"{meta_path}: line {i + 1}: image not found: {path}")
-        records.append(ImageRecord(read_image(path), str(meta["prompt_id"]), meta["prompt"], int(meta.get("seed", 0)),
-                                   meta.get("category", ""), meta.get("spec"), path))
+        records.append(
+            ImageRecord(
+                read_image(path),
+                str(meta["prompt_id"]),
+                meta["prompt"],
+                int(meta.get("seed", 0)),
+                meta.get("category", ""),
+                meta.get("spec"),
+                path,
+            )
+        )
     if expected is not None and len(records) != expected:
         raise ValueError(f"{meta_path}: {len(records)} images but {expected} expected (prompts x seeds)")
     return records
@@ -75,12 +86,25 @@ def write_folder(records: Sequence[ImageRecord], directory: str | Path) -> Path:
     for r in records:
         name = f"{r.prompt_id.replace('/', '_')}_{r.seed}.png"
         Image.fromarray(r.image).save(directory / name)
-        lines.append(json.dumps({"file": name, "prompt_id": r.prompt_id, "prompt": r.prompt, "seed": r.seed, "category": r.category, "spec": r.spec}))
+        lines.append(
+            json.dumps(
+                {
+                    "file": name,
+                    "prompt_id": r.prompt_id,
+                    "prompt": r.prompt,
+                    "seed": r.seed,
+                    "category": r.category,
+                    "spec": r.spec,
+                }
+            )
+        )
     (directory / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return directory
 
 
-def load_shards(shards: Sequence[str | Path], image_key: str = "png", limit: int | None = None) -> Iterator[ImageRecord]:
+def load_shards(
+    shards: Sequence[str | Path], image_key: str = "png", limit: int | None = None
+) -> Iterator[ImageRecord]:
     """Records from img2dataset-style tar shards (``key.png``, ``key.txt``, ``key.json``)."""
     n = 0
     for shard in shards:
@@ -95,15 +119,25 @@ def load_shards(shards: Sequence[str | Path], image_key: str = "png", limit: int
             if image_key not in s:
                 raise ValueError(f"{shard}: sample {key!r} has no .{image_key} image")
             spec = json.loads(s["json"]) if "json" in s else None
-            yield ImageRecord(read_image(s[image_key], f"{shard}:{key}.{image_key}"), f"{Path(shard).stem}/{key}",
-                              s.get("txt", b"").decode(), 0, (spec or {}).get("kind", ""), spec)
+            yield ImageRecord(
+                read_image(s[image_key], f"{shard}:{key}.{image_key}"),
+                f"{Path(shard).stem}/{key}",
+                s.get("txt", b"").decode(),
+                0,
+                (spec or {}).get("kind", ""),
+                spec,
+            )
             n += 1
             if limit is not None and n >= limit:
                 return
 
 
-def from_generator(generate: Callable[[Sequence[str], Sequence[int]], Sequence[np.ndarray]], prompts: Sequence[Prompt],
-                   seeds: Sequence[int] = (0,), batch_size: int = 16) -> Iterator[ImageRecord]:
+def from_generator(
+    generate: Callable[[Sequence[str], Sequence[int]], Sequence[np.ndarray]],
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int] = (0,),
+    batch_size: int = 16,
+) -> Iterator[ImageRecord]:
     """Records from ``generate(prompts, seeds) -> RGB uint8 images``, batched over prompts x seeds."""
     jobs = [(p, s) for p in prompts for s in seeds]
     for start in range(0, len(jobs), batch_size):
@@ -111,5 +145,5 @@ def from_generator(generate: Callable[[Sequence[str], Sequence[int]], Sequence[n
         images = generate([p.text for p, _ in chunk], [s for _, s in chunk])
         if len(images) != len(chunk):
             raise ValueError(f"generator returned {len(images)} images for {len(chunk)} prompts")
-        for (p, s), img in zip(chunk, images):
+        for (p, s), img in zip(chunk, images, strict=False):
             yield ImageRecord(np.asarray(img, dtype=np.uint8), p.id, p.text, s, p.category, p.spec)

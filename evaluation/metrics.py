@@ -102,7 +102,10 @@ def compute(names: Sequence[str], inputs: EvalInputs) -> dict[str, float]:
 # ----------------------------------------------------------------------------- built-in metrics
 def _flat(prefix: str, report: dict[str, Any], group: str = "all") -> dict[str, float]:
     part = report.get(group, {"tasks": {}, "overall": float("nan")})
-    return {**{f"{prefix}/{t}": float(v) for t, v in part["tasks"].items()}, f"{prefix}/overall": float(part["overall"])}
+    return {
+        **{f"{prefix}/{t}": float(v) for t, v in part["tasks"].items()},
+        f"{prefix}/overall": float(part["overall"]),
+    }
 
 
 def _compbench(inputs: EvalInputs) -> dict[str, float]:
@@ -118,7 +121,12 @@ def _compbench(inputs: EvalInputs) -> dict[str, float]:
         pool = inputs.real
         shuffled = [pool[i] for i in rng.permutation(len(pool))]
         out |= _flat("real", compbench.score((r.image, r.spec) for r in real))
-        out |= _flat("chance", compbench.score((s.image, r.spec) for s, r in zip(shuffled[: len(real)], real, strict=False) if s.prompt != r.prompt))
+        out |= _flat(
+            "chance",
+            compbench.score(
+                (s.image, r.spec) for s, r in zip(shuffled[: len(real)], real, strict=False) if s.prompt != r.prompt
+            ),
+        )
     return out
 
 
@@ -127,9 +135,13 @@ def _clip_score(inputs: EvalInputs) -> dict[str, float]:
 
     seen = inputs.samples["seen"]
     real = inputs.real[: len(seen)]
-    out = {"clip_score": clip_score(inputs.reference_clip, [r.image for r in seen], [r.prompt for r in seen])["clip_score"]}
+    out = {
+        "clip_score": clip_score(inputs.reference_clip, [r.image for r in seen], [r.prompt for r in seen])["clip_score"]
+    }
     if real:
-        out["clip_score_real"] = clip_score(inputs.reference_clip, [r.image for r in real], [r.prompt for r in real])["clip_score"]
+        out["clip_score_real"] = clip_score(inputs.reference_clip, [r.image for r in real], [r.prompt for r in real])[
+            "clip_score"
+        ]
     return out
 
 
@@ -139,38 +151,69 @@ def _fid_clip(inputs: EvalInputs) -> dict[str, float]:
 
     clip = inputs.reference_clip
     size = clip.model.visual.image_size
-    extractor = fid.open_clip_extractor(clip.model, size[0] if isinstance(size, (tuple, list)) else size, OPENAI_MEAN, OPENAI_STD)
+    extractor = fid.open_clip_extractor(
+        clip.model, size[0] if isinstance(size, (tuple, list)) else size, OPENAI_MEAN, OPENAI_STD
+    )
     assert inputs.fid_reference is not None
     result = fid.compute(inputs.samples["seen"], inputs.fid_reference(extractor), extractor, clip.name)
     return {"fid_clip": float(result["fid"]), "kid_clip": float(result["kid"])}
 
 
-register(Metric(
-    "compbench", _compbench, True, ("samples",),
-    "Compositional accuracy (evaluation.compbench): the rule-based detector finds each object a prompt's scene spec asks "
-    "for (shape, colour, count, relation); per task the share of images that pass, per split (seen/<task>, "
-    "heldout/<task>, */overall = mean over tasks). With real images: real/<task> (real images with their own prompt, the "
-    "detector's ceiling) and chance/<task> (real images judged against another prompt's scene).",
-    outputs=("seen/*", "heldout/*", "real/*", "chance/*"),
-    headline=("seen/single_object", "seen/colors", "seen/overall", "heldout/overall"),
-))
-register(Metric(
-    "fid_clip", _fid_clip, False, ("samples", "reference_clip", "fid_reference"),
-    "FID (Frechet distance of Gaussian fits) and KID (unbiased polynomial-kernel MMD^2, clean-fid's estimator) between "
-    "the seen samples' and the real test images' features in the reference CLIP's image-embedding space.",
-    outputs=("fid_clip", "kid_clip"), headline=("fid_clip",),
-))
-register(Metric(
-    "clip_score", _clip_score, True, ("samples", "reference_clip"),
-    "CLIP score with the reference CLIP, Hessel et al. (2021)'s per-image form: mean over images of "
-    "100 * max(cos(image, text), 0). torchmetrics' CLIPScore clamps the mean instead (100 * max(mean cos, 0)); the two "
-    "differ whenever a cosine is negative. clip_score_real: the same on real images with their own prompts.",
-    outputs=("clip_score", "clip_score_real"), headline=("clip_score",),
-))
+register(
+    Metric(
+        "compbench",
+        _compbench,
+        True,
+        ("samples",),
+        "Compositional accuracy (evaluation.compbench): the rule-based detector finds each object a prompt's scene "
+        "spec asks "
+        "for (shape, colour, count, relation); per task the share of images that pass, per split (seen/<task>, "
+        "heldout/<task>, */overall = mean over tasks). With real images: real/<task> (real images with their own "
+        "prompt, the "
+        "detector's ceiling) and chance/<task> (real images judged against another prompt's scene).",
+        outputs=("seen/*", "heldout/*", "real/*", "chance/*"),
+        headline=("seen/single_object", "seen/colors", "seen/overall", "heldout/overall"),
+    )
+)
+register(
+    Metric(
+        "fid_clip",
+        _fid_clip,
+        False,
+        ("samples", "reference_clip", "fid_reference"),
+        "FID (Frechet distance of Gaussian fits) and KID (unbiased polynomial-kernel MMD^2, clean-fid's estimator) "
+        "between "
+        "the seen samples' and the real test images' features in the reference CLIP's image-embedding space.",
+        outputs=("fid_clip", "kid_clip"),
+        headline=("fid_clip",),
+    )
+)
+register(
+    Metric(
+        "clip_score",
+        _clip_score,
+        True,
+        ("samples", "reference_clip"),
+        "CLIP score with the reference CLIP, Hessel et al. (2021)'s per-image form: mean over images of "
+        "100 * max(cos(image, text), 0). torchmetrics' CLIPScore clamps the mean instead (100 * max(mean cos, 0)); the "
+        "two "
+        "differ whenever a cosine is negative. clip_score_real: the same on real images with their own prompts.",
+        outputs=("clip_score", "clip_score_real"),
+        headline=("clip_score",),
+    )
+)
 
 
 def describe() -> list[dict[str, Any]]:
     """The registry as JSON-ready rows (``python -m evaluation metrics``)."""
-    return [{"name": m.name, "higher_is_better": m.higher_is_better, "needs": list(m.needs), "outputs": list(m.outputs),
-             "headline": list(m.headline), "definition": m.definition} for m in REGISTRY.values()]
-
+    return [
+        {
+            "name": m.name,
+            "higher_is_better": m.higher_is_better,
+            "needs": list(m.needs),
+            "outputs": list(m.outputs),
+            "headline": list(m.headline),
+            "definition": m.definition,
+        }
+        for m in REGISTRY.values()
+    ]

@@ -66,7 +66,12 @@ class PromptSet:
 
     def to_jsonl(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text("".join(json.dumps({"id": p.id, "prompt": p.text, "category": p.category, "spec": p.spec}) + "\n" for p in self.prompts))
+        path.write_text(
+            "".join(
+                json.dumps({"id": p.id, "prompt": p.text, "category": p.category, "spec": p.spec}) + "\n"
+                for p in self.prompts
+            )
+        )
         return path
 
 
@@ -84,10 +89,18 @@ def load_partiprompts(path: str | Path) -> PromptSet:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if rows and "Prompt" not in rows[0]:
         raise ValueError(f"{path}: not a PartiPrompts TSV (no 'Prompt' column; found {list(rows[0])})")
-    return PromptSet("partiprompts", [
-        Prompt(f"parti-{i:04d}", r["Prompt"].strip(), r.get("Category", "").strip(), {"challenge": r.get("Challenge", "").strip()})
-        for i, r in enumerate(rows)
-    ])
+    return PromptSet(
+        "partiprompts",
+        [
+            Prompt(
+                f"parti-{i:04d}",
+                r["Prompt"].strip(),
+                r.get("Category", "").strip(),
+                {"challenge": r.get("Challenge", "").strip()},
+            )
+            for i, r in enumerate(rows)
+        ],
+    )
 
 
 def load_geneval(path: str | Path) -> PromptSet:
@@ -116,7 +129,7 @@ def load_t2i_compbench(directory: str | Path, categories: Sequence[str] | None =
         category = f.name[: -len(f"_{split}.txt")]
         if categories is not None and category not in categories:
             continue
-        for i, line in enumerate(l.strip() for l in f.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(raw.strip() for raw in f.read_text(encoding="utf-8").splitlines()):
             if line:
                 prompts.append(Prompt(f"t2i-{category}-{i:04d}", line, category))
     return PromptSet("t2i-compbench", prompts)
@@ -129,7 +142,10 @@ def load_drawbench(path: str | Path) -> PromptSet:
         rows = list(csv.DictReader(f))
     if rows and not {"Prompts", "Category"} <= set(rows[0]):
         raise ValueError(f"{path}: a DrawBench CSV needs 'Prompts' and 'Category' columns, found {list(rows[0])}")
-    return PromptSet("drawbench", [Prompt(f"drawbench-{i:03d}", r["Prompts"].strip(), r["Category"].strip()) for i, r in enumerate(rows)])
+    return PromptSet(
+        "drawbench",
+        [Prompt(f"drawbench-{i:03d}", r["Prompts"].strip(), r["Category"].strip()) for i, r in enumerate(rows)],
+    )
 
 
 def load_jsonl(path: str | Path, name: str | None = None) -> PromptSet:
@@ -144,7 +160,8 @@ def load_jsonl(path: str | Path, name: str | None = None) -> PromptSet:
 
 
 def load_own_prompts() -> PromptSet:
-    """The package's own categorised prompt set (written for k3lab, in the spirit of the Kandinsky 3 report's categories)."""
+    """The package's own categorised prompt set (written for k3lab, in the spirit of the Kandinsky 3 report's
+    categories)."""
     return load_jsonl(OWN_PROMPTS, "k3lab-categories")
 
 

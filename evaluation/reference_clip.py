@@ -49,11 +49,24 @@ def retrieval_accuracy(clip: ClipModel, records: Sequence[ImageRecord]) -> dict[
     captions = [r.prompt for r in records]
     i2t = np.mean([captions[j] == captions[i] for i, j in enumerate(sim.argmax(1).tolist())])
     t2i = np.mean([captions[j] == captions[i] for i, j in enumerate(sim.argmax(0).tolist())])
-    return {"image_to_text_top1": float(i2t), "text_to_image_top1": float(t2i), "chance": 1.0 / len(records), "num": len(records)}
+    return {
+        "image_to_text_top1": float(i2t),
+        "text_to_image_top1": float(t2i),
+        "chance": 1.0 / len(records),
+        "num": len(records),
+    }
 
 
-def train(train_records: Iterable[ImageRecord], val_records: Sequence[ImageRecord], out_dir: str | Path, steps: int = 1500,
-          batch_size: int = 128, lr: float = 1e-3, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
+def train(
+    train_records: Iterable[ImageRecord],
+    val_records: Sequence[ImageRecord],
+    out_dir: str | Path,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    image_size: int = 64,
+) -> dict[str, Any]:
     """Train, save ``<out_dir>/k3lab-reference-clip.{json,pt}`` and ``report.json``; returns the report."""
     import open_clip
 
@@ -87,9 +100,17 @@ def train(train_records: Iterable[ImageRecord], val_records: Sequence[ImageRecor
     weights = out_dir / f"{NAME}.pt"
     torch.save(model.state_dict(), weights)
     clip = load_clip(NAME, weights, config_path)
-    report = {"model": NAME, "weights": str(weights), "config": str(config_path), "train_images": len(records), "steps": steps,
-              "batch_size": batch_size, "train_seconds": time.perf_counter() - t0, "final_loss": float(loss),
-              "heldout_retrieval": retrieval_accuracy(clip, val_records)}
+    report = {
+        "model": NAME,
+        "weights": str(weights),
+        "config": str(config_path),
+        "train_images": len(records),
+        "steps": steps,
+        "batch_size": batch_size,
+        "train_seconds": time.perf_counter() - t0,
+        "final_loss": float(loss),
+        "heldout_retrieval": retrieval_accuracy(clip, val_records),
+    }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

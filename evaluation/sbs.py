@@ -41,8 +41,15 @@ def _item_id(salt: str, *parts: object) -> str:
     return hashlib.sha256(":".join([salt, *map(str, parts)]).encode()).hexdigest()[:16]
 
 
-def export(pairs: Sequence[Pair], out_dir: str | Path, model_a: str, model_b: str, seed: int = 0,
-           repeat_fraction: float = 0.1, key_path: str | Path | None = None) -> dict[str, Path]:
+def export(
+    pairs: Sequence[Pair],
+    out_dir: str | Path,
+    model_a: str,
+    model_b: str,
+    seed: int = 0,
+    repeat_fraction: float = 0.1,
+    key_path: str | Path | None = None,
+) -> dict[str, Path]:
     """Write a blinded annotation package: ``index.html``, ``items.json``, ``images/<hash>.png``.
 
     Left/right is drawn per item from ``seed``; ``repeat_fraction`` of the items come back later with the
@@ -62,7 +69,11 @@ def export(pairs: Sequence[Pair], out_dir: str | Path, model_a: str, model_b: st
     salt = f"{seed}:{model_a}:{model_b}"
     items, key = [], {}
     order = list(range(len(pairs)))
-    repeats = set(rng.choice(len(pairs), size=int(round(repeat_fraction * len(pairs))), replace=False).tolist()) if pairs else set()
+    repeats = (
+        set(rng.choice(len(pairs), size=int(round(repeat_fraction * len(pairs))), replace=False).tolist())
+        if pairs
+        else set()
+    )
     plan = [(i, False) for i in order] + [(i, True) for i in sorted(repeats)]
     a_left_first = rng.random(len(pairs)) < 0.5
     for i, repeat in plan:
@@ -72,9 +83,17 @@ def export(pairs: Sequence[Pair], out_dir: str | Path, model_a: str, model_b: st
         left, right = (p.image_a, p.image_b) if a_left else (p.image_b, p.image_a)
         shutil.copyfile(left, out_dir / "images" / f"{item}-l.png")
         shutil.copyfile(right, out_dir / "images" / f"{item}-r.png")
-        items.append({"item_id": item, "prompt": p.prompt, "left": f"images/{item}-l.png", "right": f"images/{item}-r.png"})
-        key[item] = {"prompt_id": p.prompt_id, "category": p.category, "seed": p.seed, "left": model_a if a_left else model_b,
-                     "right": model_b if a_left else model_a, "repeat_of": _item_id(salt, p.prompt_id, p.seed, 0) if repeat else None}
+        items.append(
+            {"item_id": item, "prompt": p.prompt, "left": f"images/{item}-l.png", "right": f"images/{item}-r.png"}
+        )
+        key[item] = {
+            "prompt_id": p.prompt_id,
+            "category": p.category,
+            "seed": p.seed,
+            "left": model_a if a_left else model_b,
+            "right": model_b if a_left else model_a,
+            "repeat_of": _item_id(salt, p.prompt_id, p.seed, 0) if repeat else None,
+        }
     # Repeats are shuffled in among the originals so raters cannot spot them by position.
     perm = rng.permutation(len(items))
     items = [items[j] for j in perm]
@@ -119,7 +138,9 @@ def read_annotations(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def ingest(annotations: str | Path, key_path: str | Path, bootstrap_samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def ingest(
+    annotations: str | Path, key_path: str | Path, bootstrap_samples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """Aggregate annotations into per-question results for model A vs model B (see ``key_path``)."""
     key = json.loads(Path(key_path).read_text())
     items: Mapping[str, dict] = key["items"]
@@ -132,20 +153,34 @@ def ingest(annotations: str | Path, key_path: str | Path, bootstrap_samples: int
         if r["choice"] not in CHOICES:
             raise ValueError(f"{annotations}: row {i + 1}: invalid choice {r['choice']!r} (expected one of {CHOICES})")
         if r["question"] not in QUESTIONS:
-            raise ValueError(f"{annotations}: row {i + 1}: unknown question {r['question']!r} (expected one of {QUESTIONS})")
+            raise ValueError(
+                f"{annotations}: row {i + 1}: unknown question {r['question']!r} (expected one of {QUESTIONS})"
+            )
         meta = items[r["item_id"]]
         winner = "tie" if r["choice"] == "tie" else meta[r["choice"]]
         outcome = "tie" if winner == "tie" else ("win" if winner == model_a else "loss")
-        votes.append({**r, "outcome": outcome, "prompt_id": meta["prompt_id"], "category": meta["category"],
-                      "repeat_of": meta["repeat_of"], "unit": (meta["prompt_id"], meta["seed"])})
+        votes.append(
+            {
+                **r,
+                "outcome": outcome,
+                "prompt_id": meta["prompt_id"],
+                "category": meta["category"],
+                "repeat_of": meta["repeat_of"],
+                "unit": (meta["prompt_id"], meta["seed"]),
+            }
+        )
     report: dict[str, Any] = {"model_a": model_a, "model_b": key["model_b"], "num_votes": len(votes), "questions": {}}
     for q in QUESTIONS:
         qv = [v for v in votes if v["question"] == q and v["repeat_of"] is None]
-        report["questions"][q] = {"overall": summarize(qv, bootstrap_samples, seed),
-                                  "by_category": {c: summarize([v for v in qv if v["category"] == c], bootstrap_samples, seed)
-                                                  for c in sorted({v["category"] for v in qv})},
-                                  "consistency": consistency([v for v in votes if v["question"] == q], items),
-                                  "agreement_krippendorff_alpha": agreement(qv)}
+        report["questions"][q] = {
+            "overall": summarize(qv, bootstrap_samples, seed),
+            "by_category": {
+                c: summarize([v for v in qv if v["category"] == c], bootstrap_samples, seed)
+                for c in sorted({v["category"] for v in qv})
+            },
+            "consistency": consistency([v for v in votes if v["question"] == q], items),
+            "agreement_krippendorff_alpha": agreement(qv),
+        }
     return report
 
 
@@ -153,17 +188,20 @@ def summarize(votes: Sequence[Mapping[str, Any]], bootstrap_samples: int = 2000,
     """W/T/L, win rate with ties as half and without ties, Wilson 95% and a prompt-resampling bootstrap 95%."""
     w = sum(v["outcome"] == "win" for v in votes)
     t = sum(v["outcome"] == "tie" for v in votes)
-    l = sum(v["outcome"] == "loss" for v in votes)
-    n = w + t + l
+    losses = sum(v["outcome"] == "loss" for v in votes)
+    n = w + t + losses
     per_prompt: dict[str, list[float]] = defaultdict(list)
     for v in votes:
         per_prompt[v["prompt_id"]].append({"win": 1.0, "tie": 0.5, "loss": 0.0}[v["outcome"]])
     return {
-        "wins": w, "ties": t, "losses": l, "n": n,
+        "wins": w,
+        "ties": t,
+        "losses": losses,
+        "n": n,
         "win_rate_ties_half": (w + 0.5 * t) / n if n else float("nan"),
-        "win_rate_no_ties": w / (w + l) if w + l else float("nan"),
+        "win_rate_no_ties": w / (w + losses) if w + losses else float("nan"),
         "wilson95_ties_half": wilson_interval(w + 0.5 * t, n),
-        "wilson95_no_ties": wilson_interval(w, w + l),
+        "wilson95_no_ties": wilson_interval(w, w + losses),
         "bootstrap95_ties_half": bootstrap_interval(list(per_prompt.values()), bootstrap_samples, seed),
     }
 
@@ -171,7 +209,9 @@ def summarize(votes: Sequence[Mapping[str, Any]], bootstrap_samples: int = 2000,
 def consistency(votes: Sequence[Mapping[str, Any]], items: Mapping[str, dict]) -> dict[str, Any]:
     """Share of (annotator, repeated item) pairs where the same model (or a tie) was chosen both times."""
     first = {(v["annotator_id"], v["item_id"]): v["outcome"] for v in votes if v["repeat_of"] is None}
-    pairs = [(first.get((v["annotator_id"], v["repeat_of"])), v["outcome"]) for v in votes if v["repeat_of"] is not None]
+    pairs = [
+        (first.get((v["annotator_id"], v["repeat_of"])), v["outcome"]) for v in votes if v["repeat_of"] is not None
+    ]
     pairs = [(a, b) for a, b in pairs if a is not None]
     agree = sum(a == b for a, b in pairs)
     return {"pairs": len(pairs), "consistent": agree, "rate": agree / len(pairs) if pairs else float("nan")}
@@ -216,15 +256,27 @@ HEADER = ("slice", "W", "T", "L", "win rate (ties 1/2)", "Wilson 95%", "bootstra
 def _table_rows(res: Mapping[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for name, s in [("all", res["overall"]), *res["by_category"].items()]:
-        rows.append((str(name), str(s["wins"]), str(s["ties"]), str(s["losses"]), f"{s['win_rate_ties_half']:.3f}",
-                     _interval_text(s["wilson95_ties_half"]), _interval_text(s["bootstrap95_ties_half"]), f"{s['win_rate_no_ties']:.3f}"))
+        rows.append(
+            (
+                str(name),
+                str(s["wins"]),
+                str(s["ties"]),
+                str(s["losses"]),
+                f"{s['win_rate_ties_half']:.3f}",
+                _interval_text(s["wilson95_ties_half"]),
+                _interval_text(s["bootstrap95_ties_half"]),
+                f"{s['win_rate_no_ties']:.3f}",
+            )
+        )
     return rows
 
 
 def _agreement_text(res: Mapping[str, Any]) -> str:
     c = res["consistency"]
-    return (f"Rater consistency on repeated items: {c['consistent']}/{c['pairs']}. "
-            f"Krippendorff's alpha: {_alpha_text(res['agreement_krippendorff_alpha'])}.")
+    return (
+        f"Rater consistency on repeated items: {c['consistent']}/{c['pairs']}. "
+        f"Krippendorff's alpha: {_alpha_text(res['agreement_krippendorff_alpha'])}."
+    )
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -250,10 +302,20 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
         md += ["", _md(_agreement_text(res)), ""]
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-        page += [f"<h2>{html.escape(str(q))}</h2>", f"<table><tr>{cells}</tr>{body}</table>", f"<p>{html.escape(_agreement_text(res))}</p>"]
+        page += [
+            f"<h2>{html.escape(str(q))}</h2>",
+            f"<table><tr>{cells}</tr>{body}</table>",
+            f"<p>{html.escape(_agreement_text(res))}</p>",
+        ]
         o = res["overall"]
         lo, hi = o["bootstrap95_ties_half"]
-        ax.errorbar([o["win_rate_ties_half"]], [qi], xerr=[[o["win_rate_ties_half"] - lo], [hi - o["win_rate_ties_half"]]], fmt="o", capsize=4)
+        ax.errorbar(
+            [o["win_rate_ties_half"]],
+            [qi],
+            xerr=[[o["win_rate_ties_half"] - lo], [hi - o["win_rate_ties_half"]]],
+            fmt="o",
+            capsize=4,
+        )
     ax.axvline(0.5, color="grey", ls="--")
     ax.set_yticks(range(len(report["questions"])), list(report["questions"]))
     ax.set_xlabel(f"win rate of {report['model_a']} (ties 1/2, bootstrap 95%)", parse_math=False)
@@ -264,6 +326,14 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
     (out_dir / "report.md").write_text("\n".join(md) + "\n![win rates](win_rates.png)\n", encoding="utf-8")
     (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=1, ensure_ascii=False), encoding="utf-8")
     style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
-    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>SBS report</title><style>{style}</style>"
-                                         f"</head><body>{''.join(page)}<img src='win_rates.png' alt='win rates'></body></html>\n", encoding="utf-8")
-    return {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "report.json", "plot": out_dir / "win_rates.png"}
+    (out_dir / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>SBS report</title><style>{style}</style>"
+        f"</head><body>{''.join(page)}<img src='win_rates.png' alt='win rates'></body></html>\n",
+        encoding="utf-8",
+    )
+    return {
+        "markdown": out_dir / "report.md",
+        "html": out_dir / "report.html",
+        "json": out_dir / "report.json",
+        "plot": out_dir / "win_rates.png",
+    }

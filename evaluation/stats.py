@@ -20,8 +20,11 @@ def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[fl
     return (centre - half, centre + half)
 
 
-def bootstrap_interval(groups: Sequence[Sequence[float]], num_samples: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile interval of the mean score, resampling whole groups (e.g. all votes on one prompt) with replacement."""
+def bootstrap_interval(
+    groups: Sequence[Sequence[float]], num_samples: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile interval of the mean score, resampling whole groups (e.g. all votes on one prompt) with
+    replacement."""
     if not groups:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
@@ -63,8 +66,8 @@ def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float:
             continue
         counts = Counter(values)
         for c, k in counts.items():
-            for d, l in counts.items():
-                coincidence[(c, d)] += (k * (l - (1 if c == d else 0))) / (m - 1)
+            for d, k2 in counts.items():
+                coincidence[(c, d)] += (k * (k2 - (1 if c == d else 0))) / (m - 1)
     if not coincidence:
         return float("nan")
     totals: dict[Hashable, float] = defaultdict(float)

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+
 def find_shared() -> Path:
     """The steering repo's ``shared/`` folder (prompt sets): ``$K3LAB_SHARED``, else ``../shared`` beside the
     checkout or beside any folder above it. Tests that need it fail (never skip) when it is absent."""
@@ -31,8 +32,11 @@ SHARED = find_shared()
 
 # Small but real scene world used across tests (built once per session).
 SMALL_WORLD = [
-    "data.source.num_train=256", "data.source.num_val=64", "data.source.num_test=32",
-    "data.source.num_heldout=32", "data.source.shard_size=64",
+    "data.source.num_train=256",
+    "data.source.num_val=64",
+    "data.source.num_test=32",
+    "data.source.num_heldout=32",
+    "data.source.shard_size=64",
 ]
 
 
@@ -52,8 +56,13 @@ def make_cfg(tmp_path: Path, data_root: Path) -> Callable[..., DictConfig]:
 
     def make(*overrides: str, scene_world: bool = True) -> DictConfig:
         base = [
-            "experiment=autoencoder_tiny", f"paths.data_dir={data_root}", *(SMALL_WORLD if scene_world else []),
-            "logger=csv", "data.batch_size=8", "data.val_batch_size=32", "trainer.enable_progress_bar=false",
+            "experiment=autoencoder_tiny",
+            f"paths.data_dir={data_root}",
+            *(SMALL_WORLD if scene_world else []),
+            "logger=csv",
+            "data.batch_size=8",
+            "data.val_batch_size=32",
+            "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false",
         ]
         if not scene_world:

@@ -13,20 +13,45 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_WORLD = ["data.source.num_train=256", "data.source.num_val=64", "data.source.num_test=64", "data.source.num_heldout=64",
-              "data.source.shard_size=128", "data.batch_size=16"]
-TINY_CELL = ["trainer.max_steps=4", "trainer.val_check_interval=4", "ablation.evaluation.num_seen=16", "ablation.evaluation.num_heldout=8",
-             "ablation.evaluation.fid_reference=32", "sampling.steps=3", "ablation.evaluation.batch_size=8",
-             "ablation.evaluation.reference_clip.steps=3", "ablation.evaluation.reference_clip.batch_size=16",
-             'ablation.extra_overrides=["trainer.max_steps=3","trainer.val_check_interval=3"]']
-SWEEP = ["-m", "experiment=ablation_tiny", "model/prior=none,diffusion_mapping", "model/unet/block=biggan_deep", "seed=0",
-         *TINY_WORLD, *TINY_CELL]
+TINY_WORLD = [
+    "data.source.num_train=256",
+    "data.source.num_val=64",
+    "data.source.num_test=64",
+    "data.source.num_heldout=64",
+    "data.source.shard_size=128",
+    "data.batch_size=16",
+]
+TINY_CELL = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "ablation.evaluation.num_seen=16",
+    "ablation.evaluation.num_heldout=8",
+    "ablation.evaluation.fid_reference=32",
+    "sampling.steps=3",
+    "ablation.evaluation.batch_size=8",
+    "ablation.evaluation.reference_clip.steps=3",
+    "ablation.evaluation.reference_clip.batch_size=16",
+    'ablation.extra_overrides=["trainer.max_steps=3","trainer.val_check_interval=3"]',
+]
+SWEEP = [
+    "-m",
+    "experiment=ablation_tiny",
+    "model/prior=none,diffusion_mapping",
+    "model/unet/block=biggan_deep",
+    "seed=0",
+    *TINY_WORLD,
+    *TINY_CELL,
+]
 
 
-def k3lab(args: list[str], root: Path, timeout: int = 600, module: str = "k3lab.ablation") -> subprocess.CompletedProcess:
+def k3lab(
+    args: list[str], root: Path, timeout: int = 600, module: str = "k3lab.ablation"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "K3LAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -47,8 +72,12 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     second = k3lab(SWEEP, root)
     dirs = [p.parent for p in sweeps(root)]
     assert len(dirs) == 2 and dirs[0] == first_dir
-    return {"root": root, "dirs": dirs, "stdout": [first.stdout, second.stdout],
-            "logs": [first.stdout + first.stderr, second.stdout + second.stderr]}
+    return {
+        "root": root,
+        "dirs": dirs,
+        "stdout": [first.stdout, second.stdout],
+        "logs": [first.stdout + first.stderr, second.stdout + second.stderr],
+    }
 
 
 def client_for(sweep_dir: Path):
@@ -72,18 +101,34 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
     for prior, run in by_prior.items():
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == info["parent_run_id"]
-        assert run.data.params["choice/model/prior"] == prior and run.data.params["choice/model/unet/block"] == "biggan_deep"
+        assert (
+            run.data.params["choice/model/prior"] == prior
+            and run.data.params["choice/model/unet/block"] == "biggan_deep"
+        )
         m = run.data.metrics
-        for key in ("eval/seen/overall", "eval/seen/single_object", "eval/heldout/overall", "eval/fid_clip", "eval/clip_score", "val/loss"):
+        for key in (
+            "eval/seen/overall",
+            "eval/seen/single_object",
+            "eval/heldout/overall",
+            "eval/fid_clip",
+            "eval/clip_score",
+            "val/loss",
+        ):
             assert key in m and math.isfinite(m[key]), key
-        assert m["eval/real/overall"] == 1.0          # the detector reads every real test image correctly
-        assert m["eval/chance/colors"] < 0.5         # a prompt-ignoring image rarely has the right coloured shape
+        assert m["eval/real/overall"] == 1.0  # the detector reads every real test image correctly
+        assert m["eval/chance/colors"] < 0.5  # a prompt-ignoring image rarely has the right coloured shape
         assert 0 <= m["eval/seen/overall"] <= 1 and m["eval/fid_clip"] >= 0
         out = Path(run.data.params["output_dir"])
-        assert len(list((out / "eval" / "seen").glob("*.png"))) == 16 and (out / "eval" / "seen" / "metadata.jsonl").is_file()
+        assert (
+            len(list((out / "eval" / "seen").glob("*.png"))) == 16
+            and (out / "eval" / "seen" / "metadata.jsonl").is_file()
+        )
         assert json.loads((out / "metrics.json").read_text())["eval/seen/overall"] == m["eval/seen/overall"]
     # the mapping arm's cell used the shared prior; the text arm's did not
-    assert "shared/prior" in by_prior["diffusion_mapping"].data.params and "shared/prior" not in by_prior["none"].data.params
+    assert (
+        "shared/prior" in by_prior["diffusion_mapping"].data.params
+        and "shared/prior" not in by_prior["none"].data.params
+    )
 
 
 def test_shared_parts_are_trained_once_for_all_jobs_and_sweeps(sweep: dict) -> None:
@@ -119,18 +164,26 @@ def test_report_builds_the_table_from_the_runs(sweep: dict) -> None:
     sweep_dir = sweep["dirs"][0]
     assert main([str(sweep_dir), "--out", str(sweep_dir / "rebuilt")]) == 0
     text = (sweep_dir / "rebuilt" / "report.md").read_text()
-    assert "| model/prior | diffusion_mapping vs none |" in text and (sweep_dir / "rebuilt" / "report.png").stat().st_size > 1000
+    assert (
+        "| model/prior | diffusion_mapping vs none |" in text
+        and (sweep_dir / "rebuilt" / "report.png").stat().st_size > 1000
+    )
     from k3lab.report import analyse
 
     report = analyse(str(sweep_dir))
     runs = report.runs.set_index("override/model/prior")
     row = report.effects[(report.effects["metric"] == "eval/fid_clip")].iloc[0]
     assert row["level"] == "diffusion_mapping" and row["reference"] == "none" and row["seeds"] == 1
-    assert row["effect"] == pytest.approx(runs.loc["diffusion_mapping", "eval/fid_clip"] - runs.loc["none", "eval/fid_clip"])
+    assert row["effect"] == pytest.approx(
+        runs.loc["diffusion_mapping", "eval/fid_clip"] - runs.loc["none", "eval/fid_clip"]
+    )
     assert math.isnan(row["ci95"])  # one seed: no interval, and the table says so
     assert "one seed: no interval" in report.text
     # the sweep printed the same table at its end
-    assert "| model/prior | diffusion_mapping vs none |" in sweep["stdout"][0] and "mlflow ui --backend-store-uri" in sweep["stdout"][0]
+    assert (
+        "| model/prior | diffusion_mapping vs none |" in sweep["stdout"][0]
+        and "mlflow ui --backend-store-uri" in sweep["stdout"][0]
+    )
 
 
 def test_report_by_parent_run_id_and_bad_source(sweep: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -152,12 +205,14 @@ def test_effects_and_intervals_over_seeds() -> None:
     rows = []
     for seed, (a0, a1, b0, b1) in enumerate([(0.5, 0.7, 0.4, 0.8), (0.6, 0.6, 0.5, 0.9), (0.4, 0.8, 0.3, 0.5)]):
         for block, prior, value in (("big", "none", a0), ("big", "map", a1), ("res", "none", b0), ("res", "map", b1)):
-            rows.append({"seed": seed, "status": "FINISHED", "override/block": block, "override/prior": prior, "eval/m": value})
+            rows.append(
+                {"seed": seed, "status": "FINISHED", "override/block": block, "override/prior": prior, "eval/m": value}
+            )
     table = effects(pd.DataFrame(rows), ["eval/m"], {"block": "big", "prior": "none"}).set_index("axis")
     # prior effect per seed: mean over blocks of (map - none): (0.2+0.4)/2, (0+0.4)/2, (0.4+0.2)/2
     mean, half = interval([0.3, 0.2, 0.3])
     assert table.loc["prior", "effect"] == pytest.approx(mean) and table.loc["prior", "ci95"] == pytest.approx(half)
-    assert half == pytest.approx(4.302653 * 0.0577350 / 3 ** 0.5, rel=1e-4)  # t(0.975, 2) * sd / sqrt(3)
+    assert half == pytest.approx(4.302653 * 0.0577350 / 3**0.5, rel=1e-4)  # t(0.975, 2) * sd / sqrt(3)
     assert table.loc["block", "effect"] == pytest.approx(((-0.1 + 0.1) / 2 + (-0.1 + 0.3) / 2 + (-0.1 - 0.3) / 2) / 3)
 
 
@@ -165,23 +220,46 @@ def test_stale_runs_are_marked_failed(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
-    from k3lab.tracking.sweep import HOST_TAG, PARENT_TAG, PID_TAG, ROLE_TAG, MLflowSweepCallback, mark_stale, process_tags
+    from k3lab.tracking.sweep import (
+        HOST_TAG,
+        PARENT_TAG,
+        PID_TAG,
+        ROLE_TAG,
+        MLflowSweepCallback,
+        mark_stale,
+        process_tags,
+    )
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("stale")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    ghost = client.create_run(exp, tags={**process_tags(), PID_TAG: dead})           # a sweep killed hard earlier
-    alive = client.create_run(exp, tags=process_tags())                               # this process: still alive
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    ghost = client.create_run(exp, tags={**process_tags(), PID_TAG: dead})  # a sweep killed hard earlier
+    alive = client.create_run(exp, tags=process_tags())  # this process: still alive
     assert mark_stale(client, exp) == [ghost.info.run_id]
-    assert client.get_run(ghost.info.run_id).info.status == "FAILED" and client.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert (
+        client.get_run(ghost.info.run_id).info.status == "FAILED"
+        and client.get_run(alive.info.run_id).info.status == "RUNNING"
+    )
     # a job killed hard leaves its child RUNNING: the sweep's end marks it failed, and the parent too
-    cfg = OmegaConf.create({"logger": {"mlflow": {"tracking_uri": uri, "experiment_name": "stale2"}},
-                            "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "sweeper": {"params": {"seed": "0,1"}}, "overrides": {"task": []}}})
+    cfg = OmegaConf.create(
+        {
+            "logger": {"mlflow": {"tracking_uri": uri, "experiment_name": "stale2"}},
+            "hydra": {
+                "sweep": {"dir": str(tmp_path / "sweep")},
+                "sweeper": {"params": {"seed": "0,1"}},
+                "overrides": {"task": []},
+            },
+        }
+    )
     callback = MLflowSweepCallback()
     callback.on_multirun_start(cfg)
     info = json.loads((tmp_path / "sweep" / "mlflow_sweep.json").read_text())
-    child = client.create_run(info["experiment_id"], tags={PARENT_TAG: info["parent_run_id"], ROLE_TAG: "cell", HOST_TAG: "elsewhere"})
+    child = client.create_run(
+        info["experiment_id"], tags={PARENT_TAG: info["parent_run_id"], ROLE_TAG: "cell", HOST_TAG: "elsewhere"}
+    )
     callback.on_multirun_end(cfg)
     assert client.get_run(child.info.run_id).info.status == "FAILED"
     assert "killed hard" in client.get_run(child.info.run_id).data.tags["k3lab.failure"]
@@ -196,8 +274,12 @@ def test_notebooks_execute_on_the_sweep(sweep: dict, name: str) -> None:
     sweep_dir = sweep["dirs"][0]
     job = next(p for p in sweep_dir.iterdir() if (p / "checkpoints" / "unet.safetensors").is_file())
     autoencoder = next((sweep["root"] / "logs" / "shared").glob("autoencoder-*/checkpoints/autoencoder.safetensors"))
-    env = {"K3LAB_ROOT": str(sweep["root"]), "K3LAB_SWEEP": str(sweep_dir), "K3LAB_RUN": str(job / "checkpoints"),
-           "K3LAB_AUTOENCODER": str(autoencoder)}
+    env = {
+        "K3LAB_ROOT": str(sweep["root"]),
+        "K3LAB_SWEEP": str(sweep_dir),
+        "K3LAB_RUN": str(job / "checkpoints"),
+        "K3LAB_AUTOENCODER": str(autoencoder),
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -206,15 +288,31 @@ def test_notebooks_execute_on_the_sweep(sweep: dict, name: str) -> None:
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert images, "the notebook showed no figure"
 
 
 def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
-    k3lab(["-m", "hydra/launcher=slurm_local", "experiment=autoencoder_tiny", "trainer.max_steps=2", "trainer.val_check_interval=2",
-           "trainer.limit_val_batches=1", "logger=csv", *TINY_WORLD], tmp_path, module="k3lab.train")
+    k3lab(
+        [
+            "-m",
+            "hydra/launcher=slurm_local",
+            "experiment=autoencoder_tiny",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "logger=csv",
+            *TINY_WORLD,
+        ],
+        tmp_path,
+        module="k3lab.train",
+    )
     sweep_dir = next((tmp_path / "logs" / "autoencoder_tiny" / "multiruns").iterdir())
     assert (sweep_dir / "0" / "checkpoints" / "autoencoder.safetensors").is_file()
     assert list((sweep_dir / ".submitit").glob("*/*_submitted.pkl"))  # it went through submitit's executor
@@ -226,10 +324,14 @@ def test_launcher_and_trainer_configs_compose() -> None:
     from k3lab.config import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=local_parallel", "experiment=ablation_full"], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=["hydra/launcher=local_parallel", "experiment=ablation_full"], return_hydra_config=True
+        )
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
         assert set(cfg.hydra.sweeper.params) == {"model/text_encoder", "model/unet/block", "model/prior", "seed"}
-        slurm = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2"], return_hydra_config=True)
+        slurm = compose(
+            "train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2"], return_hydra_config=True
+        )
         assert slurm.hydra.launcher.tasks_per_node == slurm.trainer.devices and slurm.hydra.launcher.nodes == 2
         fsdp = compose("train", overrides=["trainer=fsdp"])
         assert fsdp.trainer.strategy._target_.endswith("FSDPStrategy")

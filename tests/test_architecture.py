@@ -37,7 +37,9 @@ def imports() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module for a in node.names
+                ]
             for t in targets:
                 if t.split(".")[0] == "k3lab":
                     dep = resolve(t)
@@ -85,7 +87,9 @@ def test_the_scan_sees_what_it_forbids(tmp_path: Path) -> None:
     graph, external = imports()
     assert "k3lab.tracking.sweep" in closure(graph, "k3lab.report")  # report reads tracking ...
     assert "k3lab.report" not in closure(graph, "k3lab.tracking.sweep")  # ... never the other way
-    assert "omegaconf" in external["k3lab.checkpoint"] and "k3lab.checkpoint" not in closure(graph, "k3lab.nn.first_stage")
+    assert "omegaconf" in external["k3lab.checkpoint"] and "k3lab.checkpoint" not in closure(
+        graph, "k3lab.nn.first_stage"
+    )
 
 
 def test_packaging_lists_every_package_and_ships_the_configs(tmp_path: Path) -> None:
@@ -93,15 +97,34 @@ def test_packaging_lists_every_package_and_ships_the_configs(tmp_path: Path) -> 
     and a built wheel holds every config (console scripts installed from it find their configs)."""
     import subprocess
     import sys
-    import tomllib
     import zipfile
+
+    import tomllib
 
     root = SRC.parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(SRC.parent).parts) for p in SRC.rglob("__init__.py")} | {"evaluation", "k3lab.conf"}
+    found = {".".join(p.parent.relative_to(SRC.parent).parts) for p in SRC.rglob("__init__.py")} | {
+        "evaluation",
+        "k3lab.conf",
+    }
     assert listed == found
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(root), "-w", str(tmp_path)],
-                   check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(root),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     names = set(zipfile.ZipFile(next(tmp_path.glob("k3lab-*.whl"))).namelist())
     configs = {f"k3lab/conf/{p.relative_to(root / 'conf').as_posix()}" for p in (root / "conf").rglob("*.yaml")}
     assert len(configs) > 50 and configs <= names and "evaluation/data/sbs_page.html" in names

@@ -39,8 +39,23 @@ def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "group", ["trainer", "logger", "callbacks", "data", "model/autoencoder", "model/prior", "model/text_encoder", "model/unet",
-              "model/unet/block", "model/clip", "debug", "stage", "paths", "sampling"]
+    "group",
+    [
+        "trainer",
+        "logger",
+        "callbacks",
+        "data",
+        "model/autoencoder",
+        "model/prior",
+        "model/text_encoder",
+        "model/unet",
+        "model/unet/block",
+        "model/clip",
+        "debug",
+        "stage",
+        "paths",
+        "sampling",
+    ],
 )
 def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
     """Each option composes, resolves, and is what the config then holds (its own file's values, not the default's)."""
@@ -55,7 +70,9 @@ def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
         node = OmegaConf.select(cfg, group.replace("/", ".")) if not str(own).startswith("{'# @package") else None
         target = own.get("_target_") if isinstance(own, dict) or hasattr(own, "get") else None
         if node is not None and target is not None:
-            assert node.get("_target_") == target, f"{group}={option}: _target_ {node.get('_target_')} instead of {target}"
+            assert node.get("_target_") == target, (
+                f"{group}={option}: _target_ {node.get('_target_')} instead of {target}"
+            )
 
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))
@@ -65,7 +82,9 @@ def test_launchers_compose(launcher: str, tmp_path: Path) -> None:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=[f"hydra/launcher={launcher}", f"paths.root_dir={tmp_path}"], return_hydra_config=True
+        )
     assert "_target_" in cfg.hydra.launcher
     assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
 

@@ -12,21 +12,54 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only parity peer (pip install -e '.[test]')")
 
 from k3lab.checkpoint import CheckpointError  # noqa: E402
-from k3lab.convert.formats import (OFFICIAL_UNET, diffusers_movq_config, load_diffusers_movq, load_diffusers_unet,  # noqa: E402
-                                   load_official, movq_state_to_diffusers, unet_state_to_diffusers)
+from k3lab.convert.formats import (  # noqa: E402
+    OFFICIAL_UNET,
+    diffusers_movq_config,
+    load_diffusers_movq,
+    load_diffusers_unet,  # noqa: E402
+    load_official,
+    movq_state_to_diffusers,
+    unet_state_to_diffusers,
+)
 from k3lab.nn.text_conditioning import TextConditioning  # noqa: E402
 from k3lab.nn.unet import KandinskyUNet  # noqa: E402
 
 UNET_CONFIGS = [
-    dict(in_channels=4, time_embedding_dim=64, groups=8, attention_head_dim=16, layers_per_block=2, block_out_channels=(32, 64, 64, 128),
-         cross_attention_dim=48, encoder_hid_dim=40),
-    dict(in_channels=4, time_embedding_dim=96, groups=4, attention_head_dim=8, layers_per_block=3, block_out_channels=(16, 32, 64, 64),
-         cross_attention_dim=32, encoder_hid_dim=64),
-    dict(in_channels=9, time_embedding_dim=64, groups=8, attention_head_dim=32, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
-         cross_attention_dim=64, encoder_hid_dim=24),
+    dict(
+        in_channels=4,
+        time_embedding_dim=64,
+        groups=8,
+        attention_head_dim=16,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64, 128),
+        cross_attention_dim=48,
+        encoder_hid_dim=40,
+    ),
+    dict(
+        in_channels=4,
+        time_embedding_dim=96,
+        groups=4,
+        attention_head_dim=8,
+        layers_per_block=3,
+        block_out_channels=(16, 32, 64, 64),
+        cross_attention_dim=32,
+        encoder_hid_dim=64,
+    ),
+    dict(
+        in_channels=9,
+        time_embedding_dim=64,
+        groups=8,
+        attention_head_dim=32,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
+        cross_attention_dim=64,
+        encoder_hid_dim=24,
+    ),
 ]
-MOVQ_CONFIGS = [dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=64),
-                dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=3, embed_dim=3, n_embed=32)]
+MOVQ_CONFIGS = [
+    dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=64),
+    dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=3, embed_dim=3, n_embed=32),
+]
 
 
 def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -73,7 +106,10 @@ def test_movq_matches_diffusers_and_round_trips(i: int, tmp_path: Path) -> None:
     movq.eval()
     g = torch.Generator().manual_seed(1)
     factor = 2 ** (len(MOVQ_CONFIGS[i]["ch_mult"]) - 1)
-    z, img = torch.randn(2, MOVQ_CONFIGS[i]["embed_dim"], 32 // factor, 32 // factor, generator=g), torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z, img = (
+        torch.randn(2, MOVQ_CONFIGS[i]["embed_dim"], 32 // factor, 32 // factor, generator=g),
+        torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
+    )
     with torch.no_grad():
         assert (peer.decode(z, force_not_quantize=True).sample - movq.decode(z)).abs().max().item() <= 1e-5
         assert (peer.encode(img).latents - movq.encode(img)).abs().max().item() <= 1e-5
@@ -81,14 +117,16 @@ def test_movq_matches_diffusers_and_round_trips(i: int, tmp_path: Path) -> None:
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
 
 
-
-@pytest.mark.parametrize("change, named", [
-    (dict(layers_per_block=1), "layers_per_block=1"),
-    (dict(layers_per_block=(2, 3, 2, 2)), "layers_per_block=(2, 3, 2, 2)"),
-    (dict(block_out_channels=(32, 48, 64, 64)), "not multiples of the first width"),
-    (dict(block_out_channels=(32, 64, 64, 128, 128)), "5 levels"),
-    (dict(block_out_channels=(32, 64, 128)), "3 levels"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(layers_per_block=1), "layers_per_block=1"),
+        (dict(layers_per_block=(2, 3, 2, 2)), "layers_per_block=(2, 3, 2, 2)"),
+        (dict(block_out_channels=(32, 48, 64, 64)), "not multiples of the first width"),
+        (dict(block_out_channels=(32, 64, 64, 128, 128)), "5 levels"),
+        (dict(block_out_channels=(32, 64, 128)), "3 levels"),
+    ],
+)
 def test_unet_configs_diffusers_cannot_run_are_refused_by_name(change: dict, named: str, tmp_path: Path) -> None:
     """diffusers' Kandinsky3UNet builds these but fails in its own forward: k3lab refuses them, naming the setting."""
     from k3lab.convert.formats import unet_kwargs_from_diffusers
@@ -96,16 +134,35 @@ def test_unet_configs_diffusers_cannot_run_are_refused_by_name(change: dict, nam
     with pytest.raises(CheckpointError, match=re.escape(named)):
         unet_kwargs_from_diffusers({**UNET_CONFIGS[0], **change})
 
+
 # diffusers VQModel configs outside k3lab's presets: other encoder group counts (diffusers keeps 32 in the decoder's
 # spatial norms), attention at other or all levels, more layers, other image channels, the pipeline-only settings.
 DIFFUSERS_MOVQ_CONFIGS = [
     dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16),
-    dict(block_out_channels=(32, 32, 64), layers_per_block=2, latent_channels=3, norm_num_groups=8, num_vq_embeddings=48,
-         down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"),
-         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D")),
-    dict(block_out_channels=(64, 128), layers_per_block=1, latent_channels=4, vq_embed_dim=4, norm_num_groups=64, in_channels=4,
-         out_channels=1, act_fn="swish", down_block_types=("AttnDownEncoderBlock2D",) * 2, up_block_types=("AttnUpDecoderBlock2D",) * 2,
-         scaling_factor=0.5, force_upcast=True, sample_size=64),
+    dict(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        latent_channels=3,
+        norm_num_groups=8,
+        num_vq_embeddings=48,
+        down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"),
+    ),
+    dict(
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        latent_channels=4,
+        vq_embed_dim=4,
+        norm_num_groups=64,
+        in_channels=4,
+        out_channels=1,
+        act_fn="swish",
+        down_block_types=("AttnDownEncoderBlock2D",) * 2,
+        up_block_types=("AttnUpDecoderBlock2D",) * 2,
+        scaling_factor=0.5,
+        force_upcast=True,
+        sample_size=64,
+    ),
 ]
 
 
@@ -113,8 +170,12 @@ DIFFUSERS_MOVQ_CONFIGS = [
 def test_movq_matches_diffusers_on_configs_k3lab_presets_do_not_use(i: int, tmp_path: Path) -> None:
     cfg = DIFFUSERS_MOVQ_CONFIGS[i]
     n = len(cfg["block_out_channels"])
-    cfg = {"norm_type": "spatial", "down_block_types": ("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
-           "up_block_types": ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1), **cfg}
+    cfg = {
+        "norm_type": "spatial",
+        "down_block_types": ("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",),
+        "up_block_types": ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1),
+        **cfg,
+    }
     torch.manual_seed(i)
     peer = perturbed(diffusers.VQModel(**cfg), 10 + i)
     peer.save_pretrained(tmp_path / "movq")
@@ -130,25 +191,45 @@ def test_movq_matches_diffusers_on_configs_k3lab_presets_do_not_use(i: int, tmp_
     back, original = movq_state_to_diffusers(movq), peer.state_dict()
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
     again = diffusers_movq_config(movq.config)  # and back out: the same model in diffusers' own config
-    for key in ("norm_num_groups", "down_block_types", "up_block_types", "layers_per_block", "in_channels", "out_channels"):
-        assert tuple(again[key]) == tuple(peer.config[key]) if isinstance(again[key], list) else again[key] == peer.config[key], key
+    for key in (
+        "norm_num_groups",
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "in_channels",
+        "out_channels",
+    ):
+        assert (
+            tuple(again[key]) == tuple(peer.config[key])
+            if isinstance(again[key], list)
+            else again[key] == peer.config[key]
+        ), key
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(act_fn="gelu"), "act_fn='gelu'"),
-    (dict(mid_block_add_attention=False), "mid_block_add_attention=False"),
-    (dict(lookup_from_codebook=True), "lookup_from_codebook=True"),
-    (dict(norm_type="group"), "norm_type='group'"),
-    (dict(block_out_channels=(32, 48)), "block_out_channels=[32, 48]"),
-    (dict(down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D")), "do not mirror"),
-    (dict(vq_embed_dim=8), "vq_embed_dim=8 != latent_channels=4"),
-    (dict(down_block_types=("DownBlock2D", "DownEncoderBlock2D")), "block types ['DownBlock2D']"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(act_fn="gelu"), "act_fn='gelu'"),
+        (dict(mid_block_add_attention=False), "mid_block_add_attention=False"),
+        (dict(lookup_from_codebook=True), "lookup_from_codebook=True"),
+        (dict(norm_type="group"), "norm_type='group'"),
+        (dict(block_out_channels=(32, 48)), "block_out_channels=[32, 48]"),
+        (dict(down_block_types=("AttnDownEncoderBlock2D", "DownEncoderBlock2D")), "do not mirror"),
+        (dict(vq_embed_dim=8), "vq_embed_dim=8 != latent_channels=4"),
+        (dict(down_block_types=("DownBlock2D", "DownEncoderBlock2D")), "block types ['DownBlock2D']"),
+    ],
+)
 def test_movq_configs_k3lab_cannot_reproduce_are_refused_by_name(change: dict, named: str) -> None:
     from k3lab.convert.formats import movq_kwargs_from_diffusers
 
-    cfg = {"norm_type": "spatial", "block_out_channels": (32, 64), "latent_channels": 4, "norm_num_groups": 16,
-           "down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"), "up_block_types": ("AttnUpDecoderBlock2D", "UpDecoderBlock2D")}
+    cfg = {
+        "norm_type": "spatial",
+        "block_out_channels": (32, 64),
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        "down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        "up_block_types": ("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+    }
     with pytest.raises(CheckpointError, match=re.escape(named)):
         movq_kwargs_from_diffusers({**cfg, **change})
 
@@ -157,10 +238,22 @@ def test_movq_export_keeps_its_groups_or_refuses() -> None:
     from k3lab.nn.movq import MoVQ
 
     tiny = MoVQ(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, num_groups=8)
-    with pytest.raises(CheckpointError, match="decoder norms with 8 groups"):  # movq_tiny-like: diffusers cannot express it
+    with pytest.raises(
+        CheckpointError, match="decoder norms with 8 groups"
+    ):  # movq_tiny-like: diffusers cannot express it
         diffusers_movq_config(tiny.config)
-    ok = MoVQ(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, num_groups=8, decoder_num_groups=32)
+    ok = MoVQ(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        z_channels=4,
+        embed_dim=4,
+        n_embed=16,
+        num_groups=8,
+        decoder_num_groups=32,
+    )
     assert diffusers_movq_config(ok.config)["norm_num_groups"] == 8
+
 
 def test_padding_semantics_default_official_and_diffusers_compat(tmp_path: Path) -> None:
     """Official: project, THEN zero pads (pads add nothing to the pooling mean); diffusers: zero pads, then project
@@ -191,20 +284,33 @@ def test_padding_semantics_default_official_and_diffusers_compat(tmp_path: Path)
 def test_diffusers_ddpm_sampler_reproduces_the_scheduler() -> None:
     from k3lab.diffusion import Schedule, get_sampler
 
-    sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, steps_offset=1, timestep_spacing="leading")
+    sched = diffusers.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", clip_sample=True, steps_offset=1, timestep_spacing="leading"
+    )
     sched.set_timesteps(10)
     denoise = lambda x, t: 0.3 * x + (t.float() / 1000).reshape(-1, 1, 1, 1)  # noqa: E731
     noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     x, g = noise.clone(), torch.Generator().manual_seed(5)
     for t in sched.timesteps:
         x = sched.step(denoise(x, t.expand(2)), t, x, generator=g).prev_sample
-    ours = get_sampler("diffusers_ddpm")(denoise, noise, Schedule.cosine(), 10, generator=torch.Generator().manual_seed(5))
+    ours = get_sampler("diffusers_ddpm")(
+        denoise, noise, Schedule.cosine(), 10, generator=torch.Generator().manual_seed(5)
+    )
     assert [int(t) for t in sched.timesteps] == list(range(901, 0, -100))
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
 def tiny_official_kwargs() -> dict:
-    return dict(OFFICIAL_UNET, model_channels=16, init_channels=8, time_embed_dim=32, context_dim=24, groups=4, head_dim=8, num_blocks=(1, 1, 1, 1))
+    return dict(
+        OFFICIAL_UNET,
+        model_channels=16,
+        init_channels=8,
+        time_embed_dim=32,
+        context_dim=24,
+        groups=4,
+        head_dim=8,
+        num_blocks=(1, 1, 1, 1),
+    )
 
 
 @pytest.mark.parametrize("layout", ["3.0", "3.1"])
@@ -212,7 +318,11 @@ def test_official_layouts_load_strictly(layout: str, tmp_path: Path) -> None:
     kwargs = tiny_official_kwargs()
     torch.manual_seed(0)
     unet, cond = KandinskyUNet(**kwargs), TextConditioning(40, 24)
-    proj = {"0.weight": cond.projection[0].weight, "1.weight": cond.projection[1].weight, "1.bias": cond.projection[1].bias}
+    proj = {
+        "0.weight": cond.projection[0].weight,
+        "1.weight": cond.projection[1].weight,
+        "1.bias": cond.projection[1].bias,
+    }
     ckpt = {"unet": unet.state_dict(), "null_embedding": cond.null_embedding.detach().clone()}
     projection = None
     if layout == "3.0":
@@ -222,7 +332,9 @@ def test_official_layouts_load_strictly(layout: str, tmp_path: Path) -> None:
         torch.save(proj, projection)
     torch.save(ckpt, tmp_path / "kandinsky3.pt")
     loaded, lcond, _ = load_official(tmp_path / "kandinsky3.pt", projection, unet_kwargs=kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values(), strict=False)
+    )
     torch.testing.assert_close(lcond.state_dict(), cond.state_dict())
     # strict: a missing and a mis-shaped key are named
     del ckpt["unet"]["in_layer.bias"]
@@ -246,8 +358,19 @@ def test_exact_sizes_on_the_meta_device() -> None:
     with torch.device("meta"):
         unet, cond = KandinskyUNet(**OFFICIAL_UNET), TextConditioning(4096, 4096)
         movq = MoVQ()
-        ul2 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=256, d_ff=16384, num_layers=32, num_heads=16,
-                                      feed_forward_proj="gated-silu", relative_attention_num_buckets=32, layer_norm_epsilon=1e-6))
+        ul2 = T5EncoderModel(
+            T5Config(
+                vocab_size=32128,
+                d_model=4096,
+                d_kv=256,
+                d_ff=16384,
+                num_layers=32,
+                num_heads=16,
+                feed_forward_proj="gated-silu",
+                relative_attention_num_buckets=32,
+                layer_norm_epsilon=1e-6,
+            )
+        )
     n_unet = sum(p.numel() for p in unet.parameters())
     n_proj = sum(p.numel() for p in cond.projection.parameters())
     assert (n_unet, n_proj, n_unet + n_proj) == (3_038_562_820, 16_785_408, 3_055_348_228)
@@ -268,39 +391,94 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pipe")
     t5 = build_tiny_t5(root / "t5", caption_vocabulary())
     torch.manual_seed(0)
-    unet = perturbed(diffusers.Kandinsky3UNet(in_channels=4, time_embedding_dim=64, groups=8, attention_head_dim=16, layers_per_block=2,
-                                              block_out_channels=(32, 64, 64, 128), cross_attention_dim=48, encoder_hid_dim=64), 0)
-    movq = perturbed(diffusers.VQModel(**{k: v for k, v in diffusers_movq_config(dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=4,
-                                                                                       embed_dim=4, n_embed=64)).items() if not k.startswith("_")}), 1)
-    scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, steps_offset=1, timestep_spacing="leading")
-    pipe = diffusers.Kandinsky3Pipeline(tokenizer=AutoTokenizer.from_pretrained(t5), text_encoder=T5EncoderModel.from_pretrained(t5),
-                                        unet=unet, scheduler=scheduler, movq=movq)
+    unet = perturbed(
+        diffusers.Kandinsky3UNet(
+            in_channels=4,
+            time_embedding_dim=64,
+            groups=8,
+            attention_head_dim=16,
+            layers_per_block=2,
+            block_out_channels=(32, 64, 64, 128),
+            cross_attention_dim=48,
+            encoder_hid_dim=64,
+        ),
+        0,
+    )
+    movq = perturbed(
+        diffusers.VQModel(
+            **{
+                k: v
+                for k, v in diffusers_movq_config(
+                    dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=64)
+                ).items()
+                if not k.startswith("_")
+            }
+        ),
+        1,
+    )
+    scheduler = diffusers.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", clip_sample=True, steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = diffusers.Kandinsky3Pipeline(
+        tokenizer=AutoTokenizer.from_pretrained(t5),
+        text_encoder=T5EncoderModel.from_pretrained(t5),
+        unet=unet,
+        scheduler=scheduler,
+        movq=movq,
+    )
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
 
 
-def test_diffusers_pipeline_to_k3lab_sample_and_back(tiny_pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_diffusers_pipeline_to_k3lab_sample_and_back(
+    tiny_pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from k3lab.convert.__main__ import main as convert
     from k3lab.generate import load_generator
     from k3lab.sample import main as sample
 
     convert(["diffusers", str(tiny_pipeline), "--out", str(tmp_path / "k3")])
-    gen, cfg = load_generator(tmp_path / "k3", text_encoder_dtype="float32")  # experiment=kandinsky3 runs its encoder in bf16
+    gen, cfg = load_generator(
+        tmp_path / "k3", text_encoder_dtype="float32"
+    )  # experiment=kandinsky3 runs its encoder in bf16
     assert cfg.stage.diffusers_compat and cfg.choices["model/unet"] == "converted"
     # one denoising step of the converted model equals diffusers' U-Net on the pipeline's own encoding
     load_pipeline = diffusers.Kandinsky3Pipeline.from_pretrained
     pipe = load_pipeline(tiny_pipeline)
-    prompt_embeds, _, mask, _ = pipe.encode_prompt("a red circle left of a blue square", do_classifier_free_guidance=False, _cut_context=True)
+    prompt_embeds, _, mask, _ = pipe.encode_prompt(
+        "a red circle left of a blue square", do_classifier_free_guidance=False, _cut_context=True
+    )
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     with torch.no_grad():
         ref = pipe.unet(x, t, prompt_embeds, mask).sample
         ctx, m = gen.encode(["a red circle left of a blue square"])
         ours = gen.unet(x, t, ctx, m)
     assert (ref - ours).abs().max().item() <= 1e-4
-    assert sample([str(tmp_path / "k3"), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "s"), "--resolution", "64",
-                   "--sampler", "diffusers_ddpm", "--free-text-encoder", "--sequential"]) == 0
+    assert (
+        sample(
+            [
+                str(tmp_path / "k3"),
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+                "--resolution",
+                "64",
+                "--sampler",
+                "diffusers_ddpm",
+                "--free-text-encoder",
+                "--sequential",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "s" / "metadata.jsonl").read_text())["sampler"] == "diffusers_ddpm"
-    assert sample([str(tmp_path / "k3"), "--prompt", "x", "--unet-preset", "kandinsky3", "--out", str(tmp_path / "s2")]) == 2
+    assert (
+        sample([str(tmp_path / "k3"), "--prompt", "x", "--unet-preset", "kandinsky3", "--out", str(tmp_path / "s2")])
+        == 2
+    )
     assert "holds the model/unet=converted preset, not model/unet=kandinsky3" in capsys.readouterr().err
     convert(["to-diffusers", str(tmp_path / "k3"), "--out", str(tmp_path / "back")])
     back = load_pipeline(tmp_path / "back")
@@ -321,13 +499,22 @@ def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path
     kwargs = dict(tiny_official_kwargs(), context_dim=48)
     torch.manual_seed(0)
     unet, cond = perturbed(KandinskyUNet(**kwargs), 2), TextConditioning(64, 48)
-    ckpt = {"unet": unet.state_dict(), "null_embedding": cond.null_embedding.detach().clone(),
-            "projections": {"t5.0.weight": cond.projection[0].weight, "t5.1.weight": cond.projection[1].weight, "t5.1.bias": cond.projection[1].bias}}
+    ckpt = {
+        "unet": unet.state_dict(),
+        "null_embedding": cond.null_embedding.detach().clone(),
+        "projections": {
+            "t5.0.weight": cond.projection[0].weight,
+            "t5.1.weight": cond.projection[1].weight,
+            "t5.1.bias": cond.projection[1].bias,
+        },
+    }
     torch.save(ckpt, tmp_path / "kandinsky3.pt")
     loaded, lcond, lkw = load_official(tmp_path / "kandinsky3.pt", unet_kwargs=kwargs)
     movq, mkw = load_diffusers_movq(tiny_pipeline / "movq")
     encoder = copy_text_encoder(tiny_pipeline, tmp_path / "t5")
-    out = write_k3lab(tmp_path / "k3", loaded, lkw, lcond, write_movq(tmp_path / "k3" / "movq", movq, mkw), str(encoder), "official")
+    out = write_k3lab(
+        tmp_path / "k3", loaded, lkw, lcond, write_movq(tmp_path / "k3" / "movq", movq, mkw), str(encoder), "official"
+    )
     gen, cfg = load_generator(out)
     assert not cfg.stage.diffusers_compat  # official semantics: learned null embedding
     torch.testing.assert_close(gen.arm.conditioning.null_embedding, cond.null_embedding)

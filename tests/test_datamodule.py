@@ -61,7 +61,13 @@ def test_bad_samples_are_skipped_and_counted(bad_shard: Path) -> None:
     ds = ShardDataset([str(bad_shard)], resolution=32, min_image_size=32, shuffle=False)
     keys, skipped = run(ds)
     assert keys == ["bad-000.tar/000", "bad-000.tar/001", "bad-000.tar/007"]
-    assert skipped == {"undecodable_image": 1, "missing_caption": 1, "empty_caption": 1, "missing_image": 1, "image_too_small": 1}
+    assert skipped == {
+        "undecodable_image": 1,
+        "missing_caption": 1,
+        "empty_caption": 1,
+        "missing_image": 1,
+        "image_too_small": 1,
+    }
 
 
 def test_truncated_shard_is_counted_and_the_next_shard_still_read(bad_shard: Path, tmp_path: Path) -> None:
@@ -122,8 +128,13 @@ def test_shuffling_is_seeded_and_changes_per_epoch(tmp_path: Path) -> None:
 def test_datamodule_over_brace_pattern_and_epoch_loader(tmp_path: Path) -> None:
     for i in range(3):
         write_shard(tmp_path / f"d-{i:03d}.tar", good(f"{i}00") + good(f"{i}01"))
-    dm = ShardDataModule(shards={"train": str(tmp_path / "d-{000..002}.tar"), "val": str(tmp_path / "d-000.tar")},
-                         resolution=32, batch_size=2, min_image_size=32, seed=3)
+    dm = ShardDataModule(
+        shards={"train": str(tmp_path / "d-{000..002}.tar"), "val": str(tmp_path / "d-000.tar")},
+        resolution=32,
+        batch_size=2,
+        min_image_size=32,
+        seed=3,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     first = [k for b in loader for k in b["key"]]
@@ -160,7 +171,7 @@ def test_scene_world_through_the_datamodule(tmp_path: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (8, 3, 64, 64)
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    assert all(m["caption"] == c for m, c in zip(batch["metadata"], batch["caption"]))
+    assert all(m["caption"] == c for m, c in zip(batch["metadata"], batch["caption"], strict=False))
     held = [b for b in dm.split_dataloader("heldout")]
     assert sum(len(b["key"]) for b in held) == 8
     assert np.all([m["split"] == "heldout" for b in held for m in b["metadata"]])

@@ -93,7 +93,14 @@ def test_samplers_are_reproducible_with_a_generator_and_call_back() -> None:
     s = Schedule.cosine()
     noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     seen = []
-    a = SAMPLERS["kandinsky3"](exact_gaussian_denoiser(s), noise, s, 10, generator=torch.Generator().manual_seed(3), callback=lambda i, t, x0: seen.append(t))
+    a = SAMPLERS["kandinsky3"](
+        exact_gaussian_denoiser(s),
+        noise,
+        s,
+        10,
+        generator=torch.Generator().manual_seed(3),
+        callback=lambda i, t, x0: seen.append(t),
+    )
     b = SAMPLERS["kandinsky3"](exact_gaussian_denoiser(s), noise, s, 10, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)
     assert seen == strided_timesteps(1000, 10)

@@ -19,7 +19,12 @@ from k3lab.train import train
 
 from conftest import SMALL_WORLD, compose_config
 
-PIXEL = ["stage.first_stage.checkpoint=null", "model.unet.in_channels=3", "model.unet.out_channels=3", "stage.latent_scale=1.0"]
+PIXEL = [
+    "stage.first_stage.checkpoint=null",
+    "model.unet.in_channels=3",
+    "model.unet.out_channels=3",
+    "stage.latent_scale=1.0",
+]
 FAST_UNET = ["model.unet.model_channels=32", "model.unet.init_channels=16"]
 
 
@@ -33,9 +38,22 @@ def t2i_cfg(tmp_path: Path, data_root: Path, weights_dir: Path) -> Callable[...,
     """``t2i_cfg(*overrides)``: experiment=text2image_tiny in pixel space at 16 px, shrunk for CPU tests."""
 
     def make(*overrides: str, root: Path | None = None, scene_world: bool = True) -> DictConfig:
-        base = ["experiment=text2image_tiny", f"paths.data_dir={data_root}", f"paths.weights_dir={weights_dir}", *(SMALL_WORLD if scene_world else []), *PIXEL,
-                "data.resolution=16", "logger=csv", "data.batch_size=8", "data.val_batch_size=16", "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false", "trainer.limit_val_batches=1", "sampling.steps=4", "stage.val_prompts=[a red circle,a blue square]"]
+        base = [
+            "experiment=text2image_tiny",
+            f"paths.data_dir={data_root}",
+            f"paths.weights_dir={weights_dir}",
+            *(SMALL_WORLD if scene_world else []),
+            *PIXEL,
+            "data.resolution=16",
+            "logger=csv",
+            "data.batch_size=8",
+            "data.val_batch_size=16",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "trainer.limit_val_batches=1",
+            "sampling.steps=4",
+            "stage.val_prompts=[a red circle,a blue square]",
+        ]
         return compose_config([*base, *overrides], root or tmp_path)
 
     return make
@@ -44,10 +62,21 @@ def t2i_cfg(tmp_path: Path, data_root: Path, weights_dir: Path) -> Callable[...,
 def test_overfits_a_handful_of_scenes(t2i_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
     """8 training scenes, 400 steps: samples from their captions are their images (nearest training image is the
     own one for every caption; pixel error far below the other images', a blank mean image's, and noise's)."""
-    cfg = t2i_cfg("data.source.num_train=8", "data.source.shard_size=8", "+data.source.kind_weights={single: 1.0}",
-                  "data.shuffle_buffer=1", "trainer.max_steps=400", "trainer.val_check_interval=400", "stage.caption_dropout=0.0",
-                  "stage.ema_decay=0.99", "stage.optimizer.lr=3e-3", "stage.warmup_steps=0", "stage.val_prompts=[]", *FAST_UNET,
-                  f"paths.data_dir={tmp_path}/data")
+    cfg = t2i_cfg(
+        "data.source.num_train=8",
+        "data.source.shard_size=8",
+        "+data.source.kind_weights={single: 1.0}",
+        "data.shuffle_buffer=1",
+        "trainer.max_steps=400",
+        "trainer.val_check_interval=400",
+        "stage.caption_dropout=0.0",
+        "stage.ema_decay=0.99",
+        "stage.optimizer.lr=3e-3",
+        "stage.warmup_steps=0",
+        "stage.val_prompts=[]",
+        *FAST_UNET,
+        f"paths.data_dir={tmp_path}/data",
+    )
     train(cfg)
     generator, _ = load_generator(cfg.paths.checkpoint_dir)
     dm = instantiate(cfg.data)
@@ -60,7 +89,9 @@ def test_overfits_a_handful_of_scenes(t2i_cfg: Callable[..., DictConfig], tmp_pa
     own, other = err.diag().mean().item(), err[~torch.eye(8, dtype=torch.bool)].mean().item()
     blank = ((images.mean(0, keepdim=True) - images) ** 2).mean().item()
     noise = ((torch.rand_like(images) - images) ** 2).mean().item()
-    print(f"pixel MSE own {own:.4f}, other training images {other:.4f}, mean image {blank:.4f}, uniform noise {noise:.4f}")
+    print(
+        f"pixel MSE own {own:.4f}, other training images {other:.4f}, mean image {blank:.4f}, uniform noise {noise:.4f}"
+    )
     assert (err.argmin(dim=1) == torch.arange(8)).all(), err
     assert own < 0.25 * other and own < 0.5 * blank and own < 0.02 * noise
 
@@ -69,14 +100,40 @@ def test_overfits_a_handful_of_scenes(t2i_cfg: Callable[..., DictConfig], tmp_pa
 def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path, weights_dir: Path) -> DictConfig:
     """A few steps of the real path (tiny MoVQ first stage from an autoencoder run, latent scale 'auto')."""
     root = tmp_path_factory.mktemp("t2i")
-    ae = compose_config(["experiment=autoencoder_tiny", f"paths.data_dir={data_root}", *SMALL_WORLD, "logger=csv", "data.batch_size=8",
-                         "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"], root / "ae")
+    ae = compose_config(
+        [
+            "experiment=autoencoder_tiny",
+            f"paths.data_dir={data_root}",
+            *SMALL_WORLD,
+            "logger=csv",
+            "data.batch_size=8",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+        ],
+        root / "ae",
+    )
     train(ae)
     ckpt = Path(ae.paths.checkpoint_dir) / "autoencoder.safetensors"
-    cfg = compose_config(["experiment=text2image_tiny", f"paths.data_dir={data_root}", f"paths.weights_dir={weights_dir}", *SMALL_WORLD,
-                          f"stage.first_stage.checkpoint={ckpt}", "logger=csv", "data.batch_size=8", "trainer.max_steps=4",
-                          "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-                          "sampling.steps=3", "stage.val_prompts=[a red circle,a blue square]"], root / "t2i")
+    cfg = compose_config(
+        [
+            "experiment=text2image_tiny",
+            f"paths.data_dir={data_root}",
+            f"paths.weights_dir={weights_dir}",
+            *SMALL_WORLD,
+            f"stage.first_stage.checkpoint={ckpt}",
+            "logger=csv",
+            "data.batch_size=8",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            "sampling.steps=3",
+            "stage.val_prompts=[a red circle,a blue square]",
+        ],
+        root / "t2i",
+    )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     return cfg
@@ -95,24 +152,71 @@ def test_trains_on_movq_latents_and_exports_everything(trained: DictConfig) -> N
     grids = list((Path(trained.paths.output_dir) / "images").glob("val_samples_*.png"))
     assert len(grids) == 2  # validation at steps 2 and 4 sampled the prompts
     from_ckpt, _ = load_generator(ckpt / "last.ckpt")  # the Lightning checkpoint gives the same EMA weights
-    torch.testing.assert_close(from_ckpt(["a red circle"], [0], 64, "ddim", 3, 0.0), generator(["a red circle"], [0], 64, "ddim", 3, 0.0))
+    torch.testing.assert_close(
+        from_ckpt(["a red circle"], [0], 64, "ddim", 3, 0.0), generator(["a red circle"], [0], 64, "ddim", 3, 0.0)
+    )
 
 
-def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sample_cli_writes_images_and_metadata(
+    trained: DictConfig, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from k3lab.sample import main
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "p1", "prompt": "a green cross", "category": "single"}\n{"id": "p2", "prompt": "two red disks"}\n')
+    prompts.write_text(
+        '{"id": "p1", "prompt": "a green cross", "category": "single"}\n{"id": "p2", "prompt": "two red disks"}\n'
+    )
     out = tmp_path / "out"
-    assert main([str(trained.paths.checkpoint_dir), "--prompt", "a red circle", "--prompt-file", str(prompts), "--out", str(out),
-                 "--steps", "3", "--sampler", "dpmpp_2m", "--num-per-prompt", "2", "--seed", "7"]) == 0
+    assert (
+        main(
+            [
+                str(trained.paths.checkpoint_dir),
+                "--prompt",
+                "a red circle",
+                "--prompt-file",
+                str(prompts),
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--sampler",
+                "dpmpp_2m",
+                "--num-per-prompt",
+                "2",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and [r["seed"] for r in rows[:2]] == [7, 8]
     assert rows[2]["prompt_id"] == "p1" and rows[2]["category"] == "single" and rows[4]["prompt"] == "two red disks"
-    assert {r["sampler"] for r in rows} == {"dpmpp_2m"} and rows[0]["steps"] == 3 and rows[0]["guidance"] == 3.0 and rows[0]["resolution"] == 64
-    assert rows[0]["x0_threshold"] is None  # the tiny preset turns the official thresholding off (unit-variance latents)
-    assert main([str(trained.paths.checkpoint_dir), "--prompt", "a red circle", "--out", str(tmp_path / "thr"), "--steps", "3",
-                 "--x0-threshold", "0.5"]) == 0
+    assert (
+        {r["sampler"] for r in rows} == {"dpmpp_2m"}
+        and rows[0]["steps"] == 3
+        and rows[0]["guidance"] == 3.0
+        and rows[0]["resolution"] == 64
+    )
+    assert (
+        rows[0]["x0_threshold"] is None
+    )  # the tiny preset turns the official thresholding off (unit-variance latents)
+    assert (
+        main(
+            [
+                str(trained.paths.checkpoint_dir),
+                "--prompt",
+                "a red circle",
+                "--out",
+                str(tmp_path / "thr"),
+                "--steps",
+                "3",
+                "--x0-threshold",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "thr" / "metadata.jsonl").read_text())["x0_threshold"] == 0.5
     for r in rows:
         assert Image.open(out / r["file"]).size == (64, 64)
@@ -121,30 +225,62 @@ def test_sample_cli_writes_images_and_metadata(trained: DictConfig, tmp_path: Pa
     assert len(load_folder(out, expected=6)) == 6
     capsys.readouterr()
     # bad input: one line naming the problem (exit 2), no traceback
-    assert main([str(trained.paths.checkpoint_dir), "--prompt", "x", "--out", str(out), "--resolution", "60", "--steps", "2"]) == 2
+    assert (
+        main(
+            [
+                str(trained.paths.checkpoint_dir),
+                "--prompt",
+                "x",
+                "--out",
+                str(out),
+                "--resolution",
+                "60",
+                "--steps",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("error: resolution 60 is not divisible by 32") and "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1].startswith("error: resolution 60 is not divisible by 32")
+        and "Traceback" not in err
+    )
     assert main([str(tmp_path / "no" / "such" / "path"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no such checkpoint:") and "Traceback" not in err and err.count("\n") == 1
     # the sampling defaults come from the run's sampling group (the tiny preset: 25 steps, no thresholding)
     assert main([str(trained.paths.checkpoint_dir), "--prompt", "x", "--out", str(tmp_path / "defaults")]) == 0
     row = json.loads((tmp_path / "defaults" / "metadata.jsonl").read_text())
-    assert (row["sampler"], row["steps"], row["guidance"], row["x0_threshold"]) == (trained.sampling.sampler, trained.sampling.steps, 3.0, None)
+    assert (row["sampler"], row["steps"], row["guidance"], row["x0_threshold"]) == (
+        trained.sampling.sampler,
+        trained.sampling.steps,
+        3.0,
+        None,
+    )
 
 
-def test_checkpoint_of_another_stage_or_preset_is_refused(trained: DictConfig, tmp_path: Path, t2i_cfg: Callable[..., DictConfig]) -> None:
+def test_checkpoint_of_another_stage_or_preset_is_refused(
+    trained: DictConfig, tmp_path: Path, t2i_cfg: Callable[..., DictConfig]
+) -> None:
     from k3lab.checkpoint import load_first_stage
 
     first = Path(trained.stage.first_stage.checkpoint)
     with pytest.raises(CheckpointError, match=r"autoencoder stage .*the diffusion stage's checkpoint is needed"):
         load_generator(first)
-    with pytest.raises(CheckpointError, match=r"diffusion stage \(.*model/unet=tiny.*\).*autoencoder stage's checkpoint is needed"):
+    with pytest.raises(
+        CheckpointError, match=r"diffusion stage \(.*model/unet=tiny.*\).*autoencoder stage's checkpoint is needed"
+    ):
         load_first_stage(str(Path(trained.paths.checkpoint_dir) / "unet.safetensors"))
     with pytest.raises(CheckpointError, match="holds the model/unet=tiny preset, not model/unet=kandinsky3"):
         load_generator(trained.paths.checkpoint_dir, unet_preset="kandinsky3")
-    resume = t2i_cfg(f"stage.first_stage.checkpoint={first}", "model.unet.in_channels=4", "model.unet.out_channels=4",
-                     "model/unet/block=resnet", f"ckpt_path={trained.paths.checkpoint_dir}/last.ckpt")
+    resume = t2i_cfg(
+        f"stage.first_stage.checkpoint={first}",
+        "model.unet.in_channels=4",
+        "model.unet.out_channels=4",
+        "model/unet/block=resnet",
+        f"ckpt_path={trained.paths.checkpoint_dir}/last.ckpt",
+    )
     with pytest.raises(CheckpointError, match="model/unet/block: checkpoint biggan_deep vs this run resnet"):
         train(resume)
     other_stage = t2i_cfg(f"ckpt_path={first.parent}/last.ckpt")
@@ -156,11 +292,16 @@ def test_resolution_not_divisible_is_a_clear_error(t2i_cfg: Callable[..., DictCo
     cfg = t2i_cfg("data.resolution=18")
     from hydra.errors import InstantiationException
 
-    with pytest.raises((ValueError, InstantiationException), match=r"resolution 18 is not divisible by 4 \(= first-stage factor 1 x U-Net factor 4\)"):
+    with pytest.raises(
+        (ValueError, InstantiationException),
+        match=r"resolution 18 is not divisible by 4 \(= first-stage factor 1 x U-Net factor 4\)",
+    ):
         instantiate(cfg.stage)
 
 
-def test_nan_loss_stops_naming_step_and_batch_and_keeps_checkpoints(t2i_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_naming_step_and_batch_and_keeps_checkpoints(
+    t2i_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import k3lab.stages.diffusion as stage_module
 
     real, calls = stage_module.diffusion_loss, {"n": 0}
@@ -184,22 +325,38 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_checkpoints(t2i_cfg: Cal
     assert all(torch.isfinite(v).all() for v in load_state_dict(ckpt / "unet.safetensors").values())
 
 
-def test_precomputed_embeddings_and_latents_replace_the_encoders(t2i_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_precomputed_embeddings_and_latents_replace_the_encoders(
+    t2i_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     from k3lab.precompute import precompute
 
     cfg = t2i_cfg("precompute.latents=true", "precompute.shard_size=100", f"precompute.output_dir={tmp_path}/pre")
     out = precompute(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"train": 256, "val": 64, "test": 32, "heldout": 32} and len(manifest["shards"]["train"]) == 3
-    pre = t2i_cfg("data=precomputed", f"data.source.root={out}", "data.resolution=16", "data.feature_keys=[text.npy,latent.npy]",
-                  "trainer.max_steps=2", "trainer.val_check_interval=2", scene_world=False)
+    assert (
+        manifest["counts"] == {"train": 256, "val": 64, "test": 32, "heldout": 32}
+        and len(manifest["shards"]["train"]) == 3
+    )
+    pre = t2i_cfg(
+        "data=precomputed",
+        f"data.source.root={out}",
+        "data.resolution=16",
+        "data.feature_keys=[text.npy,latent.npy]",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        scene_world=False,
+    )
     dm = instantiate(pre.data)
     dm.setup()
     batch = next(iter(dm.split_dataloader("val", 4)))
     encoder = instantiate(pre.model.text_encoder.encoder)
     hidden, mask = encoder.encode(batch["caption"])
-    torch.testing.assert_close(batch["text_embedding"], hidden * mask[..., None], rtol=1e-4, atol=1e-5)  # both: longest + 1
-    assert torch.equal(batch["text_mask"], mask) and torch.equal(batch["latent"], batch["image"])  # pixel space: latent = image
+    torch.testing.assert_close(
+        batch["text_embedding"], hidden * mask[..., None], rtol=1e-4, atol=1e-5
+    )  # both: longest + 1
+    assert torch.equal(batch["text_mask"], mask) and torch.equal(
+        batch["latent"], batch["image"]
+    )  # pixel space: latent = image
     stage = instantiate(pre.stage, text_encoder=None)  # trains with no text encoder at all
     stage.text_encoder = None
     calls = []

@@ -24,7 +24,9 @@ def scene_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from k3lab.data.scene_world import SceneWorld
 
     tmp = tmp_path_factory.mktemp("cli")
-    shards = SceneWorld(root=str(tmp / "w"), seed=2, num_train=0, num_val=0, num_test=40, num_heldout=20, shard_size=100).build()
+    shards = SceneWorld(
+        root=str(tmp / "w"), seed=2, num_train=0, num_val=0, num_test=40, num_heldout=20, shard_size=100
+    ).build()
     records = list(load_shards(shards["test"] + shards["heldout"]))
     return write_folder(records, tmp / "images")
 
@@ -42,11 +44,32 @@ def test_compbench_command(scene_folder: Path, capsys: pytest.CaptureFixture, tm
 
 
 def test_sbs_round_trip_through_the_cli(scene_folder: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    blurred = [ImageRecord(np.asarray(Image.fromarray(r.image).resize((16, 16)).resize((64, 64))), r.prompt_id, r.prompt, r.seed,
-                           r.category, r.spec) for r in load_folder(scene_folder)]
+    blurred = [
+        ImageRecord(
+            np.asarray(Image.fromarray(r.image).resize((16, 16)).resize((64, 64))),
+            r.prompt_id,
+            r.prompt,
+            r.seed,
+            r.category,
+            r.spec,
+        )
+        for r in load_folder(scene_folder)
+    ]
     folder_b = write_folder(blurred, tmp_path / "b")
-    out = run_cli(capsys, "sbs-export", str(scene_folder), str(folder_b), "--model-a", "sharp", "--model-b", "blurry",
-                  "--out-dir", str(tmp_path / "pkg"), "--repeat-fraction", "0.1")
+    out = run_cli(
+        capsys,
+        "sbs-export",
+        str(scene_folder),
+        str(folder_b),
+        "--model-a",
+        "sharp",
+        "--model-b",
+        "blurry",
+        "--out-dir",
+        str(tmp_path / "pkg"),
+        "--repeat-fraction",
+        "0.1",
+    )
     assert out["num_pairs"] == 60 and Path(out["key"]).parent == tmp_path
     items = json.loads(Path(out["items"]).read_text())
     key = json.loads(Path(out["key"]).read_text())["items"]
@@ -56,8 +79,17 @@ def test_sbs_round_trip_through_the_cli(scene_folder: Path, capsys: pytest.Captu
         for it in items:
             for q in ("alignment", "quality"):
                 w.writerow([it["item_id"], "r1", q, "left" if key[it["item_id"]]["left"] == "sharp" else "right"])
-    report = run_cli(capsys, "sbs-ingest", str(tmp_path / "ann.csv"), "--key", out["key"], "--report-dir", str(tmp_path / "rep"),
-                     "--bootstrap", "200")
+    report = run_cli(
+        capsys,
+        "sbs-ingest",
+        str(tmp_path / "ann.csv"),
+        "--key",
+        out["key"],
+        "--report-dir",
+        str(tmp_path / "rep"),
+        "--bootstrap",
+        "200",
+    )
     q = report["questions"]["quality"]
     assert q["overall"]["win_rate_ties_half"] == 1.0 and q["consistency"]["rate"] == 1.0
     assert Path(report["files"]["plot"]).is_file()
@@ -73,8 +105,13 @@ def test_bad_input_exits_with_the_file_named(scene_folder: Path, tmp_path: Path,
 
 
 def test_module_entry_point_runs(scene_folder: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "evaluation", "compbench", str(scene_folder)], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "evaluation", "compbench", str(scene_folder)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["num_images"] == 60
 
@@ -84,6 +121,11 @@ def test_generator_source() -> None:
         return [np.full((8, 8, 3), s, dtype=np.uint8) for s in seeds]
 
     records = list(from_generator(generate, [Prompt("a", "x"), Prompt("b", "y")], seeds=[1, 2], batch_size=3))
-    assert [(r.prompt_id, r.seed, int(r.image[0, 0, 0])) for r in records] == [("a", 1, 1), ("a", 2, 2), ("b", 1, 1), ("b", 2, 2)]
+    assert [(r.prompt_id, r.seed, int(r.image[0, 0, 0])) for r in records] == [
+        ("a", 1, 1),
+        ("a", 2, 2),
+        ("b", 1, 1),
+        ("b", 2, 2),
+    ]
     with pytest.raises(ValueError, match="generator returned 1 images for 2 prompts"):
         list(from_generator(lambda p, s: [np.zeros((8, 8, 3))], [Prompt("a", "x")], seeds=[1, 2]))

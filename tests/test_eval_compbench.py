@@ -17,8 +17,15 @@ from k3lab.data.scene_world import SceneWorld
 
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarray, dict]]:
-    shards = SceneWorld(root=str(tmp_path_factory.mktemp("cb")), seed=11, num_train=600, num_val=0, num_test=0,
-                        num_heldout=200, shard_size=1000).build()
+    shards = SceneWorld(
+        root=str(tmp_path_factory.mktemp("cb")),
+        seed=11,
+        num_train=600,
+        num_val=0,
+        num_test=0,
+        num_heldout=200,
+        shard_size=1000,
+    ).build()
     items = []
     for shard in shards["train"] + shards["heldout"]:
         with tarfile.open(shard) as tar:
@@ -66,7 +73,11 @@ def test_wrong_colour_or_position_fails(renders: list) -> None:
     recoloured = img.copy()
     obj = spec["objects"][0]
     mask = np.all(np.abs(img.astype(int) - np.array(scene_spec.COLORS[obj["color"]])) < 30, axis=-1)
-    other = next(c for c in scene_spec.COLORS.values() if c != scene_spec.COLORS[obj["color"]] and c != scene_spec.COLORS[spec["objects"][1]["color"]])
+    other = next(
+        c
+        for c in scene_spec.COLORS.values()
+        if c != scene_spec.COLORS[obj["color"]] and c != scene_spec.COLORS[spec["objects"][1]["color"]]
+    )
     recoloured[mask] = other
     assert not compbench.check(spec, detector.detect(recoloured))["color_attr"]
 

@@ -16,47 +16,87 @@ from evaluation.images import ImageRecord, load_folder, load_shards, write_folde
 
 
 def random_features_net() -> torch.nn.Module:
-    """A fixed random conv net: a deterministic custom feature extractor (clean-fid's custom_feat_extractor contract)."""
+    """A fixed random conv net: a deterministic custom feature extractor (clean-fid's custom_feat_extractor
+    contract)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 5, stride=4),
-                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 5, stride=4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 5, stride=4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def scene_records(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[ImageRecord]]:
     from k3lab.data.scene_world import SceneWorld
 
-    shards = SceneWorld(root=str(tmp_path_factory.mktemp("m")), seed=5, num_train=2000, num_val=300, num_test=0, num_heldout=0,
-                        shard_size=1000).build()
+    shards = SceneWorld(
+        root=str(tmp_path_factory.mktemp("m")),
+        seed=5,
+        num_train=2000,
+        num_val=300,
+        num_test=0,
+        num_heldout=0,
+        shard_size=1000,
+    ).build()
     return {"train": list(load_shards(shards["train"])), "val": list(load_shards(shards["val"]))}
 
 
 def blur(records: list[ImageRecord], radius: float) -> list[ImageRecord]:
     if radius == 0:
         return records
-    return [ImageRecord(np.asarray(Image.fromarray(r.image).filter(ImageFilter.GaussianBlur(radius))), r.prompt_id, r.prompt, r.seed)
-            for r in records]
+    return [
+        ImageRecord(
+            np.asarray(Image.fromarray(r.image).filter(ImageFilter.GaussianBlur(radius))), r.prompt_id, r.prompt, r.seed
+        )
+        for r in records
+    ]
 
 
 def test_fid_self_is_zero_and_grows_with_distortion(scene_records: dict, tmp_path: Path) -> None:
     net = random_features_net()
-    extractor = lambda x: net(x / 255.0)
+
+    def extractor(x: torch.Tensor) -> torch.Tensor:
+        return net(x / 255.0)
+
     base = scene_records["val"][:200]
     ref = fid.record_features(base, extractor, verbose=False)
-    values = [fid.distances(fid.record_features(blur(base, r), extractor, verbose=False), ref)["fid"] for r in (0, 0.5, 1.0, 2.0)]
+    values = [
+        fid.distances(fid.record_features(blur(base, r), extractor, verbose=False), ref)["fid"]
+        for r in (0, 0.5, 1.0, 2.0)
+    ]
     assert abs(values[0]) < 1e-3, values
-    assert all(a < b for a, b in zip(values, values[1:])), values
+    assert all(a < b for a, b in zip(values, values[1:], strict=False)), values
 
 
 def test_fid_equals_a_direct_clean_fid_call(scene_records: dict, tmp_path: Path) -> None:
     from cleanfid import fid as cfid
 
     net = random_features_net()
-    extractor = lambda x: net(x / 255.0)
-    a, b = write_folder(scene_records["val"][:100], tmp_path / "a"), write_folder(blur(scene_records["val"][100:200], 1.0), tmp_path / "b")
-    ours = fid.distances(fid.folder_features(a, extractor, verbose=False), fid.folder_features(b, extractor, verbose=False))["fid"]
-    direct = cfid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=extractor, device=torch.device("cpu"),
-                              num_workers=0, verbose=False, use_dataparallel=False)
+
+    def extractor(x: torch.Tensor) -> torch.Tensor:
+        return net(x / 255.0)
+
+    a, b = (
+        write_folder(scene_records["val"][:100], tmp_path / "a"),
+        write_folder(blur(scene_records["val"][100:200], 1.0), tmp_path / "b"),
+    )
+    ours = fid.distances(
+        fid.folder_features(a, extractor, verbose=False), fid.folder_features(b, extractor, verbose=False)
+    )["fid"]
+    direct = cfid.compute_fid(
+        str(a),
+        str(b),
+        mode="clean",
+        custom_feat_extractor=extractor,
+        device=torch.device("cpu"),
+        num_workers=0,
+        verbose=False,
+        use_dataparallel=False,
+    )
     assert ours == pytest.approx(direct, rel=1e-6)
 
 
@@ -73,7 +113,9 @@ def test_wrong_extractor_shape_is_named(scene_records: dict) -> None:
 def test_reference_clip_learns_and_scores(scene_records: dict, tmp_path: Path) -> None:
     from evaluation import reference_clip
 
-    report = reference_clip.train(scene_records["train"], scene_records["val"][:100], tmp_path / "clip", steps=120, batch_size=64, lr=2e-3)
+    report = reference_clip.train(
+        scene_records["train"], scene_records["val"][:100], tmp_path / "clip", steps=120, batch_size=64, lr=2e-3
+    )
     r = report["heldout_retrieval"]
     assert r["image_to_text_top1"] > 5 * r["chance"], r
     clip = reference_clip.load_reference(tmp_path / "clip")
@@ -84,11 +126,16 @@ def test_reference_clip_learns_and_scores(scene_records: dict, tmp_path: Path) -
     assert json.loads((tmp_path / "clip" / "report.json").read_text())["heldout_retrieval"] == r
     # FD on CLIP features: the open_clip image tower as clean-fid's custom extractor
     size = clip.model.visual.image_size
-    extractor = fid.open_clip_extractor(clip.model, size[0] if isinstance(size, tuple) else size, reference_clip.OPENAI_MEAN, reference_clip.OPENAI_STD)
+    extractor = fid.open_clip_extractor(
+        clip.model, size[0] if isinstance(size, tuple) else size, reference_clip.OPENAI_MEAN, reference_clip.OPENAI_STD
+    )
     ref = fid.record_features(val, extractor, verbose=False)
     assert ref.shape == (64, 64)
     assert abs(fid.distances(ref, ref)["fid"]) < 1e-3
-    assert fid.compute(blur(val, 2.0), ref, extractor, clip.name)["fid"] > fid.compute(val, ref, extractor, clip.name)["fid"] + 1e-3
+    assert (
+        fid.compute(blur(val, 2.0), ref, extractor, clip.name)["fid"]
+        > fid.compute(val, ref, extractor, clip.name)["fid"] + 1e-3
+    )
 
 
 def test_reference_statistics_are_cached_by_key(scene_records: dict, tmp_path: Path) -> None:
@@ -99,7 +146,9 @@ def test_reference_statistics_are_cached_by_key(scene_records: dict, tmp_path: P
         calls.append(x.shape[0])
         return net(x / 255.0)
 
-    records = lambda: scene_records["val"][:40]
+    def records() -> list:
+        return scene_records["val"][:40]
+
     first = fid.reference_features(tmp_path, "scene_world", "val", 64, "randnet", records, extractor)
     n_calls = len(calls)
     second = fid.reference_features(tmp_path, "scene_world", "val", 64, "randnet", records, extractor)
@@ -135,7 +184,9 @@ def test_clip_score_definition_and_missing_weights(tmp_path: Path) -> None:
     assert (cos < 0).any() and (cos > 0).any()  # both signs: the two forms must differ
     assert result["per_image"] == pytest.approx(list(100 * np.maximum(cos, 0)), abs=1e-4)
     assert result["clip_score"] == pytest.approx(100 * np.maximum(cos, 0).mean(), abs=1e-4)
-    assert abs(result["clip_score"] - 100 * max(cos.mean(), 0)) > 0.1  # torchmetrics' clamp-the-mean form is another number
+    assert (
+        abs(result["clip_score"] - 100 * max(cos.mean(), 0)) > 0.1
+    )  # torchmetrics' clamp-the-mean form is another number
 
 
 def test_folder_errors_name_the_file(tmp_path: Path) -> None:

@@ -8,31 +8,48 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.prompts import (PromptSet, Prompt, load_drawbench, load_geneval, load_jsonl, load_own_prompts,
-                                load_partiprompts, load_scene_world, load_t2i_compbench)
+from evaluation.prompts import (
+    Prompt,
+    PromptSet,
+    load_drawbench,
+    load_geneval,
+    load_jsonl,
+    load_own_prompts,
+    load_partiprompts,
+    load_scene_world,
+    load_t2i_compbench,
+)
 
 from conftest import SHARED
 
 PROMPTS = SHARED / "prompt-sets"
-real_files = pytest.mark.skipif(not PROMPTS.is_dir(), reason=f"the public prompt sets are not at {PROMPTS} (set K3LAB_SHARED)")
+real_files = pytest.mark.skipif(
+    not PROMPTS.is_dir(), reason=f"the public prompt sets are not at {PROMPTS} (set K3LAB_SHARED)"
+)
 
 
 def test_partiprompts_format(tmp_path: Path) -> None:
     path = tmp_path / "PartiPrompts.tsv"
-    path.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\tBiology-inspired\n"
-                    "a red cube on a blue sphere\tArtifacts\tPerspective\t\n\"quoted, with tab-free text\"\tAbstract\tBasic\tn\n")
+    path.write_text(
+        "Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\tBiology-inspired\n"
+        'a red cube on a blue sphere\tArtifacts\tPerspective\t\n"quoted, with tab-free text"\tAbstract\tBasic\tn\n'
+    )
     ps = load_partiprompts(path)
     assert [p.text for p in ps] == ["bond", "a red cube on a blue sphere", "quoted, with tab-free text"]
     assert ps.categories() == {"Abstract": 2, "Artifacts": 1} and ps[1].spec["challenge"] == "Perspective"
 
 
 def test_geneval_format(tmp_path: Path) -> None:
-    rows = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-            {"tag": "counting", "include": [{"class": "cow", "count": 3}], "prompt": "a photo of three cows"}]
+    rows = [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+        {"tag": "counting", "include": [{"class": "cow", "count": 3}], "prompt": "a photo of three cows"},
+    ]
     path = tmp_path / "evaluation_metadata.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ps = load_geneval(path)
-    assert [p.category for p in ps] == ["single_object", "counting"] and ps[1].spec["include"] == [{"class": "cow", "count": 3}]
+    assert [p.category for p in ps] == ["single_object", "counting"] and ps[1].spec["include"] == [
+        {"class": "cow", "count": 3}
+    ]
     assert ps[0].text == "a photo of a bench"
 
 
@@ -40,7 +57,10 @@ def test_t2i_compbench_format(tmp_path: Path) -> None:
     (tmp_path / "color_val.txt").write_text("a green bench and a blue bowl\na blue bench and a green bowl\n")
     (tmp_path / "3d_spatial_val.txt").write_text("a dog in front of a desk\n")
     ps = load_t2i_compbench(tmp_path)
-    assert ps.categories() == {"color": 2, "3d_spatial": 1} and ps.filter(["color"])[0].text == "a green bench and a blue bowl"
+    assert (
+        ps.categories() == {"color": 2, "3d_spatial": 1}
+        and ps.filter(["color"])[0].text == "a green bench and a blue bowl"
+    )
 
 
 @real_files

@@ -23,7 +23,11 @@ def make_pairs(tmp_path: Path, n: int = 10) -> list[sbs.Pair]:
         for model, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
             (tmp_path / model).mkdir(exist_ok=True)
             Image.new("RGB", (32, 32), colour).save(tmp_path / model / f"{i}.png")
-        pairs.append(sbs.Pair(f"p{i}", f"prompt {i}", "cat" + str(i % 2), 0, tmp_path / "a" / f"{i}.png", tmp_path / "b" / f"{i}.png"))
+        pairs.append(
+            sbs.Pair(
+                f"p{i}", f"prompt {i}", "cat" + str(i % 2), 0, tmp_path / "a" / f"{i}.png", tmp_path / "b" / f"{i}.png"
+            )
+        )
     return pairs
 
 
@@ -49,18 +53,30 @@ def test_export_is_blinded_and_reproducible(tmp_path: Path) -> None:
 
 
 def write_key(path: Path) -> Path:
-    key = {"model_a": "A", "model_b": "B", "seed": 0, "items": {
-        "i1": {"prompt_id": "p1", "category": "x", "seed": 0, "left": "A", "right": "B", "repeat_of": None},
-        "i2": {"prompt_id": "p2", "category": "x", "seed": 0, "left": "B", "right": "A", "repeat_of": None},
-        "i3": {"prompt_id": "p3", "category": "y", "seed": 0, "left": "A", "right": "B", "repeat_of": None},
-        "i4": {"prompt_id": "p1", "category": "x", "seed": 0, "left": "B", "right": "A", "repeat_of": "i1"},
-    }}
+    key = {
+        "model_a": "A",
+        "model_b": "B",
+        "seed": 0,
+        "items": {
+            "i1": {"prompt_id": "p1", "category": "x", "seed": 0, "left": "A", "right": "B", "repeat_of": None},
+            "i2": {"prompt_id": "p2", "category": "x", "seed": 0, "left": "B", "right": "A", "repeat_of": None},
+            "i3": {"prompt_id": "p3", "category": "y", "seed": 0, "left": "A", "right": "B", "repeat_of": None},
+            "i4": {"prompt_id": "p1", "category": "x", "seed": 0, "left": "B", "right": "A", "repeat_of": "i1"},
+        },
+    }
     path.write_text(json.dumps(key))
     return path
 
 
-ROWS = [("i1", "r1", "left"), ("i2", "r1", "left"), ("i3", "r1", "tie"), ("i4", "r1", "right"),
-        ("i1", "r2", "left"), ("i2", "r2", "right"), ("i3", "r2", "left")]
+ROWS = [
+    ("i1", "r1", "left"),
+    ("i2", "r1", "left"),
+    ("i3", "r1", "tie"),
+    ("i4", "r1", "right"),
+    ("i1", "r2", "left"),
+    ("i2", "r2", "right"),
+    ("i3", "r2", "left"),
+]
 
 
 def write_annotations(path: Path, rows: list[tuple[str, str, str]], question: str = "alignment") -> Path:
@@ -73,7 +89,9 @@ def write_annotations(path: Path, rows: list[tuple[str, str, str]], question: st
 
 
 def test_aggregation_matches_hand_computed_values(tmp_path: Path) -> None:
-    report = sbs.ingest(write_annotations(tmp_path / "ann.csv", ROWS), write_key(tmp_path / "key.json"), bootstrap_samples=500)
+    report = sbs.ingest(
+        write_annotations(tmp_path / "ann.csv", ROWS), write_key(tmp_path / "key.json"), bootstrap_samples=500
+    )
     res = report["questions"]["alignment"]
     o = res["overall"]
     # r1: i1 A, i2 B, i3 tie; r2: i1 A, i2 A, i3 A  -> W 4, T 1, L 1 (the repeat i4 only feeds consistency)
@@ -102,8 +120,20 @@ def test_bad_annotations_name_row_and_value(tmp_path: Path) -> None:
 def test_agreement_statistics() -> None:
     assert krippendorff_alpha_nominal([["a", "a"], ["b", "b"], ["a", "a", "a"]]) == pytest.approx(1.0)
     # Krippendorff's own nominal example (2004, 4 coders with missing values): alpha = 0.743
-    data = [[1, 1, None, 1], [2, 2, 3, 2], [3, 3, 3, 3], [3, 3, 3, 3], [2, 2, 2, 2], [1, 2, 3, 4], [4, 4, 4, 4],
-            [1, 1, 2, 1], [2, 2, 2, 2], [None, 5, 5, 5], [None, None, 1, 1], [None, None, 3, None]]
+    data = [
+        [1, 1, None, 1],
+        [2, 2, 3, 2],
+        [3, 3, 3, 3],
+        [3, 3, 3, 3],
+        [2, 2, 2, 2],
+        [1, 2, 3, 4],
+        [4, 4, 4, 4],
+        [1, 1, 2, 1],
+        [2, 2, 2, 2],
+        [None, 5, 5, 5],
+        [None, None, 1, 1],
+        [None, None, 3, None],
+    ]
     assert krippendorff_alpha_nominal(data) == pytest.approx(0.743, abs=1e-3)
     # Fleiss (1971)-style check: perfect agreement is 1, and kappa is below 1 with disagreement
     assert fleiss_kappa([["a", "a", "a"], ["b", "b", "b"]]) == pytest.approx(1.0)
@@ -124,19 +154,36 @@ def test_agreement_is_undefined_when_every_rating_is_equal() -> None:
         data = rng.integers(0, 3, size=(4, 30)).astype(float)
         data[rng.random(data.shape) < 0.2] = np.nan
         units = [[None if np.isnan(v) else int(v) for v in data[:, j]] for j in range(data.shape[1])]
-        assert krippendorff_alpha_nominal(units) == pytest.approx(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+        assert krippendorff_alpha_nominal(units) == pytest.approx(
+            krippendorff.alpha(reliability_data=data, level_of_measurement="nominal")
+        )
 
 
 def test_report_says_alpha_is_undefined(tmp_path: Path) -> None:
-    rows = [("i1", "r1", "left"), ("i1", "r2", "left"), ("i3", "r1", "left"), ("i3", "r2", "left")]  # every vote: A wins
-    report = sbs.ingest(write_annotations(tmp_path / "ann.csv", rows), write_key(tmp_path / "key.json"), bootstrap_samples=50)
+    rows = [
+        ("i1", "r1", "left"),
+        ("i1", "r2", "left"),
+        ("i3", "r1", "left"),
+        ("i3", "r2", "left"),
+    ]  # every vote: A wins
+    report = sbs.ingest(
+        write_annotations(tmp_path / "ann.csv", rows), write_key(tmp_path / "key.json"), bootstrap_samples=50
+    )
     assert np.isnan(report["questions"]["alignment"]["agreement_krippendorff_alpha"])
     files = sbs.write_report(report, tmp_path / "report")
-    assert "Krippendorff's alpha: undefined" in files["markdown"].read_text() and "alpha: undefined" in files["html"].read_text()
-    assert json.loads(files["json"].read_text())["questions"]["alignment"]["agreement_krippendorff_alpha"] is None  # strict JSON
+    assert (
+        "Krippendorff's alpha: undefined" in files["markdown"].read_text()
+        and "alpha: undefined" in files["html"].read_text()
+    )
+    assert (
+        json.loads(files["json"].read_text())["questions"]["alignment"]["agreement_krippendorff_alpha"] is None
+    )  # strict JSON
 
 
-@pytest.mark.skipif(not (SHARED / "prompt-sets").is_dir(), reason="the public prompt sets are not beside the checkout (set K3LAB_SHARED)")
+@pytest.mark.skipif(
+    not (SHARED / "prompt-sets").is_dir(),
+    reason="the public prompt sets are not beside the checkout (set K3LAB_SHARED)",
+)
 def test_agreement_on_real_geneval_annotations() -> None:
     import krippendorff
 
@@ -153,7 +200,9 @@ def test_agreement_on_real_geneval_annotations() -> None:
     table = np.full((width, len(units)), np.nan)
     for j, values in enumerate(units.values()):
         table[: len(values), j] = [codes[v] for v in values]
-    assert len(rows) == 2000 and alpha == pytest.approx(krippendorff.alpha(reliability_data=table, level_of_measurement="nominal"))
+    assert len(rows) == 2000 and alpha == pytest.approx(
+        krippendorff.alpha(reliability_data=table, level_of_measurement="nominal")
+    )
 
 
 def chromium(tmp_path: Path):
@@ -165,8 +214,17 @@ def chromium(tmp_path: Path):
     assert binary and driver_path, "Debian's chromium and chromium-driver are required (.ci/run installs them)"
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=opts)
 
@@ -186,8 +244,10 @@ def test_html_records_a_key_press_in_headless_chromium(tmp_path: Path) -> None:
         body.send_keys("3")
         rows = driver.execute_script("return window.k3labAnnotations();")
         first_item = json.loads(out["items"].read_text())[0]["item_id"]
-        assert rows == [{"item_id": first_item, "annotator_id": "rater-1", "question": "alignment", "choice": "left"},
-                        {"item_id": first_item, "annotator_id": "rater-1", "question": "quality", "choice": "tie"}]
+        assert rows == [
+            {"item_id": first_item, "annotator_id": "rater-1", "question": "alignment", "choice": "left"},
+            {"item_id": first_item, "annotator_id": "rater-1", "question": "quality", "choice": "tie"},
+        ]
         assert "item 2 of 3" in driver.find_element(By.ID, "progress").text
     finally:
         driver.quit()
@@ -211,14 +271,18 @@ def test_hostile_prompts_stay_text_in_the_page_and_the_report(tmp_path: Path) ->
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    pairs = [sbs.Pair(p.prompt_id, text, HOSTILE[i - 1] if i else "plain", 0, p.image_a, p.image_b)
-             for i, (p, text) in enumerate(zip(make_pairs(tmp_path, len(HOSTILE)), HOSTILE))]
+    pairs = [
+        sbs.Pair(p.prompt_id, text, HOSTILE[i - 1] if i else "plain", 0, p.image_a, p.image_b)
+        for i, (p, text) in enumerate(zip(make_pairs(tmp_path, len(HOSTILE)), HOSTILE, strict=False))
+    ]
     model_a, model_b = f"<img src=x onerror='{PWN}([\"model\"])'>$x^2$", "B & <i>b</i>"
     out = sbs.export(pairs, tmp_path / "pkg", model_a, model_b, seed=0, repeat_fraction=0.0)
     items = json.loads(out["items"].read_text(encoding="utf-8"))
     assert sorted(it["prompt"] for it in items) == sorted(HOSTILE)
     page = out["html"].read_text(encoding="utf-8")
-    assert page.count("</script>") == 1 and "<!--" not in page and "\u2028" not in page  # one script element, closed once
+    assert (
+        page.count("</script>") == 1 and "<!--" not in page and "\u2028" not in page
+    )  # one script element, closed once
     driver = chromium(tmp_path)
     try:
         driver.get(out["html"].resolve().as_uri())
@@ -251,4 +315,8 @@ def test_hostile_prompts_stay_text_in_the_page_and_the_report(tmp_path: Path) ->
         driver.quit()
     md = files["markdown"].read_text(encoding="utf-8")
     assert "<script>" not in md and "<img" not in md and "&lt;/script&gt;" in md
-    assert all(line.count(" | ") == len(sbs.HEADER) - 1 for line in md.splitlines() if line.startswith("| ") and "---" not in line)
+    assert all(
+        line.count(" | ") == len(sbs.HEADER) - 1
+        for line in md.splitlines()
+        if line.startswith("| ") and "---" not in line
+    )

@@ -17,7 +17,13 @@ def test_no_source_file_imports_k3lab() -> None:
     assert files
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n == "k3lab" or n.startswith("k3lab.") for n in names), f"{path} imports k3lab"
 
 

@@ -20,7 +20,9 @@ from conftest import SMALL_WORLD, compose_config
 class TwoConvBlock(nn.Module):
     """A residual block k3lab does not ship: conv -> time-conditioned shift -> conv, with the factory's signature."""
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: str | None = None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: str | None = None
+    ) -> None:
         super().__init__()
         self.resample = resample
         self.up = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2) if resample == "up" else nn.Identity()
@@ -55,11 +57,29 @@ class CharEncoder(nn.Module):
 
 
 def _t2i(tmp_path: Path, data_root: Path, *overrides: str) -> DictConfig:
-    base = ["experiment=text2image_tiny", f"paths.data_dir={data_root}", f"paths.weights_dir={tmp_path / 'weights'}", *SMALL_WORLD,
-            "stage.first_stage.checkpoint=null", "model.unet.in_channels=3", "model.unet.out_channels=3", "stage.latent_scale=1.0",
-            "data.resolution=16", "logger=csv", "data.batch_size=8", "data.val_batch_size=16", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.limit_val_batches=1", "sampling.steps=2", "stage.val_prompts=[a red circle]",
-            "trainer.max_steps=3", "trainer.val_check_interval=3", "model.unet.model_channels=32", "model.unet.init_channels=16"]
+    base = [
+        "experiment=text2image_tiny",
+        f"paths.data_dir={data_root}",
+        f"paths.weights_dir={tmp_path / 'weights'}",
+        *SMALL_WORLD,
+        "stage.first_stage.checkpoint=null",
+        "model.unet.in_channels=3",
+        "model.unet.out_channels=3",
+        "stage.latent_scale=1.0",
+        "data.resolution=16",
+        "logger=csv",
+        "data.batch_size=8",
+        "data.val_batch_size=16",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.limit_val_batches=1",
+        "sampling.steps=2",
+        "stage.val_prompts=[a red circle]",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "model.unet.model_channels=32",
+        "model.unet.init_channels=16",
+    ]
     return compose_config([*base, *overrides], tmp_path)
 
 
@@ -69,7 +89,9 @@ def test_a_new_block_type_is_one_class(tmp_path: Path, data_root: Path) -> None:
     from k3lab.generate import load_generator
     from k3lab.train import train
 
-    cfg = _t2i(tmp_path, data_root, "model/unet/block=resnet", "model.unet.block._target_=test_extension_points.TwoConvBlock")
+    cfg = _t2i(
+        tmp_path, data_root, "model/unet/block=resnet", "model.unet.block._target_=test_extension_points.TwoConvBlock"
+    )
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     gen, _ = load_generator(cfg.paths.checkpoint_dir)
@@ -81,11 +103,15 @@ def test_a_new_block_type_is_one_class(tmp_path: Path, data_root: Path) -> None:
 
 def test_a_text_encoder_from_a_new_family_is_one_class(tmp_path: Path, data_root: Path) -> None:
     """Files touched to add an encoder: the class (here, this test module) and a YAML under conf/model/text_encoder/
-    (here, the same node on the command line). Its width comes from the model: the config's dim is checked against it."""
+    (here, the same node on the command line). Its width comes from the model: the config's dim is checked against
+    it."""
     from k3lab.generate import load_generator
     from k3lab.train import train
 
-    enc = ["~model.text_encoder.encoder", "+model.text_encoder.encoder={_target_: test_extension_points.CharEncoder, dim: 24}"]
+    enc = [
+        "~model.text_encoder.encoder",
+        "+model.text_encoder.encoder={_target_: test_extension_points.CharEncoder, dim: 24}",
+    ]
     from hydra.errors import InstantiationException
 
     with pytest.raises(InstantiationException, match="outputs 24-d states but the config says 64"):
@@ -108,14 +134,20 @@ def test_a_new_metric_is_one_register_call(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # the throwaway entry leaves with the test
 
     def mean_brightness(inputs: registry.EvalInputs) -> dict[str, float]:
-        return {"darkness": float(1 - sum(r.image.mean() / 255 for r in inputs.samples["seen"]) / len(inputs.samples["seen"]))}
+        return {
+            "darkness": float(
+                1 - sum(r.image.mean() / 255 for r in inputs.samples["seen"]) / len(inputs.samples["seen"])
+            )
+        }
 
-    registry.register(registry.Metric("darkness", mean_brightness, False, ("samples",), "1 - mean pixel value of the seen samples"))
+    registry.register(
+        registry.Metric("darkness", mean_brightness, False, ("samples",), "1 - mean pixel value of the seen samples")
+    )
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.Metric("darkness", mean_brightness, False, ("samples",), "again"))
-    from evaluation.images import ImageRecord
-
     import numpy as np
+
+    from evaluation.images import ImageRecord
 
     seen = [ImageRecord(np.full((4, 4, 3), 51, dtype=np.uint8), "p", "a prompt")]
     assert registry.compute(["darkness"], registry.EvalInputs({"seen": seen})) == {"eval/darkness": pytest.approx(0.8)}
@@ -124,9 +156,17 @@ def test_a_new_metric_is_one_register_call(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValueError, match=r"needs \['reference_clip'"):
         registry.compute(["clip_score"], registry.EvalInputs({"seen": seen}))
 
-    assert "eval/darkness" in default_metrics() and lower_is_better("eval/darkness") and not lower_is_better("eval/clip_score")
-    runs = pd.DataFrame([{"seed": s, "status": "FINISHED", "override/block": b, "eval/darkness": v}
-                         for s, (b, v) in enumerate([("big", 0.5), ("res", 0.7), ("big", 0.4), ("res", 0.8)])])
+    assert (
+        "eval/darkness" in default_metrics()
+        and lower_is_better("eval/darkness")
+        and not lower_is_better("eval/clip_score")
+    )
+    runs = pd.DataFrame(
+        [
+            {"seed": s, "status": "FINISHED", "override/block": b, "eval/darkness": v}
+            for s, (b, v) in enumerate([("big", 0.5), ("res", 0.7), ("big", 0.4), ("res", 0.8)])
+        ]
+    )
     runs["seed"] = [0, 0, 1, 1]
     metrics = [m for m in default_metrics() if m in runs]
     table, cell_table = effects(runs, metrics), cells(runs, metrics)

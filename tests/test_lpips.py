@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 from k3lab.nn.lpips import build_lpips
-from k3lab.stages.autoencoder import AutoencoderStage
 from k3lab.nn.movq import MoVQ
+from k3lab.stages.autoencoder import AutoencoderStage
 
 
 def test_missing_vgg_weights_say_where(tmp_path: Path) -> None:

@@ -39,9 +39,16 @@ def test_270m_encoder_decoder_split_and_diffusers_peer() -> None:
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         peer = diffusers.VQModel(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
-            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3, block_out_channels=(256, 512, 512, 1024),
-            layers_per_block=2, latent_channels=4, num_vq_embeddings=16384, vq_embed_dim=4, norm_type="spatial",
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+            block_out_channels=(256, 512, 512, 1024),
+            layers_per_block=2,
+            latent_channels=4,
+            num_vq_embeddings=16384,
+            vq_embed_dim=4,
+            norm_type="spatial",
             mid_block_add_attention=True,
         )
     assert sum(p.numel() for p in peer.parameters()) == count_parameters(model) == 270_669_103

@@ -1,4 +1,5 @@
-"""Notebooks are valid JSON notebooks whose code compiles (tests/test_ablation.py executes every one on a tiny sweep)."""
+"""Notebooks are valid JSON notebooks whose code compiles (tests/test_ablation.py executes every one on a tiny
+sweep)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The mapping-prior axis: the 2.2 prior (size, diffusers parity, learns a mapping), its CLIP, and both arms training."""
+"""The mapping-prior axis: the 2.2 prior (size, diffusers parity, learns a mapping), its CLIP, and both arms
+training."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from conftest import SMALL_WORLD, compose_config
 
 
 def test_kandinsky22_preset_size_and_diffusers_parity(tmp_path: Path) -> None:
-    from k3lab.config import compose
     from hydra.utils import instantiate
+
+    from k3lab.config import compose
 
     cfg = compose(["model/prior=kandinsky22", "model/text_encoder=flan_ul2"], tmp_path)
     cfg.model.prior.text_dim = 1280  # 2.2 conditions on CLIP-bigG text states (1280-d)
@@ -26,8 +28,14 @@ def test_kandinsky22_preset_size_and_diffusers_parity(tmp_path: Path) -> None:
     from k3lab.convert.formats import load_diffusers_prior
 
     torch.manual_seed(0)
-    peer = diffusers.PriorTransformer(num_attention_heads=4, attention_head_dim=8, num_layers=2, embedding_dim=24, num_embeddings=6,
-                                      additional_embeddings=4).eval()
+    peer = diffusers.PriorTransformer(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=2,
+        embedding_dim=24,
+        num_embeddings=6,
+        additional_embeddings=4,
+    ).eval()
     with torch.no_grad():
         for p in peer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -79,7 +87,9 @@ def test_prior_learns_a_known_mapping_on_held_out_pairs() -> None:
         loss.backward()
         opt.step()
     h, m, y = batch(test_pairs)
-    sampled = PriorMapping(prior.eval(), schedule, steps=25, guidance_weight=0.0).sample(h, m, list(range(len(test_pairs))))
+    sampled = PriorMapping(prior.eval(), schedule, steps=25, guidance_weight=0.0).sample(
+        h, m, list(range(len(test_pairs)))
+    )
     cos = torch.nn.functional.cosine_similarity(sampled, y, dim=-1).mean().item()
     base = torch.nn.functional.cosine_similarity(prior.clip_mean.expand_as(y), y, dim=-1).mean().item()
     err, base_err = (sampled - y).pow(2).mean().item(), (prior.clip_mean - y).pow(2).mean().item()
@@ -89,16 +99,22 @@ def test_prior_learns_a_known_mapping_on_held_out_pairs() -> None:
 
 def test_conditioning_clip_is_not_the_evaluation_clip(tmp_path: Path) -> None:
     from evaluation import reference_clip
-
     from k3lab.config import ConfigError, compose, validate
     from k3lab.nn import clip
 
     assert clip.NAME != reference_clip.NAME
-    cfg = compose(["experiment=prior_tiny", f"mapping.clip.checkpoint={tmp_path}/reference_clip/{reference_clip.NAME}.pt"], tmp_path)
+    cfg = compose(
+        ["experiment=prior_tiny", f"mapping.clip.checkpoint={tmp_path}/reference_clip/{reference_clip.NAME}.pt"],
+        tmp_path,
+    )
     with pytest.raises(ConfigError, match="evaluation's reference CLIP"):
         validate(cfg)
     ours, theirs = cfg.model.clip, reference_clip.model_config(64)
-    assert (ours.embed_dim, ours.vision_width, ours.vision_layers) != (theirs["embed_dim"], theirs["vision_cfg"]["width"], theirs["vision_cfg"]["layers"])
+    assert (ours.embed_dim, ours.vision_width, ours.vision_layers) != (
+        theirs["embed_dim"],
+        theirs["vision_cfg"]["width"],
+        theirs["vision_cfg"]["layers"],
+    )
     with pytest.raises(FileNotFoundError, match="CLIP weights file not found: looked for /nowhere/clip.bin"):
         clip.pretrained_clip("ViT-B-32", "/nowhere/clip.bin")
 
@@ -108,29 +124,78 @@ def arm_parts(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict
     """A conditioning CLIP (a few steps of stage=clip) and a prior (a few steps of stage=prior), on the small world."""
     root = tmp_path_factory.mktemp("arms")
     weights = root / "weights"
-    common = [f"paths.data_dir={data_root}", f"paths.weights_dir={weights}", *SMALL_WORLD, "logger=csv", "data.resolution=16",
-              "data.batch_size=16", "data.val_batch_size=16", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
-              "trainer.enable_model_summary=false"]
-    clip_cfg = compose_config(["experiment=clip_tiny", *common, "model.clip.patch_size=4", "trainer.max_steps=3", "trainer.val_check_interval=3"],
-                              root / "clip")
+    common = [
+        f"paths.data_dir={data_root}",
+        f"paths.weights_dir={weights}",
+        *SMALL_WORLD,
+        "logger=csv",
+        "data.resolution=16",
+        "data.batch_size=16",
+        "data.val_batch_size=16",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_model_summary=false",
+    ]
+    clip_cfg = compose_config(
+        [
+            "experiment=clip_tiny",
+            *common,
+            "model.clip.patch_size=4",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+        ],
+        root / "clip",
+    )
     metrics = train(clip_cfg)
     assert 0 <= metrics["val/retrieval_top1"] <= 1
     clip = Path(clip_cfg.paths.checkpoint_dir) / "clip.safetensors"
-    prior_cfg = compose_config(["experiment=prior_tiny", *common, f"mapping.clip.checkpoint={clip}", "trainer.max_steps=3",
-                                "trainer.val_check_interval=3", "stage.stats_batches=2", "stage.sample_steps=3"], root / "prior")
+    prior_cfg = compose_config(
+        [
+            "experiment=prior_tiny",
+            *common,
+            f"mapping.clip.checkpoint={clip}",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "stage.stats_batches=2",
+            "stage.sample_steps=3",
+        ],
+        root / "prior",
+    )
     metrics = train(prior_cfg)
     assert -1 <= metrics["val/cosine"] <= 1 and "val/cosine_mean_embedding" in metrics
-    return {"clip": clip, "prior": Path(prior_cfg.paths.checkpoint_dir) / "prior.safetensors", "weights": weights, "root": root}
+    return {
+        "clip": clip,
+        "prior": Path(prior_cfg.paths.checkpoint_dir) / "prior.safetensors",
+        "weights": weights,
+        "root": root,
+    }
 
 
 @pytest.mark.parametrize("arm", ["none", "diffusion_mapping"])
 def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path], data_root: Path) -> None:
     from k3lab.generate import load_generator
 
-    overrides = ["experiment=text2image_tiny", f"model/prior={arm}", f"paths.data_dir={data_root}", f"paths.weights_dir={arm_parts['weights']}",
-                 *SMALL_WORLD, "logger=csv", "data.resolution=16", "data.batch_size=8", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                 "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "stage.first_stage.checkpoint=null", "model.unet.in_channels=3",
-                 "model.unet.out_channels=3", "stage.latent_scale=1.0", "sampling.steps=2", "stage.prior_steps=2", "stage.val_prompts=[a red circle]"]
+    overrides = [
+        "experiment=text2image_tiny",
+        f"model/prior={arm}",
+        f"paths.data_dir={data_root}",
+        f"paths.weights_dir={arm_parts['weights']}",
+        *SMALL_WORLD,
+        "logger=csv",
+        "data.resolution=16",
+        "data.batch_size=8",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "stage.first_stage.checkpoint=null",
+        "model.unet.in_channels=3",
+        "model.unet.out_channels=3",
+        "stage.latent_scale=1.0",
+        "sampling.steps=2",
+        "stage.prior_steps=2",
+        "stage.val_prompts=[a red circle]",
+    ]
     if arm == "diffusion_mapping":
         overrides += [f"mapping.clip.checkpoint={arm_parts['clip']}", f"mapping.prior.checkpoint={arm_parts['prior']}"]
     cfg = compose_config(overrides, arm_parts["root"] / f"t2i_{arm}")
@@ -153,27 +218,50 @@ def test_prior_width_mismatch_names_both_widths(arm_parts: dict[str, Path], tmp_
     from k3lab.checkpoint import load_frozen
     from k3lab.config import compose
 
-    cfg = compose(["experiment=text2image_tiny", "model/prior=diffusion_mapping", "stage.first_stage.checkpoint=null", "model.unet.in_channels=3",
-                   "model.unet.out_channels=3", f"paths.weights_dir={arm_parts['weights']}", f"mapping.clip.checkpoint={arm_parts['clip']}"], tmp_path)
+    cfg = compose(
+        [
+            "experiment=text2image_tiny",
+            "model/prior=diffusion_mapping",
+            "stage.first_stage.checkpoint=null",
+            "model.unet.in_channels=3",
+            "model.unet.out_channels=3",
+            f"paths.weights_dir={arm_parts['weights']}",
+            f"mapping.clip.checkpoint={arm_parts['clip']}",
+        ],
+        tmp_path,
+    )
     wide = PriorTransformer(embedding_dim=40, num_layers=1, heads=2, head_dim=8, text_dim=64)
     from hydra.errors import InstantiationException
 
-    with pytest.raises((ValueError, InstantiationException), match="predicts 40-d image embeddings but the CLIP / U-Net adapter use 96-d"):
+    with pytest.raises(
+        (ValueError, InstantiationException),
+        match="predicts 40-d image embeddings but the CLIP / U-Net adapter use 96-d",
+    ):
         instantiate(cfg.stage, prior=wide)
     with pytest.raises(FileNotFoundError, match="looked for /nowhere/prior.safetensors"):
         load_frozen("/nowhere/prior.safetensors", "prior", "prior")
 
 
-def test_evaluate_prior_reports_cosines_and_baselines(arm_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_prior_reports_cosines_and_baselines(
+    arm_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from k3lab import mapping
     from k3lab.mapping import evaluate_prior
 
     result = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)
     row = result["heldout"]
-    assert row["num"] == 32 and all(-1.0 <= row[k] <= 1.0 for k in ("cosine", "mean_embedding_baseline", "other_image_baseline"))
-    assert evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16) == result  # seeded: the same figures
+    assert row["num"] == 32 and all(
+        -1.0 <= row[k] <= 1.0 for k in ("cosine", "mean_embedding_baseline", "other_image_baseline")
+    )
+    assert (
+        evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16) == result
+    )  # seeded: the same figures
     # the definition: a prior that always answers the dataset-mean embedding scores exactly the mean-embedding baseline
-    monkeypatch.setattr(mapping.PriorMapping, "sample", lambda self, hidden, mask, seeds: self.prior.clip_mean.expand(len(seeds), -1).clone())
+    monkeypatch.setattr(
+        mapping.PriorMapping,
+        "sample",
+        lambda self, hidden, mask, seeds: self.prior.clip_mean.expand(len(seeds), -1).clone(),
+    )
     constant = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)["heldout"]
     assert constant["cosine"] == pytest.approx(row["mean_embedding_baseline"], abs=1e-6)
     assert constant["other_image_baseline"] == row["other_image_baseline"]

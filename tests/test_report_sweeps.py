@@ -25,20 +25,32 @@ def test_reference_is_the_first_value_of_any_sweep_syntax() -> None:
     assert sweep_reference({"a": "u,v"}, ["a=v,u"]) == {"a": "v"}
 
 
-def _sweep(tmp_path: Path, params: dict[str, str], overrides: list[str], cells: list[tuple[dict[str, str], int, float]]) -> Path:
+def _sweep(
+    tmp_path: Path, params: dict[str, str], overrides: list[str], cells: list[tuple[dict[str, str], int, float]]
+) -> Path:
     """A sweep as the callback and the cells' loggers leave it in MLflow: a parent, one child per (overrides, seed)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep_dir = tmp_path / "sweep"
-    cfg = OmegaConf.create({"logger": {"mlflow": {"tracking_uri": uri, "experiment_name": "report"}},
-                            "hydra": {"sweep": {"dir": str(sweep_dir)}, "sweeper": {"params": params}, "overrides": {"task": overrides}}})
+    cfg = OmegaConf.create(
+        {
+            "logger": {"mlflow": {"tracking_uri": uri, "experiment_name": "report"}},
+            "hydra": {
+                "sweep": {"dir": str(sweep_dir)},
+                "sweeper": {"params": params},
+                "overrides": {"task": overrides},
+            },
+        }
+    )
     callback = MLflowSweepCallback()
     callback.on_multirun_start(cfg)
     info = json.loads((sweep_dir / "mlflow_sweep.json").read_text())
     client = MlflowClient(uri)
     for job, (values, seed, metric) in enumerate(cells):
-        run = client.create_run(info["experiment_id"], tags={PARENT_TAG: info["parent_run_id"], ROLE_TAG: "cell", "k3lab.job": str(job)})
+        run = client.create_run(
+            info["experiment_id"], tags={PARENT_TAG: info["parent_run_id"], ROLE_TAG: "cell", "k3lab.job": str(job)}
+        )
         client.log_param(run.info.run_id, "seed", str(seed))
         for key, value in values.items():
             client.log_param(run.info.run_id, f"override/{key}", value)
@@ -56,14 +68,22 @@ def test_choice_and_range_sweeps_give_effects(tmp_path: Path) -> None:
     sweep_dir = _sweep(tmp_path, {"model/prior": "choice(none,diffusion_mapping)", "seed": "range(0,3)"}, [], cells)
     report = analyse(str(sweep_dir), metrics=["eval/seen/single_object"])
     row = report.effects.iloc[0]
-    assert (row["axis"], row["level"], row["reference"], row["seeds"]) == ("model/prior", "diffusion_mapping", "none", 3)
+    assert (row["axis"], row["level"], row["reference"], row["seeds"]) == (
+        "model/prior",
+        "diffusion_mapping",
+        "none",
+        3,
+    )
     assert row["effect"] == pytest.approx((0.2 + 0.22 + 0.24) / 3) and row["ci95"] > 0
     assert "| model/prior | diffusion_mapping vs none | 0.220 ±" in report.text
 
 
 def test_duplicated_finished_cell_newest_wins(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cells = [({"model/prior": "none"}, 0, 0.30), ({"model/prior": "diffusion_mapping"}, 0, 0.50),
-             ({"model/prior": "diffusion_mapping"}, 0, 0.70)]  # a re-run of the second cell, same seed, finished later
+    cells = [
+        ({"model/prior": "none"}, 0, 0.30),
+        ({"model/prior": "diffusion_mapping"}, 0, 0.50),
+        ({"model/prior": "diffusion_mapping"}, 0, 0.70),
+    ]  # a re-run of the second cell, same seed, finished later
     sweep_dir = _sweep(tmp_path, {"model/prior": "none,diffusion_mapping"}, [], cells)
     report = analyse(str(sweep_dir), metrics=["eval/seen/single_object"])
     assert report.effects.iloc[0]["effect"] == pytest.approx(0.70 - 0.30)
@@ -73,4 +93,7 @@ def test_duplicated_finished_cell_newest_wins(tmp_path: Path, capsys: pytest.Cap
     assert report.runs.set_index("run_id").loc[old, "superseded_by"] == new
     assert f"the newest run wins: {old} -> {new}" in report.text
     assert main([str(sweep_dir), "--out", str(tmp_path / "out")]) == 0  # the command too, with its files
-    assert "newest run wins" in (tmp_path / "out" / "report.md").read_text() and "superseded_by" in (tmp_path / "out" / "runs.csv").read_text()
+    assert (
+        "newest run wins" in (tmp_path / "out" / "report.md").read_text()
+        and "superseded_by" in (tmp_path / "out" / "runs.csv").read_text()
+    )

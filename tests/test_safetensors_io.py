@@ -16,16 +16,30 @@ from k3lab.safetensors_io import LazySafetensors, LazyState, write_safetensors
 
 def test_written_files_load_with_safetensors_in_every_dtype(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(3, 5, generator=g), "half": torch.randn(7, generator=g).half(), "bf": torch.randn(2, 2, generator=g).bfloat16(),
-               "ids": torch.arange(6).reshape(2, 3), "flag": torch.tensor([True, False]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
-               "strided": torch.randn(4, 6, generator=g).t()}
+    tensors = {
+        "w": torch.randn(3, 5, generator=g),
+        "half": torch.randn(7, generator=g).half(),
+        "bf": torch.randn(2, 2, generator=g).bfloat16(),
+        "ids": torch.arange(6).reshape(2, 3),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(4, 6, generator=g).t(),
+    }
     out = write_safetensors(tmp_path / "a.safetensors", tensors, metadata={"source": "test"})
     back = load_file(str(out))
-    assert set(back) == set(tensors) and all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    assert set(back) == set(tensors) and all(
+        back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items()
+    )
     header_len = int.from_bytes(out.read_bytes()[:8], "little")
-    assert header_len % 8 == 0 and json.loads(out.read_bytes()[8:8 + header_len])["__metadata__"] == {"format": "pt", "source": "test"}
+    assert header_len % 8 == 0 and json.loads(out.read_bytes()[8 : 8 + header_len])["__metadata__"] == {
+        "format": "pt",
+        "source": "test",
+    }
     cast = load_file(str(write_safetensors(tmp_path / "b.safetensors", tensors, dtype=torch.float32)))
-    assert cast["half"].dtype == cast["bf"].dtype == torch.float32 and cast["ids"].dtype == torch.int64  # only floats are cast
+    assert (
+        cast["half"].dtype == cast["bf"].dtype == torch.float32 and cast["ids"].dtype == torch.int64
+    )  # only floats are cast
     assert torch.equal(cast["half"], tensors["half"].float())
 
 
@@ -37,10 +51,14 @@ def test_a_failure_mid_write_keeps_the_previous_file(tmp_path: Path) -> None:
     def boom() -> torch.Tensor:
         raise OSError("disk went away")
 
-    state = LazyState({"a": (torch.Size([2]), torch.float32, lambda: torch.zeros(2)), "b": (torch.Size([3]), torch.float32, boom)})
+    state = LazyState(
+        {"a": (torch.Size([2]), torch.float32, lambda: torch.zeros(2)), "b": (torch.Size([3]), torch.float32, boom)}
+    )
     with pytest.raises(OSError, match="disk went away"):
         write_safetensors(path, state)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [
+        "model.safetensors"
+    ]  # no temporary left
     wrong = LazyState({"a": (torch.Size([2]), torch.float32, lambda: torch.zeros(3))})
     with pytest.raises(ValueError, match=r"a: shape \[3\] differs from the announced \[2\]"):
         write_safetensors(path, wrong)
@@ -51,7 +69,9 @@ def test_lazy_reading_across_shards(tmp_path: Path) -> None:
     save_file({"a": torch.arange(4.0), "b": torch.ones(2, 3).half()}, str(tmp_path / "1.safetensors"))
     save_file({"c": torch.zeros(5, dtype=torch.int32)}, str(tmp_path / "2.safetensors"))
     lazy = LazySafetensors([tmp_path / "1.safetensors", tmp_path / "2.safetensors"])
-    assert sorted(lazy) == ["a", "b", "c"] and lazy.shape("b") == torch.Size([2, 3]) and lazy.dtype("b") == torch.float16
+    assert (
+        sorted(lazy) == ["a", "b", "c"] and lazy.shape("b") == torch.Size([2, 3]) and lazy.dtype("b") == torch.float16
+    )
     assert torch.equal(lazy["a"], torch.arange(4.0)) and lazy["c"].dtype == torch.int32
     save_file({"a": torch.ones(1)}, str(tmp_path / "3.safetensors"))
     with pytest.raises(ValueError, match="'a' is also in"):
@@ -64,8 +84,16 @@ def test_conversion_holds_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pyte
     from k3lab.convert.__main__ import main
 
     torch.manual_seed(0)
-    peer = diffusers.Kandinsky3UNet(in_channels=4, time_embedding_dim=64, groups=8, attention_head_dim=16, layers_per_block=2,
-                                    block_out_channels=(32, 64, 64, 128), cross_attention_dim=48, encoder_hid_dim=40)
+    peer = diffusers.Kandinsky3UNet(
+        in_channels=4,
+        time_embedding_dim=64,
+        groups=8,
+        attention_head_dim=16,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64, 128),
+        cross_attention_dim=48,
+        encoder_hid_dim=40,
+    )
     peer.save_pretrained(tmp_path / "pipe" / "unet")
     live, peak, reads = set(), [0], [0]
     original = LazySafetensors.__getitem__
@@ -85,7 +113,10 @@ def test_conversion_holds_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(LazySafetensors, "__getitem__", tracked)
     assert main(["diffusers", str(tmp_path / "pipe"), "--out", str(tmp_path / "k3")]) == 0
     n = len(peer.state_dict())
-    assert reads[0] == n - 3 and peak[0] == 1, (reads[0], peak[0])  # each U-Net weight read once, released before the next
+    assert reads[0] == n - 3 and peak[0] == 1, (
+        reads[0],
+        peak[0],
+    )  # each U-Net weight read once, released before the next
     out = load_file(str(tmp_path / "k3" / "unet.safetensors"))
     assert torch.equal(out["in_layer.weight"], peer.state_dict()["conv_in.weight"])
     reads[0] = peak[0] = 0

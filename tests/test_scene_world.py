@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from k3lab.data.scene_spec import COLORS, SHAPES, relation_between, SceneObject
+from k3lab.data.scene_spec import COLORS, SHAPES, SceneObject, relation_between
 from k3lab.data.scene_world import SPLITS, SceneWorld
 
 COUNTS = dict(num_train=300, num_val=60, num_test=60, num_heldout=60, shard_size=100)
@@ -38,7 +38,10 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     a = SceneWorld(root=str(tmp_path / "a"), seed=7, **COUNTS).build()
     b = SceneWorld(root=str(tmp_path / "b"), seed=7, **COUNTS).build()
     c = SceneWorld(root=str(tmp_path / "c"), seed=8, **COUNTS).build()
-    digest = lambda paths: [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+    def digest(paths: list) -> list[str]:
+        return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
     for split in SPLITS:
         assert digest(a[split]) == digest(b[split])
         assert digest(a[split]) != digest(c[split])
@@ -96,7 +99,10 @@ def test_captions_match_the_scene(world: dict[str, list[dict]]) -> None:
             assert o["color"] in caption  # every object's colour is named
         assert sum(caption.count(c) for c in COLORS) == (1 if meta["kind"] == "count" else len(objs))
         for rel in meta["relations"]:
-            a, b = (SceneObject(**{k: objs[i][k] for k in ("shape", "color", "size", "x", "y", "radius")}) for i in (rel["subject"], rel["object"]))
+            a, b = (
+                SceneObject(**{k: objs[i][k] for k in ("shape", "color", "size", "x", "y", "radius")})
+                for i in (rel["subject"], rel["object"])
+            )
             assert relation_between(a, b) == rel["relation"]
         if meta["order"] == "left_to_right":
             xs = [o["x"] for o in objs]

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from k3lab.data.scene_captions import caption_vocabulary
 from k3lab.conditioning import TextArm
+from k3lab.data.scene_captions import caption_vocabulary
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.text_encoder import TextEncoder, packaged_minilm
-from k3lab.text_encoders import tiny_t5
 from k3lab.nn.tiny_text import build_tiny_t5
+from k3lab.text_encoders import tiny_t5
 
 
 @pytest.fixture(scope="module")

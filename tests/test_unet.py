@@ -29,9 +29,21 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def tiny_unet(block=BigGANDeepBlock, **kw) -> KandinskyUNet:
-    args = dict(in_channels=4, out_channels=4, model_channels=16, init_channels=8, time_embed_dim=32, context_dim=24, groups=4,
-                head_dim=8, dim_mult=(1, 2, 4), num_blocks=(1, 2, 1), add_cross_attention=(False, True, True),
-                add_self_attention=(False, True, True), block=block)
+    args = dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=16,
+        init_channels=8,
+        time_embed_dim=32,
+        context_dim=24,
+        groups=4,
+        head_dim=8,
+        dim_mult=(1, 2, 4),
+        num_blocks=(1, 2, 1),
+        add_cross_attention=(False, True, True),
+        add_self_attention=(False, True, True),
+        block=block,
+    )
     args.update(kw)
     torch.manual_seed(0)
     return randomize(KandinskyUNet(**args))
@@ -52,15 +64,28 @@ def test_kandinsky3_preset_has_the_official_size_and_keys() -> None:
     attns = [m for m in unet.modules() if isinstance(m, AttentionBlock)]
     cross = [m for m in attns if m.attention.to_key.in_features == 4096]
     assert (len(resnets), len(attns) - len(cross), len(cross)) == (48, 6, 18)
-    assert {k.split(".")[0] for k in unet.state_dict()} == {"to_time_embed", "feature_pooling", "in_layer", "down_samples", "up_samples", "out_layer"}
+    assert {k.split(".")[0] for k in unet.state_dict()} == {
+        "to_time_embed",
+        "feature_pooling",
+        "in_layer",
+        "down_samples",
+        "up_samples",
+        "out_layer",
+    }
     assert "down_samples.1.resnet_attn_blocks.0.1.attention.to_query.weight" in unet.state_dict()
     assert unet.feature_pooling.attention.num_heads == 24
 
 
-@pytest.mark.parametrize("preset,block,expected", [
-    ("kandinsky3", "resnet", 4_738_274_308), ("small", "biggan_deep", 19_847_556), ("small", "resnet", 31_641_604),
-    ("tiny", "biggan_deep", 6_363_332), ("tiny", "resnet", 8_172_740),
-])
+@pytest.mark.parametrize(
+    "preset,block,expected",
+    [
+        ("kandinsky3", "resnet", 4_738_274_308),
+        ("small", "biggan_deep", 19_847_556),
+        ("small", "resnet", 31_641_604),
+        ("tiny", "biggan_deep", 6_363_332),
+        ("tiny", "resnet", 8_172_740),
+    ],
+)
 def test_documented_preset_sizes(preset: str, block: str, expected: int) -> None:
     cfg = compose([f"model/unet={preset}", f"model/unet/block={block}"], "/tmp/k3lab-test")
     with torch.device("meta"):
@@ -74,11 +99,18 @@ def test_resampling_sits_where_the_reference_says() -> None:
     assert [b.projection.kernel_size[0] for b in down.resnet_blocks] == [1, 3, 3, 1]
     assert down.resnet_blocks[0].projection.out_channels == 16  # max(16, 32) // 2
     up = BigGANDeepBlock(16, 16, 8, groups=4, resample="up")
-    assert [type(b.up_sample).__name__ for b in up.resnet_blocks] == ["Identity", "ConvTranspose2d", "Identity", "Identity"]
+    assert [type(b.up_sample).__name__ for b in up.resnet_blocks] == [
+        "Identity",
+        "ConvTranspose2d",
+        "Identity",
+        "Identity",
+    ]
     plain = ResBlock(16, 16, 8, groups=4, resample="down")
     assert [type(b.down_sample).__name__ for b in plain.resnet_blocks] == ["Identity", "Conv2d"]
     x, t = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
-    assert down(x, t).shape == (2, 32, 4, 4) and up(x, t).shape == (2, 16, 16, 16) and plain(x, t).shape == (2, 16, 4, 4)
+    assert (
+        down(x, t).shape == (2, 32, 4, 4) and up(x, t).shape == (2, 16, 16, 16) and plain(x, t).shape == (2, 16, 4, 4)
+    )
 
 
 @pytest.mark.parametrize("block", [BigGANDeepBlock, ResBlock])
@@ -94,11 +126,18 @@ def test_both_block_types_train_and_listen_to_text_and_time(block) -> None:
     assert all(p.grad is not None for p in unet.parameters())
     other = BigGANDeepBlock if block is ResBlock else ResBlock
     assert count(unet) != count(tiny_unet(other))  # the block really changed, nothing else did
-    assert {k for k in unet.state_dict() if "resnet_blocks" not in k} == {k for k in tiny_unet(other).state_dict() if "resnet_blocks" not in k}
+    assert {k for k in unet.state_dict() if "resnet_blocks" not in k} == {
+        k for k in tiny_unet(other).state_dict() if "resnet_blocks" not in k
+    }
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
-    x, t, ctx, mask = torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    x, t, ctx, mask = (
+        torch.randn(2, 4, 8, 8),
+        torch.tensor([3, 500]),
+        torch.randn(2, 5, 24),
+        torch.ones(2, 5, dtype=torch.bool),
+    )
     grads = []
     for ckpt in (False, True):
         unet = tiny_unet(gradient_checkpointing=ckpt)

@@ -56,10 +56,14 @@ class DataQuality(L.Callback):
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._update(trainer, batch, "train")
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._update(trainer, batch, "val")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

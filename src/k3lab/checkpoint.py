@@ -17,7 +17,15 @@ from torch import nn
 
 from k3lab.weights import CheckpointError, load_state_dict
 
-__all__ = ["CheckpointError", "load_state_dict", "load_model", "load_weights", "load_frozen", "load_first_stage", "export_model"]
+__all__ = [
+    "CheckpointError",
+    "load_state_dict",
+    "load_model",
+    "load_weights",
+    "load_frozen",
+    "load_first_stage",
+    "export_model",
+]
 
 CONFIG_NAME = "config.yaml"
 
@@ -44,7 +52,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-STAGE_NAMES = {"AutoencoderStage": "autoencoder", "DiffusionStage": "diffusion", "PriorStage": "prior", "ClipStage": "clip"}
+STAGE_NAMES = {
+    "AutoencoderStage": "autoencoder",
+    "DiffusionStage": "diffusion",
+    "PriorStage": "prior",
+    "ClipStage": "clip",
+}
 
 
 def save_config(cfg: DictConfig, directory: str | Path, choices: Mapping[str, str] | None = None) -> Path:
@@ -76,7 +89,9 @@ def check_stage(path: str | Path, expected: str) -> DictConfig:
     cfg = load_config_beside(path)
     found = stage_of(cfg)
     if found != expected:
-        raise CheckpointError(f"{path}: is a checkpoint of the {describe(cfg)}, but the {expected} stage's checkpoint is needed here")
+        raise CheckpointError(
+            f"{path}: is a checkpoint of the {describe(cfg)}, but the {expected} stage's checkpoint is needed here"
+        )
     return cfg
 
 
@@ -110,11 +125,13 @@ def _update_moved_targets(node: object) -> None:
             _update_moved_targets(item)
 
 
-def _select_prefix(state: dict[str, torch.Tensor], part: str, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+def _select_prefix(
+    state: dict[str, torch.Tensor], part: str, prefixes: tuple[str, ...] | None = None
+) -> dict[str, torch.Tensor]:
     """Pick one module's weights from a stage checkpoint: EMA first, then the live weights (or the first of
     ``prefixes`` that matches)."""
     for prefix in prefixes or (f"{part}_ema.module.", f"{part}."):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             return sub
     return state
@@ -125,10 +142,15 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         raise CheckpointError(
-            f"{source}: does not match {type(module).__name__}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"{source}: does not match {type(module).__name__}: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, mis-shaped {shapes[:5]}"
         )
     module.load_state_dict(state, strict=True)
@@ -155,9 +177,15 @@ def check_resume(ckpt_path: str | Path, stage_target: str, choices: Mapping[str,
     saved = OmegaConf.load(beside)
     want = STAGE_NAMES.get(stage_target.rsplit(".", 1)[-1], stage_target)
     if stage_of(saved) != want:
-        raise CheckpointError(f"ckpt_path={ckpt_path}: is a checkpoint of the {describe(saved)}, but this run trains the {want} stage")
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path}: is a checkpoint of the {describe(saved)}, but this run trains the {want} stage"
+        )
     old = saved.get("choices") or {}
-    differ = {k: (old[k], choices[k]) for k in old if k.startswith("model/") and k in choices and str(old[k]) != str(choices[k])}
+    differ = {
+        k: (old[k], choices[k])
+        for k in old
+        if k.startswith("model/") and k in choices and str(old[k]) != str(choices[k])
+    }
     if differ:
         names = ", ".join(f"{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(differ.items()))
         raise CheckpointError(f"ckpt_path={ckpt_path}: built with other presets ({names})")
@@ -183,5 +211,7 @@ def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
         return IdentityFirstStage(channels)
     check_stage(checkpoint, "autoencoder")
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)")
+        raise FileNotFoundError(
+            f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)"
+        )
     return FrozenMoVQ(load_model(checkpoint, "autoencoder"))

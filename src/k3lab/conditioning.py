@@ -49,7 +49,9 @@ class ConditioningArm(nn.Module):
         super().__init__()
         self.conditioning = conditioning
 
-    def condition(self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None) -> Cond:
+    def condition(
+        self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
+    ) -> Cond:
         """The U-Net's condition for a training/validation batch; rows where ``drop`` is true are unconditional."""
         raise NotImplementedError
 
@@ -80,11 +82,15 @@ class TextArm(ConditioningArm):
     export_name = "text_conditioning"
     conditioning: TextConditioning
 
-    def condition(self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None) -> Cond:
+    def condition(
+        self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
+    ) -> Cond:
         hidden, mask = text_inputs(batch, text_encoder)
         device = self._device()
         context, mask = self.conditioning(hidden.to(device), mask.to(device))
-        return self.conditioning.replace_with_null(context, mask, drop.to(device)) if drop is not None else (context, mask)
+        return (
+            self.conditioning.replace_with_null(context, mask, drop.to(device)) if drop is not None else (context, mask)
+        )
 
     def encode(self, text_encoder: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
         """Empty prompts become the unconditional (null) context, with a warning."""
@@ -109,14 +115,23 @@ class PriorArm(ConditioningArm):
     export_name = "image_conditioning"
     conditioning: ImageConditioning
 
-    def __init__(self, conditioning: ImageConditioning, clip: nn.Module, prior: nn.Module | None, schedule: Schedule,
-                 prior_steps: int = 25, prior_guidance: float = 3.0) -> None:
+    def __init__(
+        self,
+        conditioning: ImageConditioning,
+        clip: nn.Module,
+        prior: nn.Module | None,
+        schedule: Schedule,
+        prior_steps: int = 25,
+        prior_guidance: float = 3.0,
+    ) -> None:
         super().__init__(conditioning)
         self.clip = clip.eval().requires_grad_(False)
         self.prior = prior.eval().requires_grad_(False) if prior is not None else None
         self.schedule, self.prior_steps, self.prior_guidance = schedule, prior_steps, prior_guidance
 
-    def condition(self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None) -> Cond:
+    def condition(
+        self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
+    ) -> Cond:
         device = self._device()
         with torch.no_grad():
             emb = self.clip.embed_images(batch["image"].to(device)).float()
@@ -143,16 +158,31 @@ class PriorArm(ConditioningArm):
         return PriorArm(conditioning, self.clip, self.prior, self.schedule, self.prior_steps, self.prior_guidance)  # type: ignore[arg-type]
 
 
-def make_arm(encoder_dim: int, unet: nn.Module, schedule: Schedule, *, diffusers_compat: bool = False, clip: nn.Module | None = None,
-             prior: nn.Module | None = None, image_tokens: int = 10, prior_steps: int = 25, prior_guidance: float = 3.0) -> ConditioningArm:
+def make_arm(
+    encoder_dim: int,
+    unet: nn.Module,
+    schedule: Schedule,
+    *,
+    diffusers_compat: bool = False,
+    clip: nn.Module | None = None,
+    prior: nn.Module | None = None,
+    image_tokens: int = 10,
+    prior_steps: int = 25,
+    prior_guidance: float = 3.0,
+) -> ConditioningArm:
     """The arm a diffusion run uses, from the stage's settings: the text arm, or the prior arm when a CLIP is given.
     The stage and :meth:`Generator.from_export <k3lab.generate.Generator.from_export>` both build through here."""
     if clip is None:
         return TextArm(TextConditioning(encoder_dim, unet.context_dim, diffusers_compat))
     if prior is not None and int(prior.embedding_dim) != int(clip.embed_dim):
-        raise ValueError(f"the prior predicts {prior.embedding_dim}-d image embeddings but the CLIP / U-Net adapter use {clip.embed_dim}-d ones")
+        raise ValueError(
+            f"the prior predicts {prior.embedding_dim}-d image embeddings but the CLIP / U-Net adapter use "
+            f"{clip.embed_dim}-d ones"
+        )
     if prior is not None and int(prior.text_dim) != int(encoder_dim):
-        raise ValueError(f"the prior reads {prior.text_dim}-d text states but the text encoder gives {encoder_dim}-d ones")
+        raise ValueError(
+            f"the prior reads {prior.text_dim}-d text states but the text encoder gives {encoder_dim}-d ones"
+        )
     adapter = ImageConditioning(int(clip.embed_dim), unet.context_dim, unet.time_embed_dim, image_tokens)
     with torch.no_grad():
         adapter.negative.copy_(clip.embed_zero_image().reshape(-1))

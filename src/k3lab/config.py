@@ -55,8 +55,10 @@ def _optimizer_problems(stage: DictConfig) -> list[str]:
             value = node.get(key) if key in node else None
             values = list(value) if OmegaConf.is_list(value) else [value]
             if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                problems.append(f"stage.{name}.{key}={OmegaConf.to_container(value) if OmegaConf.is_list(value) else value!r}: must be a number"
-                                + (" (a list of numbers)" if key == "betas" else ""))
+                problems.append(
+                    f"stage.{name}.{key}={OmegaConf.to_container(value) if OmegaConf.is_list(value) else value!r}: "
+                    "must be a number" + (" (a list of numbers)" if key == "betas" else "")
+                )
             elif key == "lr" and value is not None and value <= 0:
                 problems.append(f"stage.{name}.lr={value!r}: must be positive")
     return problems
@@ -79,7 +81,9 @@ def validate(cfg: DictConfig) -> None:
                 problems.append("data.shards.train is not set: give a shard path, brace pattern or pipe: url")
             for split, spec in shards.items():
                 if spec:
-                    missing = missing_local_shards(expand_urls(OmegaConf.to_object(spec) if not isinstance(spec, str) else spec))
+                    missing = missing_local_shards(
+                        expand_urls(OmegaConf.to_object(spec) if not isinstance(spec, str) else spec)
+                    )
                     if missing:
                         problems.append(f"data.shards.{split}={spec!r}: missing shard file {missing[0]!r}")
         resolution = OmegaConf.select(data, "resolution")
@@ -87,7 +91,10 @@ def validate(cfg: DictConfig) -> None:
         if _positive_int(resolution) and ch_mult is not None:
             factor = 2 ** (len(ch_mult) - 1)
             if resolution % factor:
-                problems.append(f"data.resolution={resolution}: must be divisible by the autoencoder's down-sampling factor {factor}")
+                problems.append(
+                    f"data.resolution={resolution}: must be divisible by the autoencoder's down-sampling factor "
+                    f"{factor}"
+                )
     trainer = cfg.get("trainer")
     if trainer is not None:
         max_steps = trainer.get("max_steps", -1)
@@ -101,21 +108,37 @@ def validate(cfg: DictConfig) -> None:
                 problems.append(f"stage.{key}={value!r}: must be a number >= 0")
         problems += _optimizer_problems(stage)
         first = OmegaConf.select(stage, "first_stage.checkpoint", throw_on_missing=False, default=None)
-        if OmegaConf.is_missing(stage, "first_stage") or (stage.get("first_stage") is not None and OmegaConf.is_missing(stage.first_stage, "checkpoint")):
-            problems.append("stage.first_stage.checkpoint is not set: give the autoencoder stage's autoencoder.safetensors (python -m k3lab.train experiment=autoencoder_tiny writes one), or null for pixel space")
+        if OmegaConf.is_missing(stage, "first_stage") or (
+            stage.get("first_stage") is not None and OmegaConf.is_missing(stage.first_stage, "checkpoint")
+        ):
+            problems.append(
+                "stage.first_stage.checkpoint is not set: give the autoencoder stage's autoencoder.safetensors (python "
+                "-m k3lab.train experiment=autoencoder_tiny writes one), or null for pixel space"
+            )
         elif first and not Path(first).is_file():
-            problems.append(f"stage.first_stage.checkpoint={first!r}: no such file (train the autoencoder first: python -m k3lab.train experiment=autoencoder_tiny)")
+            problems.append(
+                f"stage.first_stage.checkpoint={first!r}: no such file (train the autoencoder first: python -m "
+                "k3lab.train experiment=autoencoder_tiny)"
+            )
         if stage.get("perceptual_weight", 0) and stage.get("vgg_weights") and not Path(stage.vgg_weights).is_file():
-            problems.append(f"stage.vgg_weights={stage.vgg_weights!r}: no such file (LPIPS needs a local VGG16 state dict)")
+            problems.append(
+                f"stage.vgg_weights={stage.vgg_weights!r}: no such file (LPIPS needs a local VGG16 state dict)"
+            )
     mapping = cfg.get("mapping")
     if mapping is not None and mapping.get("clip") is not None:
         clip = mapping.clip
         if "checkpoint" in list(clip.keys()) and OmegaConf.is_missing(clip, "checkpoint"):
-            problems.append("mapping.clip.checkpoint is not set: give the clip stage's clip.safetensors (python -m k3lab.train experiment=clip_tiny writes one)")
+            problems.append(
+                "mapping.clip.checkpoint is not set: give the clip stage's clip.safetensors (python -m k3lab.train "
+                "experiment=clip_tiny writes one)"
+            )
         for key in ("checkpoint", "weights"):
             value = clip.get(key) if key in clip else None  # `in` is False for a missing (???) value
             if value and "k3lab-reference-clip" in str(value):
-                problems.append(f"mapping.clip.{key}={value!r}: that is the evaluation's reference CLIP; the prior must condition on another CLIP")
+                problems.append(
+                    f"mapping.clip.{key}={value!r}: that is the evaluation's reference CLIP; the prior must condition "
+                    "on another CLIP"
+                )
             elif value and not Path(value).is_file():
                 problems.append(f"mapping.clip.{key}={value!r}: CLIP weights file not found")
         prior = mapping.get("prior")
@@ -132,7 +155,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def compose_in_place(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+def compose_in_place(
+    overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False
+) -> DictConfig:
     """Compose ``conf/<config_name>.yaml``: inside the running Hydra app when there is one (its state is kept), else
     in a temporary context."""
     from hydra import compose as hydra_compose
@@ -140,12 +165,18 @@ def compose_in_place(overrides: Sequence[str] = (), config_name: str = "train", 
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name=config_name, return_hydra_config=return_hydra_config, overrides=list(overrides))
+        return hydra_compose(
+            config_name=config_name, return_hydra_config=return_hydra_config, overrides=list(overrides)
+        )
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return hydra_compose(config_name=config_name, return_hydra_config=return_hydra_config, overrides=list(overrides))
+        return hydra_compose(
+            config_name=config_name, return_hydra_config=return_hydra_config, overrides=list(overrides)
+        )
 
 
-def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train") -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train"
+) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python -m k3lab.train`` would, outside a Hydra app
     (tests, benchmarks, notebooks). ``${hydra:runtime.output_dir}`` resolves to ``output_dir``.
     """

@@ -90,9 +90,13 @@ def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> Fi
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     if trainer.is_global_zero:
-        log_run_metadata(loggers, cfg, hydra_choices(), HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
+        log_run_metadata(
+            loggers, cfg, hydra_choices(), HydraConfig.get().overrides.task if HydraConfig.initialized() else ()
+        )
     log.info("output dir: %s", cfg.paths.output_dir)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))  # on an error Lightning finalizes the run FAILED
+    trainer.fit(
+        stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path")
+    )  # on an error Lightning finalizes the run FAILED
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         for name, path in export.exported.items():

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch import nn
-
 from omegaconf import DictConfig
+from torch import nn
 
 from k3lab.checkpoint import CheckpointError
 from k3lab.conditioning import ConditioningArm, PriorArm, TextArm, make_arm
@@ -30,7 +29,8 @@ def check_resolution(resolution: int, first_stage: nn.Module, unet: nn.Module) -
     factor = int(getattr(first_stage, "downsample_factor", 1)) * int(unet.downsample_factor)
     if resolution <= 0 or resolution % factor:
         raise ValueError(
-            f"resolution {resolution} is not divisible by {factor} (= first-stage factor {getattr(first_stage, 'downsample_factor', 1)} "
+            f"resolution {resolution} is not divisible by {factor} (= first-stage factor "
+            f"{getattr(first_stage, 'downsample_factor', 1)} "
             f"x U-Net factor {unet.downsample_factor}); use e.g. {max(factor, round(resolution / factor) * factor)}"
         )
     return resolution // int(getattr(first_stage, "downsample_factor", 1))
@@ -55,7 +55,7 @@ class Generator:
     latent_scale: float = 1.0
     device: str = "cpu"
     sequential: bool = False
-    x0_threshold: float | None = 0.99               # samplers' dynamic thresholding (None: off), see stage.x0_threshold
+    x0_threshold: float | None = 0.99  # samplers' dynamic thresholding (None: off), see stage.x0_threshold
 
     @classmethod
     def from_stage(cls, stage: Any) -> Generator:
@@ -63,12 +63,28 @@ class Generator:
         unet, arm = stage.eval_modules()
         if stage.text_encoder is None:
             raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
-        return cls(unet, arm, stage.text_encoder, stage.first_stage, stage.schedule, str(stage.hparams.prediction),
-                   float(stage.latent_scale.value), str(stage.device), x0_threshold=stage.hparams.x0_threshold)
+        return cls(
+            unet,
+            arm,
+            stage.text_encoder,
+            stage.first_stage,
+            stage.schedule,
+            str(stage.hparams.prediction),
+            float(stage.latent_scale.value),
+            str(stage.device),
+            x0_threshold=stage.hparams.x0_threshold,
+        )
 
     @classmethod
-    def from_export(cls, checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None,
-                    sequential: bool = False, text_encoder_dtype: str | None = None) -> tuple[Generator, DictConfig]:
+    def from_export(
+        cls,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        text_encoder_path: str | None = None,
+        unet_preset: str | None = None,
+        sequential: bool = False,
+        text_encoder_dtype: str | None = None,
+    ) -> tuple[Generator, DictConfig]:
         """Rebuild from a diffusion run: its checkpoints folder, an exported ``unet.safetensors`` in it, or a Lightning
         ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config. The arm is built by the
         stage's own builder (:func:`~k3lab.conditioning.make_arm`). ``unet_preset`` (e.g. 'kandinsky3') asserts which
@@ -80,13 +96,18 @@ class Generator:
 
         path = Path(checkpoint)
         if not path.exists():
-            raise FileNotFoundError(f"no such checkpoint: {checkpoint} (give a diffusion run's checkpoints folder, its unet.safetensors or a .ckpt)")
+            raise FileNotFoundError(
+                f"no such checkpoint: {checkpoint} (give a diffusion run's checkpoints folder, its unet.safetensors or "
+                "a .ckpt)"
+            )
         if path.is_dir():
             path = path / "unet.safetensors"
         cfg = check_stage(path, "diffusion")
         found = (cfg.get("choices") or {}).get("model/unet")
         if unet_preset and found and found != unet_preset:
-            raise CheckpointError(f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})")
+            raise CheckpointError(
+                f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})"
+            )
         unet = instantiate(cfg.model.unet)
         try:
             load_weights(unet, _part_state(path, "unet"), path)
@@ -96,25 +117,47 @@ class Generator:
         clip = instantiate(cfg.stage.clip) if OmegaConf.select(cfg, "stage.clip") is not None else None
         prior = instantiate(cfg.stage.prior) if OmegaConf.select(cfg, "stage.prior") is not None else None
         try:
-            arm = make_arm(int(cfg.stage.encoder_dim), unet, schedule, diffusers_compat=bool(cfg.stage.get("diffusers_compat", False)), clip=clip,
-                           prior=prior, image_tokens=int(cfg.stage.get("image_tokens", 10)), prior_steps=int(cfg.stage.get("prior_steps", 25)),
-                           prior_guidance=float(cfg.stage.get("prior_guidance", 3.0)))
+            arm = make_arm(
+                int(cfg.stage.encoder_dim),
+                unet,
+                schedule,
+                diffusers_compat=bool(cfg.stage.get("diffusers_compat", False)),
+                clip=clip,
+                prior=prior,
+                image_tokens=int(cfg.stage.get("image_tokens", 10)),
+                prior_steps=int(cfg.stage.get("prior_steps", 25)),
+                prior_guidance=float(cfg.stage.get("prior_guidance", 3.0)),
+            )
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
         if not arm.can_sample:
-            raise CheckpointError(f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text")
+            raise CheckpointError(
+                f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text"
+            )
         load_weights(arm.conditioning, _part_state(path, arm.export_name), path)
         scale = LatentScale()
         load_weights(scale, _part_state(path, "latent_scale"), path)
         if not scale.measured():
-            raise CheckpointError(f"{path}: its latent scale was never measured (the run stopped before its first batch)")
+            raise CheckpointError(
+                f"{path}: its latent scale was never measured (the run stopped before its first batch)"
+            )
         encoder = instantiate(encoder_config(cfg.model.text_encoder.encoder, text_encoder_path, text_encoder_dtype))
         text_encoder = frozen_text_encoder(encoder, int(cfg.stage.encoder_dim))
         first_stage = instantiate(cfg.stage.first_stage)
         for m in (unet, arm, text_encoder, first_stage):
             m.to("cpu" if sequential else device).eval()
-        generator = cls(unet, arm, text_encoder, first_stage, schedule, str(cfg.stage.prediction), float(scale.value), device, sequential,
-                        OmegaConf.select(cfg, "stage.x0_threshold", default=0.99))
+        generator = cls(
+            unet,
+            arm,
+            text_encoder,
+            first_stage,
+            schedule,
+            str(cfg.stage.prediction),
+            float(scale.value),
+            device,
+            sequential,
+            OmegaConf.select(cfg, "stage.x0_threshold", default=0.99),
+        )
         return generator, cfg
 
     @contextmanager
@@ -132,18 +175,30 @@ class Generator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, time_extra: torch.Tensor | None = None) -> torch.Tensor:
+    def model_fn(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor,
+        time_extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         out = self.unet(x, t, context, mask, time_extra)
-        return to_epsilon(self.prediction, out, x, self.schedule.alpha_bar(t, x)) if self.prediction != "epsilon" else out
+        return (
+            to_epsilon(self.prediction, out, x, self.schedule.alpha_bar(t, x)) if self.prediction != "epsilon" else out
+        )
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
         """The U-Net's condition for ``prompts`` (on ``device``), from the arm: (context, mask) in the text arm;
-        (context, mask, time_extra) in the mapping-prior arm, where the prior samples an embedding per prompt (seeded)."""
+        (context, mask, time_extra) in the mapping-prior arm, where the prior samples an embedding per prompt
+        (seeded)."""
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was freed: encode every prompt before free_text_encoder()")
         with self._placed(self.text_encoder, self.arm):
-            cond = self.arm.encode(self.text_encoder, prompts, list(seeds if seeds is not None else range(len(prompts))))
+            cond = self.arm.encode(
+                self.text_encoder, prompts, list(seeds if seeds is not None else range(len(prompts)))
+            )
         return tuple(c.to(self.device) for c in cond)
 
     def null(self, cond: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -159,15 +214,25 @@ class Generator:
 
     @torch.no_grad()
     def sample(
-        self, cond: tuple[torch.Tensor, ...], seeds: Sequence[int], resolution: int, sampler: str = "kandinsky3", steps: int = 50,
-        guidance_weight: float = 3.0, callback: Callable[[int, int, torch.Tensor], None] | None = None, **sampler_options: object,
+        self,
+        cond: tuple[torch.Tensor, ...],
+        seeds: Sequence[int],
+        resolution: int,
+        sampler: str = "kandinsky3",
+        steps: int = 50,
+        guidance_weight: float = 3.0,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        **sampler_options: object,
     ) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] from ``encode``'s condition; sample i starts from ``manual_seed(seeds[i])`` noise."""
+        """Images [B, 3, H, W] in [0, 1] from ``encode``'s condition; sample i starts from ``manual_seed(seeds[i])``
+        noise."""
         if cond[0].shape[0] != len(seeds):
             raise ValueError(f"{cond[0].shape[0]} prompts but {len(seeds)} seeds")
         size = check_resolution(resolution, self.first_stage, self.unet)
         shape = (self.unet.in_channels, size, size)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
+            self.device
+        )
         sample_fn = get_sampler(sampler)
         if "x0_threshold" in inspect.signature(sample_fn).parameters:
             sampler_options.setdefault("x0_threshold", self.x0_threshold)
@@ -180,14 +245,23 @@ class Generator:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     def __call__(
-        self, prompts: Sequence[str], seeds: Sequence[int], resolution: int, sampler: str = "kandinsky3", steps: int = 50,
-        guidance_weight: float = 3.0, callback: Callable[[int, int, torch.Tensor], None] | None = None, **sampler_options: object,
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        resolution: int,
+        sampler: str = "kandinsky3",
+        steps: int = 50,
+        guidance_weight: float = 3.0,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        **sampler_options: object,
     ) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] for ``prompts``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         check_resolution(resolution, self.first_stage, self.unet)
-        return self.sample(self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options)
+        return self.sample(
+            self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options
+        )
 
 
 def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None = None) -> DictConfig:
@@ -207,7 +281,8 @@ def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None 
 
 def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
     """``part``'s weights from an exported ``<part>.safetensors`` beside ``path``, or from a Lightning ``.ckpt`` (the
-    arm's trained module, exported as ``text_conditioning``/``image_conditioning``, is the stage's ``arm.conditioning``)."""
+    arm's trained module, exported as ``text_conditioning``/``image_conditioning``, is the stage's
+    ``arm.conditioning``)."""
     from k3lab.checkpoint import _select_prefix, load_state_dict
 
     if path.suffix == ".ckpt":
@@ -220,7 +295,13 @@ def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
     return load_state_dict(path.parent / f"{part}.safetensors")
 
 
-def load_generator(checkpoint: str | Path, device: str = "cpu", text_encoder_path: str | None = None, unet_preset: str | None = None,
-                   sequential: bool = False, text_encoder_dtype: str | None = None) -> tuple[Generator, DictConfig]:
+def load_generator(
+    checkpoint: str | Path,
+    device: str = "cpu",
+    text_encoder_path: str | None = None,
+    unet_preset: str | None = None,
+    sequential: bool = False,
+    text_encoder_dtype: str | None = None,
+) -> tuple[Generator, DictConfig]:
     """:meth:`Generator.from_export` (kept as a function for scripts and notebooks)."""
     return Generator.from_export(checkpoint, device, text_encoder_path, unet_preset, sequential, text_encoder_dtype)

@@ -35,16 +35,21 @@ def sweep_dir(env: str = "K3LAB_SWEEP") -> Path:
     return latest("*/multiruns/*/mlflow_sweep.json").parent
 
 
-def show_images(images: torch.Tensor | Sequence[np.ndarray], captions: Sequence[str], columns: int = 4, size: float = 2.2):
+def show_images(
+    images: torch.Tensor | Sequence[np.ndarray], captions: Sequence[str], columns: int = 4, size: float = 2.2
+):
     """A matplotlib figure: each image with its caption underneath."""
     import matplotlib.pyplot as plt
 
-    arrays = [img.permute(1, 2, 0).clamp(0, 1).cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img) for img in images]
+    arrays = [
+        img.permute(1, 2, 0).clamp(0, 1).cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        for img in images
+    ]
     rows = (len(arrays) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows + 0.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, array, caption in zip(axes.flat, arrays, captions):
+    for ax, array, caption in zip(axes.flat, arrays, captions, strict=False):
         ax.imshow(array)
         ax.set_title(caption, fontsize=7, wrap=True)
     fig.tight_layout()

@@ -42,7 +42,10 @@ class PrecomputedShards:
     def build(self) -> dict[str, list[str]]:
         path = self.root / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no precomputed shards here; write them with python -m k3lab.precompute (same experiment and overrides)")
+            raise FileNotFoundError(
+                f"{path}: no precomputed shards here; write them with python -m k3lab.precompute (same experiment and "
+                "overrides)"
+            )
         manifest = json.loads(path.read_text())
         return {split: [str(self.root / name) for name in names] for split, names in manifest["shards"].items()}
 
@@ -70,10 +73,14 @@ def _flush(out_dir: Path, name: str, samples: list[dict[str, Any]]) -> None:
 
 
 @torch.no_grad()
-def _encode(batch: list[tuple[dict[str, Any], dict[str, Any]]], encoder: Any, first_stage: Any, device: torch.device) -> list[dict[str, Any]]:
+def _encode(
+    batch: list[tuple[dict[str, Any], dict[str, Any]]], encoder: Any, first_stage: Any, device: torch.device
+) -> list[dict[str, Any]]:
     """Output samples: the raw members plus ``text.npy`` (real tokens only) and optionally ``latent.npy``."""
     hidden, mask = encoder.encode([s["caption"] for _, s in batch])
-    latents = first_stage.encode(torch.stack([s["image"] for _, s in batch]).to(device)) if first_stage is not None else None
+    latents = (
+        first_stage.encode(torch.stack([s["image"] for _, s in batch]).to(device)) if first_stage is not None else None
+    )
     out = []
     for i, (raw, _) in enumerate(batch):
         sample = {k: v for k, v in raw.items() if not k.endswith(".npy")}
@@ -98,11 +105,25 @@ def precompute(cfg: DictConfig) -> Path:
     encoder.to(device)
     if first_stage is not None:
         first_stage.to(device)
-    reader = ShardDataset([], datamodule.resolution, datamodule.image_keys, datamodule.caption_key, datamodule.metadata_key,
-                          datamodule.min_image_size, datamodule.require_caption, shuffle=False)
-    manifest: dict[str, Any] = {"text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True), "latents": bool(pc.latents),
-                                "first_stage": OmegaConf.select(cfg, "stage.first_stage.checkpoint"), "resolution": datamodule.resolution,
-                                "shards": {}, "counts": {}, "skipped": {}}
+    reader = ShardDataset(
+        [],
+        datamodule.resolution,
+        datamodule.image_keys,
+        datamodule.caption_key,
+        datamodule.metadata_key,
+        datamodule.min_image_size,
+        datamodule.require_caption,
+        shuffle=False,
+    )
+    manifest: dict[str, Any] = {
+        "text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True),
+        "latents": bool(pc.latents),
+        "first_stage": OmegaConf.select(cfg, "stage.first_stage.checkpoint"),
+        "resolution": datamodule.resolution,
+        "shards": {},
+        "counts": {},
+        "skipped": {},
+    }
     for split, urls in splits.items():
         skipped: Counter[str] = Counter()
         names: list[str] = []
@@ -131,10 +152,17 @@ def precompute(cfg: DictConfig) -> Path:
             _flush(out_dir, names[-1], shard)
             count += len(shard)
         manifest["shards"][split], manifest["counts"][split], manifest["skipped"][split] = names, count, dict(skipped)
-        log.info("%s: %d samples in %d shards%s", split, count, len(names), f", skipped {dict(skipped)}" if skipped else "")
+        log.info(
+            "%s: %d samples in %d shards%s", split, count, len(names), f", skipped {dict(skipped)}" if skipped else ""
+        )
     atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
     keys = "[text.npy,latent.npy]" if pc.latents else "[text.npy]"
-    log.info("train on them: python -m k3lab.train <same overrides> data=precomputed data.source.root=%s data.feature_keys=%s stage.text_encoder=null", out_dir, keys)
+    log.info(
+        "train on them: python -m k3lab.train <same overrides> data=precomputed data.source.root=%s "
+        "data.feature_keys=%s stage.text_encoder=null",
+        out_dir,
+        keys,
+    )
     return out_dir
 
 

@@ -60,8 +60,15 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, An
     if Path(source).is_dir():
         info = read_sweep_file(source)
         if info is None:
-            raise FileNotFoundError(f"{source}: no mlflow_sweep.json here; was this sweep run with logger=mlflow (python -m k3lab.ablation -m ... or python -m k3lab.train -m ...)?")
-        return {**info, "sweep_dir": str(Path(source).resolve()), **({"tracking_uri": tracking_uri} if tracking_uri else {})}
+            raise FileNotFoundError(
+                f"{source}: no mlflow_sweep.json here; was this sweep run with logger=mlflow (python -m k3lab.ablation "
+                "-m ... or python -m k3lab.train -m ...)?"
+            )
+        return {
+            **info,
+            "sweep_dir": str(Path(source).resolve()),
+            **({"tracking_uri": tracking_uri} if tracking_uri else {}),
+        }
     import os
 
     from mlflow.tracking import MlflowClient
@@ -72,9 +79,15 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, An
     try:
         run = MlflowClient(uri).get_run(source)
     except Exception as e:
-        raise FileNotFoundError(f"{source!r} is neither a sweep folder nor a run id in {uri} ({type(e).__name__})") from None
-    return {"tracking_uri": uri, "experiment_id": run.info.experiment_id, "parent_run_id": source,
-            "sweep_dir": run.data.tags.get("k3lab.sweep_dir", "")}
+        raise FileNotFoundError(
+            f"{source!r} is neither a sweep folder nor a run id in {uri} ({type(e).__name__})"
+        ) from None
+    return {
+        "tracking_uri": uri,
+        "experiment_id": run.info.experiment_id,
+        "parent_run_id": source,
+        "sweep_dir": run.data.tags.get("k3lab.sweep_dir", ""),
+    }
 
 
 def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -90,14 +103,21 @@ def load_runs(source: str, tracking_uri: str | None = None) -> tuple[pd.DataFram
     from k3lab.tracking.sweep import sweep_reference
 
     recorded = {k.removeprefix(REFERENCE_PREFIX): v for k, v in params.items() if k.startswith(REFERENCE_PREFIX)}
-    info["reference"] = recorded or sweep_reference({k.removeprefix("sweep/"): v for k, v in params.items()
-                                                     if k.startswith("sweep/") and k != "sweep/overrides"})
+    info["reference"] = recorded or sweep_reference(
+        {k.removeprefix("sweep/"): v for k, v in params.items() if k.startswith("sweep/") and k != "sweep/overrides"}
+    )
     rows = []
     for run in children(client, info["experiment_id"], info["parent_run_id"], role="cell"):
         params = run.data.params
-        row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                               "start_time": int(run.info.start_time or 0), "job": int(run.data.tags.get("k3lab.job", 0)),
-                               "seed": int(params.get("seed", 0)), "output_dir": params.get("output_dir", "")}
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "status": run.info.status,
+            "start_time": int(run.info.start_time or 0),
+            "job": int(run.data.tags.get("k3lab.job", 0)),
+            "seed": int(params.get("seed", 0)),
+            "output_dir": params.get("output_dir", ""),
+        }
         row |= {k: v for k, v in params.items() if k.startswith(OVERRIDE_PREFIX) and k != f"{OVERRIDE_PREFIX}seed"}
         row |= dict(run.data.metrics)
         rows.append(row)
@@ -149,8 +169,11 @@ def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float
     return float(v.mean()), float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
-def effects(runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dict[str, str] | None = None) -> pd.DataFrame:
-    """Each axis level's effect (vs the reference level: ``reference[axis]``, else the first level) per metric: mean and 95% half-width over seeds.
+def effects(
+    runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """Each axis level's effect (vs the reference level: ``reference[axis]``, else the first level) per metric: mean
+    and 95% half-width over seeds.
 
     Within a seed, the effect is the mean over the other axes' cells of metric(level) - metric(reference);
     cells missing on either side are left out (a failed run does not bias the difference). A reference that is not
@@ -168,13 +191,28 @@ def effects(runs: pd.DataFrame, metrics: Sequence[str] = METRICS, reference: dic
             for metric in [m for m in metrics if m in runs]:
                 per_seed = []
                 for _, group in runs.groupby("seed"):  # one row per combination of the other axes, one column per level
-                    wide = group.set_index([*others, axis])[metric].unstack(axis) if others else group.set_index(axis)[metric].to_frame().T
-                    diffs = (wide[level] - wide[ref]).dropna() if level in wide and ref in wide else pd.Series(dtype=float)
+                    wide = (
+                        group.set_index([*others, axis])[metric].unstack(axis)
+                        if others
+                        else group.set_index(axis)[metric].to_frame().T
+                    )
+                    diffs = (
+                        (wide[level] - wide[ref]).dropna() if level in wide and ref in wide else pd.Series(dtype=float)
+                    )
                     if len(diffs):
                         per_seed.append(float(diffs.mean()))
                 mean, half = interval(per_seed)
-                out.append({"axis": axis.removeprefix(OVERRIDE_PREFIX), "level": level, "reference": ref, "metric": metric,
-                            "effect": mean, "ci95": half, "seeds": len(per_seed)})
+                out.append(
+                    {
+                        "axis": axis.removeprefix(OVERRIDE_PREFIX),
+                        "level": level,
+                        "reference": ref,
+                        "metric": metric,
+                        "effect": mean,
+                        "ci95": half,
+                        "seeds": len(per_seed),
+                    }
+                )
     return pd.DataFrame(out)
 
 
@@ -183,9 +221,9 @@ def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     ax = axes(runs)
     finished = usable(mark_superseded(runs) if "superseded_by" not in runs else runs)
     rows = []
-    for key, group in (finished.groupby(ax, sort=False) if ax else [((), finished)]):
+    for key, group in finished.groupby(ax, sort=False) if ax else [((), finished)]:
         key = key if isinstance(key, tuple) else (key,)
-        row: dict[str, Any] = {a.removeprefix(OVERRIDE_PREFIX): k for a, k in zip(ax, key)}
+        row: dict[str, Any] = {a.removeprefix(OVERRIDE_PREFIX): k for a, k in zip(ax, key, strict=False)}
         row["seeds"] = len(group)
         for m in [m for m in metrics if m in group]:
             row[m], row[f"{m} ci95"] = interval(group[m].tolist())
@@ -200,40 +238,80 @@ def _fmt(mean: float, half: float, digits: int | None = None) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
 
 
-def markdown(runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
+def markdown(
+    runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.DataFrame, metrics: Sequence[str] = METRICS
+) -> str:
     metrics = [m for m in metrics if m in runs]
     seeds = sorted(runs["seed"].unique().tolist())
-    lines = [f"## Ablation: {len(cell_table)} cells x {len(seeds)} seed(s) {seeds}; {len(runs)} runs "
-             f"({int((runs['status'] != 'FINISHED').sum()) if 'status' in runs else 0} not finished)", ""]
+    lines = [
+        f"## Ablation: {len(cell_table)} cells x {len(seeds)} seed(s) {seeds}; {len(runs)} runs "
+        f"({int((runs['status'] != 'FINISHED').sum()) if 'status' in runs else 0} not finished)",
+        "",
+    ]
     superseded = runs[runs["superseded_by"].fillna("") != ""] if "superseded_by" in runs else runs.iloc[:0]
     if len(superseded):
-        lines += [f"{len(superseded)} FINISHED run(s) repeat a cell and seed that a newer FINISHED run also holds; the newest "
-                  "run wins: " + ", ".join(f"{r.run_id} -> {r.superseded_by}" for r in superseded.itertuples()), ""]
-    lines.append("### Effects (level - reference; mean ± 95% t-interval over seeds" + ("; one seed: no interval)" if len(seeds) < 2 else ")"))
+        lines += [
+            f"{len(superseded)} FINISHED run(s) repeat a cell and seed that a newer FINISHED run also holds; the "
+            "newest "
+            "run wins: " + ", ".join(f"{r.run_id} -> {r.superseded_by}" for r in superseded.itertuples()),
+            "",
+        ]
+    lines.append(
+        "### Effects (level - reference; mean ± 95% t-interval over seeds"
+        + ("; one seed: no interval)" if len(seeds) < 2 else ")")
+    )
     lines.append("")
     lines.append("| axis | level vs reference | " + " | ".join(short(m) for m in metrics) + " |")
     lines.append("|---|---|" + "---|" * len(metrics))
     for (axis, level), group in effect_table.groupby(["axis", "level"], sort=False) if len(effect_table) else []:
         by = {r.metric: r for r in group.itertuples()}
         ref = group["reference"].iloc[0]
-        lines.append(f"| {axis} | {level} vs {ref} | " + " | ".join(_fmt(by[m].effect, by[m].ci95) if m in by else "" for m in metrics) + " |")
+        lines.append(
+            f"| {axis} | {level} vs {ref} | "
+            + " | ".join(_fmt(by[m].effect, by[m].ci95) if m in by else "" for m in metrics)
+            + " |"
+        )
     lines += ["", "### Cells (mean ± 95% t-interval over seeds)", ""]
     names = [a.removeprefix(OVERRIDE_PREFIX) for a in axes(runs)]
     lines.append("| " + " | ".join(names + ["seeds"] + [short(m) for m in metrics]) + " |")
     lines.append("|" + "---|" * (len(names) + 1 + len(metrics)))
     for r in cell_table.to_dict("records"):
-        lines.append("| " + " | ".join([str(r[n]) for n in names] + [str(r["seeds"])] +
-                                       [_fmt(r.get(m, float("nan")), r.get(f"{m} ci95", float("nan"))) for m in metrics]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [str(r[n]) for n in names]
+                + [str(r["seeds"])]
+                + [_fmt(r.get(m, float("nan")), r.get(f"{m} ci95", float("nan"))) for m in metrics]
+            )
+            + " |"
+        )
     tasks = [m.removeprefix("eval/seen/") for m in metrics if m.startswith("eval/seen/")]
-    baselines = [(label, prefix) for label, prefix in (("chance: real images scored against another prompt's scene", "eval/chance/"),
-                                                       ("real images with their own prompt (the detector's ceiling)", "eval/real/"))
-                 if all(prefix + t in runs for t in tasks)]
+    baselines = [
+        (label, prefix)
+        for label, prefix in (
+            ("chance: real images scored against another prompt's scene", "eval/chance/"),
+            ("real images with their own prompt (the detector's ceiling)", "eval/real/"),
+        )
+        if all(prefix + t in runs for t in tasks)
+    ]
     if tasks and baselines:
-        lines += ["", "### Baselines (seen prompts)", "", "| baseline | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += [
+            "",
+            "### Baselines (seen prompts)",
+            "",
+            "| baseline | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+        ]
         uniform = uniform_chance()
-        lines.append("| chance: one object of a uniformly random shape (and colour) | " +
-                     " | ".join(f"{uniform[t]:.3f}" if t in uniform else "" for t in tasks) + " |")
-        lines += [f"| {label} | " + " | ".join(f"{runs[prefix + t].mean():.3f}" for t in tasks) + " |" for label, prefix in baselines]
+        lines.append(
+            "| chance: one object of a uniformly random shape (and colour) | "
+            + " | ".join(f"{uniform[t]:.3f}" if t in uniform else "" for t in tasks)
+            + " |"
+        )
+        lines += [
+            f"| {label} | " + " | ".join(f"{runs[prefix + t].mean():.3f}" for t in tasks) + " |"
+            for label, prefix in baselines
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +331,7 @@ def plot(effect_table: pd.DataFrame, path: str | Path, metrics: Sequence[str] = 
 
     metrics = [m for m in metrics if len(effect_table) and m in set(effect_table["metric"])]
     fig, panels = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 2.8), squeeze=False)
-    for ax, metric in zip(panels[0], metrics):
+    for ax, metric in zip(panels[0], metrics, strict=False):
         rows = effect_table[effect_table["metric"] == metric]
         labels = [f"{r.axis}\n{r.level}" for r in rows.itertuples()]
         ax.errorbar(rows["effect"], range(len(rows)), xerr=rows["ci95"].fillna(0), fmt="o", capsize=3)
@@ -273,13 +351,18 @@ class Report:
     effects: pd.DataFrame
     cells: pd.DataFrame
     text: str
-    info: dict[str, Any]   # tracking_uri, experiment_id, parent_run_id, sweep_dir, reference (axis -> first swept value)
+    info: dict[str, Any]  # tracking_uri, experiment_id, parent_run_id, sweep_dir, reference (axis -> first swept value)
     files: dict[str, Path] = field(default_factory=dict)
 
     def summary(self) -> str:
-        where = [f"mlflow ui --backend-store-uri {self.info['tracking_uri']}   (parent run {self.info['parent_run_id']})"]
+        where = [
+            f"mlflow ui --backend-store-uri {self.info['tracking_uri']}   (parent run {self.info['parent_run_id']})"
+        ]
         if self.info.get("sweep_dir"):
-            where.append(f"sample grids: {self.info['sweep_dir']}/<job>/eval/eval_grid_seen_*.png; images + metadata.jsonl: <job>/eval/{{seen,heldout}}/")
+            where.append(
+                f"sample grids: {self.info['sweep_dir']}/<job>/eval/eval_grid_seen_*.png; images + metadata.jsonl: "
+                f"<job>/eval/{{seen,heldout}}/"
+            )
         where += [f"{name}: {path}" for name, path in self.files.items()]
         return self.text + "\nWhere to look:\n" + "\n".join(f"  {w}" for w in where) + "\n"
 
@@ -292,7 +375,12 @@ def analyse(source: str, tracking_uri: str | None = None, metrics: Sequence[str]
     return Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
 
 
-def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, metrics: Sequence[str] | None = None) -> Report:
+def build_report(
+    source: str,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+) -> Report:
     """:func:`analyse`, then write report.md / report.png / runs.csv (into the sweep folder unless ``out_dir``)."""
     metrics = list(metrics or default_metrics())
     report = analyse(source, tracking_uri, metrics)
@@ -300,7 +388,11 @@ def build_report(source: str, tracking_uri: str | None = None, out_dir: str | Pa
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(report.text)
     report.runs.to_csv(folder / "runs.csv", index=False)
-    report.files = {"table": folder / "report.md", "plot": plot(report.effects, folder / "report.png", metrics), "runs": folder / "runs.csv"}
+    report.files = {
+        "table": folder / "report.md",
+        "plot": plot(report.effects, folder / "report.png", metrics),
+        "runs": folder / "runs.csv",
+    }
     return report
 
 
@@ -318,7 +410,9 @@ class ReportCallback(Callback):
         if info is None:
             return
         client = MlflowClient(info["tracking_uri"])
-        if not any(r.data.tags.get(ROLE_TAG) == "cell" for r in children(client, info["experiment_id"], info["parent_run_id"])):
+        if not any(
+            r.data.tags.get(ROLE_TAG) == "cell" for r in children(client, info["experiment_id"], info["parent_run_id"])
+        ):
             return
         try:
             report = build_report(str(sweep_dir))
@@ -331,11 +425,17 @@ class ReportCallback(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m k3lab.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m k3lab.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", help="a sweep folder (with mlflow_sweep.json) or an MLflow parent run id")
-    p.add_argument("--tracking-uri", default=None, help="default: the sweep's, $MLFLOW_TRACKING_URI, or <project>/logs/mlflow.db")
+    p.add_argument(
+        "--tracking-uri", default=None, help="default: the sweep's, $MLFLOW_TRACKING_URI, or <project>/logs/mlflow.db"
+    )
     p.add_argument("--out", default=None, help="where report.md/png and runs.csv go (default: the sweep folder)")
-    p.add_argument("--metric", action="append", default=None, help="metrics to tabulate (repeatable; default: the main ones)")
+    p.add_argument(
+        "--metric", action="append", default=None, help="metrics to tabulate (repeatable; default: the main ones)"
+    )
     p.add_argument("--json", action="store_true", help="print the effects as JSON instead of the markdown")
     args = p.parse_args(argv)
     try:

@@ -18,8 +18,16 @@ from pathlib import Path
 import torch
 
 DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 _FROM_NAME = {v: k for k, v in DTYPES.items()}
 
@@ -104,8 +112,12 @@ def dtype_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
     return tensors.dtype(key) if isinstance(tensors, (LazySafetensors, LazyState)) else tensors[key].dtype  # type: ignore[union-attr]
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                      metadata: Mapping[str, str] | None = None) -> Path:
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``tensors`` as one safetensors file, one tensor in memory at a time, atomically (a temporary file in the
     same folder, then ``os.replace``: a crash never leaves half a file). ``dtype`` casts floating tensors on the way."""
     path = Path(path)

@@ -44,7 +44,13 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[dict]:
                 if text is None:
                     raise ValueError(f"{path}:{i + 1}: no 'prompt' or 'text' field")
                 extra = {k: row[k] for k in ("category", "spec") if k in row}
-                out.append({"prompt_id": str(row.get("prompt_id", row.get("id", f"line{i + 1:05d}"))), "prompt": str(text), **extra})
+                out.append(
+                    {
+                        "prompt_id": str(row.get("prompt_id", row.get("id", f"line{i + 1:05d}"))),
+                        "prompt": str(text),
+                        **extra,
+                    }
+                )
             else:
                 out.append({"prompt_id": f"line{i + 1:05d}", "prompt": line.strip()})
     if not out:
@@ -53,25 +59,49 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m k3lab.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m k3lab.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="diffusion run checkpoints folder, unet.safetensors, or .ckpt")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help=".txt (one per line) or .jsonl with a prompt/text field")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the run's sampling.sampler")
     p.add_argument("--steps", type=int, default=None, help="default: the run's sampling.steps")
-    p.add_argument("--guidance", type=float, default=None, help="w in eps = (w+1) eps_cond - w eps_uncond (default: the run's sampling.guidance)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="w in eps = (w+1) eps_cond - w eps_uncond (default: the run's sampling.guidance)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="default: the run's training resolution")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--x0-threshold", default=None, help="dynamic-thresholding quantile, or 'none' (default: the run's sampling.x0_threshold)")
+    p.add_argument(
+        "--x0-threshold",
+        default=None,
+        help="dynamic-thresholding quantile, or 'none' (default: the run's sampling.x0_threshold)",
+    )
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sequential", action="store_true", help="keep modules on the CPU and move each to --device only while it runs (24-40 GB GPUs)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="keep modules on the CPU and move each to --device only while it runs (24-40 GB GPUs)",
+    )
     p.add_argument("--free-text-encoder", action="store_true", help="drop the text encoder after encoding all prompts")
     p.add_argument("--text-encoder", default=None, help="override the text encoder's local folder")
-    p.add_argument("--unet-preset", default=None, help="refuse a checkpoint that does not hold this model/unet preset (e.g. kandinsky3)")
-    p.add_argument("--text-encoder-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the encoder's dtype")
+    p.add_argument(
+        "--unet-preset",
+        default=None,
+        help="refuse a checkpoint that does not hold this model/unet preset (e.g. kandinsky3)",
+    )
+    p.add_argument(
+        "--text-encoder-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="override the encoder's dtype",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -87,7 +117,16 @@ def sampling_defaults(cfg: DictConfig) -> dict[str, Any]:
         s = cfg.sampling
         return {"sampler": str(s.sampler), "steps": int(s.steps), "guidance": float(s.guidance)}
     st = cfg.stage
-    return {"sampler": str(st.get("sampler", "kandinsky3")), "steps": int(st.get("sample_steps", 50)), "guidance": float(st.get("guidance_weight", 3.0))}
+    return {
+        "sampler": str(st.get("sampler", "kandinsky3")),
+        "steps": int(st.get("sample_steps", 50)),
+        "guidance": float(st.get("guidance_weight", 3.0)),
+    }
+
+
+def progress(bar: Any, images: int) -> Any:
+    """A sampler callback that advances ``bar`` by one step of ``images`` images."""
+    return lambda i, t, x0: bar.update(images)
 
 
 def sample(args: argparse.Namespace) -> int:
@@ -96,7 +135,9 @@ def sample(args: argparse.Namespace) -> int:
 
     rows_in = read_prompts(args.prompt, args.prompt_file)
     jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
-    generator, cfg = load_generator(args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype)
+    generator, cfg = load_generator(
+        args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype
+    )
     resolution = int(args.resolution or cfg.data.resolution)
     for key, value in sampling_defaults(cfg).items():
         if getattr(args, key) is None:
@@ -109,19 +150,40 @@ def sample(args: argparse.Namespace) -> int:
     batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
     encoded = None
     if args.free_text_encoder:  # encode everything first, then drop the encoder before the U-Net runs
-        encoded = [tuple(t.cpu() for t in generator.encode([row["prompt"] for row, _ in batch], [s for _, s in batch])) for batch in batches]
+        encoded = [
+            tuple(t.cpu() for t in generator.encode([row["prompt"] for row, _ in batch], [s for _, s in batch]))
+            for batch in batches
+        ]
         generator.free_text_encoder()
     bar = tqdm(total=len(jobs) * args.steps, desc="sampling", unit="step", file=sys.stdout)
     for b, batch in enumerate(batches):
         seeds = [seed for _, seed in batch]
         cond = encoded[b] if encoded is not None else generator.encode([row["prompt"] for row, _ in batch], seeds)
-        images = generator.sample(tuple(c.to(generator.device) for c in cond), seeds, resolution, args.sampler, args.steps,
-                                  args.guidance, callback=lambda i, t, x0: bar.update(len(batch)))
-        for (row, seed), image in zip(batch, images):
+        images = generator.sample(
+            tuple(c.to(generator.device) for c in cond),
+            seeds,
+            resolution,
+            args.sampler,
+            args.steps,
+            args.guidance,
+            callback=progress(bar, len(batch)),
+        )
+        for (row, seed), image in zip(batch, images, strict=False):
             name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"
             Image.fromarray(to_uint8(image)).save(out / name)
-            rows.append({"file": name, **row, "seed": seed, "sampler": args.sampler, "steps": args.steps, "x0_threshold": generator.x0_threshold,
-                         "guidance": args.guidance, "resolution": resolution, "checkpoint": str(Path(args.checkpoint).resolve())})
+            rows.append(
+                {
+                    "file": name,
+                    **row,
+                    "seed": seed,
+                    "sampler": args.sampler,
+                    "steps": args.steps,
+                    "x0_threshold": generator.x0_threshold,
+                    "guidance": args.guidance,
+                    "resolution": resolution,
+                    "checkpoint": str(Path(args.checkpoint).resolve()),
+                }
+            )
         atomic_write_bytes(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     bar.close()
     log.info("wrote %d images and metadata.jsonl to %s", len(rows), out)

@@ -14,12 +14,13 @@ from k3lab.fitting import fit, where_to_look
 log = logging.getLogger(__name__)
 
 
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one stage from the config; returns the final metrics."""
     if cfg.get("ablation"):
-        raise ValueError("this config is an ablation preset (it has an `ablation` node): run it with "
-                         "python -m k3lab.ablation -m experiment=<preset> [overrides]")
+        raise ValueError(
+            "this config is an ablation preset (it has an `ablation` node): run it with "
+            "python -m k3lab.ablation -m experiment=<preset> [overrides]"
+        )
     result = fit(cfg)
     where_to_look(cfg, result.loggers)
     return result.metrics

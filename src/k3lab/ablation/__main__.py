@@ -13,7 +13,6 @@ from k3lab.ablation.cell import run_cell
 from k3lab.config import CONF_DIR
 
 
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` for sweepers when set."""

@@ -51,28 +51,48 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
     root = str(ab.shared_dir)
     inherited = [*inherited_overrides(cell_overrides), f"task_name={cfg.task_name}"]
     common = [*inherited, *(ab.get("extra_overrides") or [])]
-    updates = {"stage.first_stage.checkpoint": str(train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent))}
+    updates = {
+        "stage.first_stage.checkpoint": str(
+            train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent)
+        )
+    }
     if uses_prior(cfg):
         clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent)
         prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
         updates["mapping.clip.checkpoint"] = str(clip)
-        updates["mapping.prior.checkpoint"] = str(train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent))
-    if ab.get("precompute"):  # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
-        pc_overrides = [*inherited, f"model/text_encoder={text_encoder}", "stage=diffusion",
-                        f"stage.first_stage.checkpoint={updates['stage.first_stage.checkpoint']}"]
+        updates["mapping.prior.checkpoint"] = str(
+            train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent)
+        )
+    if ab.get(
+        "precompute"
+    ):  # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
+        pc_overrides = [
+            *inherited,
+            f"model/text_encoder={text_encoder}",
+            "stage=diffusion",
+            f"stage.first_stage.checkpoint={updates['stage.first_stage.checkpoint']}",
+        ]
         folder = precompute_part(f"precomputed_{text_encoder}", pc_overrides, root)
-        updates |= {"data.resolution": int(cfg.data.resolution), "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
-                    "data.feature_keys": ["text.npy", "latent.npy"]}
+        updates |= {
+            "data.resolution": int(cfg.data.resolution),
+            "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
+            "data.feature_keys": ["text.npy", "latent.npy"],
+        }
     return updates
 
 
 def run_cell(cfg: DictConfig) -> dict[str, float]:
     """Shared parts (trained once), the diffusion stage, the evaluation: one MLflow child run; returns every metric."""
     if not cfg.get("ablation"):
-        raise ValueError("python -m k3lab.ablation runs ablation presets (configs with an `ablation` node), e.g. experiment=ablation_tiny")
+        raise ValueError(
+            "python -m k3lab.ablation runs ablation presets (configs with an `ablation` node), e.g. "
+            "experiment=ablation_tiny"
+        )
     text_encoder = hydra_choices().get("model/text_encoder")
     if not text_encoder:
-        raise ValueError("an ablation cell needs the model/text_encoder choice (run it through python -m k3lab.ablation)")
+        raise ValueError(
+            "an ablation cell needs the model/text_encoder choice (run it through python -m k3lab.ablation)"
+        )
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     splits = instantiate(cfg.data.source).build()  # the evaluation's prompts and real images: the dataset's own splits
     updates = prepare_shared(cfg, text_encoder, overrides)
@@ -90,14 +110,24 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
         stage = result.stage.eval()
         start = time.perf_counter()
         with torch.no_grad():
-            metrics, grids = evaluate(stage.generator(), splits, int(cfg.data.resolution), settings, ref_dir, out_dir / "eval")  # type: ignore[arg-type]
+            metrics, grids = evaluate(
+                stage.generator(), splits, int(cfg.data.resolution), settings, ref_dir, out_dir / "eval"
+            )  # type: ignore[arg-type]
         step = int(stage.global_step)
-        metrics |= {"perf/fit_seconds": fit_seconds, "perf/eval_seconds": time.perf_counter() - start,
-                    "perf/train_samples_per_s": step * int(cfg.data.batch_size) / fit_seconds}
+        metrics |= {
+            "perf/fit_seconds": fit_seconds,
+            "perf/eval_seconds": time.perf_counter() - start,
+            "perf/train_samples_per_s": step * int(cfg.data.batch_size) / fit_seconds,
+        }
         for lg in result.loggers:
             lg.log_metrics(metrics, step=step)
-            lg.log_hyperparams({f"shared/{k.split('.')[-2]}": v for k, v in updates.items() if k.endswith(".checkpoint")} |
-                               {"shared/reference_clip": str(ref_dir), "shared/precomputed": str(OmegaConf.select(cfg, "data.source.root") or "")})
+            lg.log_hyperparams(
+                {f"shared/{k.split('.')[-2]}": v for k, v in updates.items() if k.endswith(".checkpoint")}
+                | {
+                    "shared/reference_clip": str(ref_dir),
+                    "shared/precomputed": str(OmegaConf.select(cfg, "data.source.root") or ""),
+                }
+            )
         for name, image in grids.items():
             log_image(result.loggers, image, f"eval/grid_{name}", step, out_dir / "eval")
         (out_dir / "metrics.json").write_text(json.dumps({**result.metrics, **metrics}, indent=1, sort_keys=True))
@@ -110,6 +140,12 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     close_loggers(result.loggers, "FINISHED")
     seen = {k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k.startswith("eval/seen/")}
     name = ",".join(o for o in overrides if not o.startswith("experiment=")) or "defaults"
-    log.info("cell %s: seen %s; fid_clip %.2f, clip_score %.2f", name, seen, metrics["eval/fid_clip"], metrics["eval/clip_score"])
+    log.info(
+        "cell %s: seen %s; fid_clip %.2f, clip_score %.2f",
+        name,
+        seen,
+        metrics["eval/fid_clip"],
+        metrics["eval/clip_score"],
+    )
     where_to_look(cfg, result.loggers)
     return {**result.metrics, **metrics}

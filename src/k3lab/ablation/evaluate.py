@@ -26,7 +26,9 @@ from k3lab.imaging import to_uint8
 log = logging.getLogger(__name__)
 
 
-def sample_records(generator: Any, prompts: Sequence[Any], resolution: int, settings: dict[str, Any], desc: str) -> list[Any]:
+def sample_records(
+    generator: Any, prompts: Sequence[Any], resolution: int, settings: dict[str, Any], desc: str
+) -> list[Any]:
     """One image per prompt (seed = settings.seed + index), as evaluation ``ImageRecord``s."""
     from evaluation.images import ImageRecord
 
@@ -38,9 +40,18 @@ def sample_records(generator: Any, prompts: Sequence[Any], resolution: int, sett
         seeds = [seed0 + start + i for i in range(len(chunk))]
         sampling = settings["sampling"]
         generator.x0_threshold = sampling.get("x0_threshold", generator.x0_threshold)
-        images = generator([p.text for p in chunk], seeds, resolution, sampling["sampler"], int(sampling["steps"]), float(sampling["guidance"]))
+        images = generator(
+            [p.text for p in chunk],
+            seeds,
+            resolution,
+            sampling["sampler"],
+            int(sampling["steps"]),
+            float(sampling["guidance"]),
+        )
         arrays = to_uint8(images)
-        records += [ImageRecord(a, p.id, p.text, s, p.category, p.spec) for a, p, s in zip(arrays, chunk, seeds)]
+        records += [
+            ImageRecord(a, p.id, p.text, s, p.category, p.spec) for a, p, s in zip(arrays, chunk, seeds, strict=False)
+        ]
         bar.update(len(chunk))
     bar.close()
     return records
@@ -52,10 +63,17 @@ def grid(records: Sequence[Any], count: int = 32) -> torch.Tensor:
     return torchvision.utils.make_grid(images, nrow=8, padding=1, pad_value=1.0)
 
 
-def evaluate(generator: Any, splits: dict[str, list[str]], resolution: int, settings: dict[str, Any], reference_clip_dir: str | Path,
-             out_dir: str | Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def evaluate(
+    generator: Any,
+    splits: dict[str, list[str]],
+    resolution: int,
+    settings: dict[str, Any],
+    reference_clip_dir: str | Path,
+    out_dir: str | Path,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Sample the seen and held-out prompts into ``out_dir/{seen,heldout}`` (PNG + metadata.jsonl) and score them with
-    the registered metrics ``settings["metrics"]`` (``evaluation.metrics``); returns the metrics and one grid per split."""
+    the registered metrics ``settings["metrics"]`` (``evaluation.metrics``); returns the metrics and one grid per
+    split."""
     from evaluation import fid
     from evaluation import metrics as registry
     from evaluation.images import load_shards, write_folder
@@ -66,8 +84,10 @@ def evaluate(generator: Any, splits: dict[str, list[str]], resolution: int, sett
     needs = {n for name in names for n in registry.get(name).needs}  # unknown names fail here, before any sampling
     out_dir = Path(out_dir)
     n_seen, n_heldout = int(settings["num_seen"]), int(settings["num_heldout"])
-    prompts = {"seen": load_scene_world(splits["test"]).prompts[:n_seen],
-               "heldout": load_scene_world(splits["heldout"]).prompts[:n_heldout] if n_heldout else []}
+    prompts = {
+        "seen": load_scene_world(splits["test"]).prompts[:n_seen],
+        "heldout": load_scene_world(splits["heldout"]).prompts[:n_heldout] if n_heldout else [],
+    }
     records: dict[str, list[Any]] = {}
     for name, split_prompts in prompts.items():
         if split_prompts:
@@ -77,8 +97,15 @@ def evaluate(generator: Any, splits: dict[str, list[str]], resolution: int, sett
     clip = load_reference(reference_clip_dir) if needs & {"reference_clip", "fid_reference"} else None
 
     def fid_reference(extractor: Any) -> np.ndarray:
-        return fid.reference_features(Path(reference_clip_dir) / "fid", "scene-world", "test", resolution, clip.name,
-                                      lambda: real[: int(settings["fid_reference"])], extractor)
+        return fid.reference_features(
+            Path(reference_clip_dir) / "fid",
+            "scene-world",
+            "test",
+            resolution,
+            clip.name,
+            lambda: real[: int(settings["fid_reference"])],
+            extractor,
+        )
 
     inputs = registry.EvalInputs(records, real, clip, fid_reference if clip is not None else None, settings)
     return registry.compute(names, inputs), {name: grid(r) for name, r in records.items()}

@@ -26,7 +26,18 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE.json"
 # Config nodes that do not change what a part learns (where it is written, how it is logged).
-_IGNORED = ("paths", "hydra", "logger", "callbacks", "tags", "task_name", "ablation", "optimized_metric", "ckpt_path", "debug")
+_IGNORED = (
+    "paths",
+    "hydra",
+    "logger",
+    "callbacks",
+    "tags",
+    "task_name",
+    "ablation",
+    "optimized_metric",
+    "ckpt_path",
+    "debug",
+)
 
 
 def content_key(content: Any) -> str:
@@ -58,19 +69,30 @@ def ensure(name: str, folder: Path, build: Callable[[Path], None], expected: str
         if folder.exists():
             aside = folder.with_name(f"{folder.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
-            log.warning("shared %s: %s was left incomplete (a killed job?); kept as %s, training again", name, folder, aside)
+            log.warning(
+                "shared %s: %s was left incomplete (a killed job?); kept as %s, training again", name, folder, aside
+            )
         start = time.perf_counter()
         log.info("shared %s: training once into %s", name, folder)
         build(folder)
         if not target.is_file():
             raise RuntimeError(f"shared {name}: training finished but {target} was not written")
-        (folder / DONE).write_text(json.dumps({"name": name, "file": expected, "seconds": round(time.perf_counter() - start, 1)}, indent=1))
+        (folder / DONE).write_text(
+            json.dumps({"name": name, "file": expected, "seconds": round(time.perf_counter() - start, 1)}, indent=1)
+        )
         log.info("shared %s: done in %.0f s -> %s", name, time.perf_counter() - start, target)
     return target
 
 
-def run_part(name: str, module: str, overrides: Sequence[str], shared_dir: str | Path, expected: str, parent_run_id: str | None = None,
-             folder_overrides: Sequence[str] = ("hydra.run.dir={out}",)) -> Path:
+def run_part(
+    name: str,
+    module: str,
+    overrides: Sequence[str],
+    shared_dir: str | Path,
+    expected: str,
+    parent_run_id: str | None = None,
+    folder_overrides: Sequence[str] = ("hydra.run.dir={out}",),
+) -> Path:
     """Run ``python -m <module> <overrides>`` once into the part's keyed folder; returns ``folder/expected``."""
     key = config_key(compose_part(overrides))
     folder = Path(shared_dir) / f"{name}-{key}"
@@ -83,34 +105,62 @@ def run_part(name: str, module: str, overrides: Sequence[str], shared_dir: str |
         log.info("shared %s: %s", name, " ".join(cmd[1:]))
         result = subprocess.run(cmd, env=env)
         if result.returncode != 0:
-            raise RuntimeError(f"shared {name}: {module} failed (exit {result.returncode}); its log: {out}/*.log; command: {' '.join(cmd)}")
+            raise RuntimeError(
+                f"shared {name}: {module} failed (exit {result.returncode}); its log: {out}/*.log; command: "
+                f"{' '.join(cmd)}"
+            )
 
     return ensure(name, folder, build, expected)
 
 
-def train_part(name: str, overrides: Sequence[str], shared_dir: str | Path, export: str, parent_run_id: str | None = None) -> Path:
+def train_part(
+    name: str, overrides: Sequence[str], shared_dir: str | Path, export: str, parent_run_id: str | None = None
+) -> Path:
     """Train one part with ``python -m k3lab.train <overrides>`` into its keyed folder (once); returns its export."""
     return run_part(name, "k3lab.train", overrides, shared_dir, f"checkpoints/{export}", parent_run_id)
 
 
 def precompute_part(name: str, overrides: Sequence[str], shared_dir: str | Path) -> Path:
-    """Text embeddings and latents of every split, written once by ``python -m k3lab.precompute``; returns the folder."""
-    path = run_part(name, "k3lab.precompute", [*overrides, "precompute.latents=true"], shared_dir, "manifest.json", None,
-                    ("hydra.run.dir={out}", "precompute.output_dir={out}"))
+    """Text embeddings and latents of every split, written once by ``python -m k3lab.precompute``; returns the
+    folder."""
+    path = run_part(
+        name,
+        "k3lab.precompute",
+        [*overrides, "precompute.latents=true"],
+        shared_dir,
+        "manifest.json",
+        None,
+        ("hydra.run.dir={out}", "precompute.output_dir={out}"),
+    )
     return path.parent
 
 
-def reference_clip(shared_dir: str | Path, train_shards: Sequence[str], val_shards: Sequence[str], settings: dict[str, Any]) -> Path:
+def reference_clip(
+    shared_dir: str | Path, train_shards: Sequence[str], val_shards: Sequence[str], settings: dict[str, Any]
+) -> Path:
     """The evaluation package's reference CLIP (FID features and CLIP score), trained once on the training split."""
     from evaluation import reference_clip as ref
     from evaluation.images import load_shards
 
     steps, batch, seed = int(settings["steps"]), int(settings["batch_size"]), int(settings.get("seed", 0))
-    content = {"train": sorted(Path(s).name for s in train_shards), "data": str(Path(train_shards[0]).parent.name), "steps": steps, "batch": batch, "seed": seed}
+    content = {
+        "train": sorted(Path(s).name for s in train_shards),
+        "data": str(Path(train_shards[0]).parent.name),
+        "steps": steps,
+        "batch": batch,
+        "seed": seed,
+    }
     key = content_key(content)
 
     def build(out: Path) -> None:
-        report = ref.train(load_shards(train_shards), list(load_shards(val_shards, limit=512)), out, steps=steps, batch_size=batch, seed=seed)
+        report = ref.train(
+            load_shards(train_shards),
+            list(load_shards(val_shards, limit=512)),
+            out,
+            steps=steps,
+            batch_size=batch,
+            seed=seed,
+        )
         log.info("reference CLIP: held-out retrieval %s", report["heldout_retrieval"])
 
     return ensure("reference_clip", Path(shared_dir) / f"reference_clip-{key}", build, f"{ref.NAME}.pt").parent

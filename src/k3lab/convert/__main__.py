@@ -3,7 +3,8 @@
     python -m k3lab.convert official weights/kandinsky3.pt [--projection weights/flan_ul2_encoder/projection.pt] \\
         --movq weights/kandinsky-3/movq --text-encoder weights/flan-ul2 --out weights/k3-converted
     python -m k3lab.convert diffusers weights/kandinsky-3 [--variant fp16] --out weights/k3-converted
-    python -m k3lab.convert to-diffusers logs/text2image_tiny/runs/<time>/checkpoints --out exported/ [--text-encoder DIR]
+    python -m k3lab.convert to-diffusers logs/text2image_tiny/runs/<time>/checkpoints --out exported/ \\
+        [--text-encoder DIR]
 
 The first two write a k3lab folder (config.yaml + unet / text_conditioning / latent_scale safetensors, movq/)
 that ``python -m k3lab.sample`` samples and ``stage.init_weights`` fine-tunes from; the last writes a
@@ -34,11 +35,15 @@ def _movq(path: str | None, out: Path, variant: str | None) -> Path | None:
         return write_movq(out / "movq", movq, kwargs)
     if p.suffix == ".safetensors":
         return p.resolve()  # already an autoencoder-stage export (config.yaml beside it)
-    raise FileNotFoundError(f"--movq {path}: give a diffusers movq/ folder or an autoencoder.safetensors with its config.yaml")
+    raise FileNotFoundError(
+        f"--movq {path}: give a diffusers movq/ folder or an autoencoder.safetensors with its config.yaml"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m k3lab.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m k3lab.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("official", help="official kandinsky3.pt (3.0, or 3.1 with --projection) -> k3lab")
     o.add_argument("checkpoint")
@@ -70,7 +75,9 @@ def convert(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
     if args.command == "official":
         unet, cond, kwargs = read_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
-        write_k3lab(out, unet, kwargs, cond, _movq(args.movq, out, None), args.text_encoder, f"official:{args.checkpoint}")
+        write_k3lab(
+            out, unet, kwargs, cond, _movq(args.movq, out, None), args.text_encoder, f"official:{args.checkpoint}"
+        )
     elif args.command == "diffusers":
         pipe = Path(args.pipeline)
         unet, cond, kwargs = read_diffusers_unet(pipe / "unet", args.variant)

@@ -5,17 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from k3lab.checkpoint import CheckpointError, atomic_write_bytes, check_stage, export_model, load_state_dict, load_weights, save_config
+from k3lab.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_stage,
+    export_model,
+    load_state_dict,
+    load_weights,
+    save_config,
+)
 from k3lab.config import compose
+from k3lab.convert.formats import (
+    OFFICIAL_UNET,
+    diffusers_movq_config,
+    diffusers_unet_config,
+    movq_state_to_diffusers,
+    unet_state_to_diffusers,
+)
 from k3lab.convert.remap import remap
-from k3lab.convert.formats import OFFICIAL_UNET, diffusers_movq_config, diffusers_unet_config, movq_state_to_diffusers, unet_state_to_diffusers
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
@@ -34,7 +48,8 @@ def _text_encoder_dim(path: str) -> int | None:
 
 
 def write_movq(out: Path, movq: MoVQ, kwargs: dict[str, Any]) -> Path:
-    """``out/autoencoder.safetensors`` + a config.yaml of the autoencoder stage, as the autoencoder stage writes them."""
+    """``out/autoencoder.safetensors`` + a config.yaml of the autoencoder stage, as the autoencoder stage writes
+    them."""
     cfg = compose(["model/autoencoder=movq_270m", "stage=autoencoder"], output_dir=out)
     with open_dict(cfg):
         for k, v in kwargs.items():
@@ -43,8 +58,15 @@ def write_movq(out: Path, movq: MoVQ, kwargs: dict[str, Any]) -> Path:
     return export_model(movq, out / "autoencoder.safetensors")
 
 
-def write_k3lab(out: Path, unet: KandinskyUNet | Mapping[str, torch.Tensor], kwargs: dict[str, Any], conditioning: TextConditioning,
-                movq_checkpoint: Path | None, text_encoder: str | None, source: str) -> Path:
+def write_k3lab(
+    out: Path,
+    unet: KandinskyUNet | Mapping[str, torch.Tensor],
+    kwargs: dict[str, Any],
+    conditioning: TextConditioning,
+    movq_checkpoint: Path | None,
+    text_encoder: str | None,
+    source: str,
+) -> Path:
     """A folder ``python -m k3lab.sample`` and ``stage.init_weights`` read: config.yaml (experiment=kandinsky3 with the
     converted sizes), unet / text_conditioning / latent_scale safetensors. ``unet`` may be a lazy state
     (:func:`~k3lab.convert.formats.read_diffusers_unet`): it is streamed to disk in float32, one tensor at a time."""
@@ -61,11 +83,27 @@ def write_k3lab(out: Path, unet: KandinskyUNet | Mapping[str, torch.Tensor], kwa
             cfg.model.text_encoder.encoder.path = str(Path(text_encoder).resolve())
             dim = _text_encoder_dim(text_encoder)
             if dim is not None and dim != conditioning.encoder_dim:
-                raise CheckpointError(f"text encoder {text_encoder} outputs {dim}-d states but the converted projection expects {conditioning.encoder_dim}")
+                raise CheckpointError(
+                    f"text encoder {text_encoder} outputs {dim}-d states but the converted projection expects "
+                    f"{conditioning.encoder_dim}"
+                )
         cfg.converted_from = source
-    official = all(tuple(v) == tuple(OFFICIAL_UNET[k]) if isinstance(v, (tuple, list)) else v == OFFICIAL_UNET[k] for k, v in kwargs.items())
-    save_config(cfg, out, {"model/unet": "kandinsky3" if official else "converted", "model/unet/block": "biggan_deep", "model/text_encoder": "flan_ul2"})
-    write_safetensors(out / "unet.safetensors", unet.state_dict() if isinstance(unet, torch.nn.Module) else unet, dtype=torch.float32)
+    official = all(
+        tuple(v) == tuple(OFFICIAL_UNET[k]) if isinstance(v, (tuple, list)) else v == OFFICIAL_UNET[k]
+        for k, v in kwargs.items()
+    )
+    save_config(
+        cfg,
+        out,
+        {
+            "model/unet": "kandinsky3" if official else "converted",
+            "model/unet/block": "biggan_deep",
+            "model/text_encoder": "flan_ul2",
+        },
+    )
+    write_safetensors(
+        out / "unet.safetensors", unet.state_dict() if isinstance(unet, torch.nn.Module) else unet, dtype=torch.float32
+    )
     export_model(conditioning, out / "text_conditioning.safetensors")
     export_model(LatentScale(1.0), out / "latent_scale.safetensors")
     if movq_checkpoint is None:
@@ -79,9 +117,18 @@ def _save_diffusers(folder: Path, config: dict[str, Any], state: Mapping[str, to
     write_safetensors(folder / "diffusion_pytorch_model.safetensors", state)
 
 
-SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
-             "clip_sample": True, "clip_sample_range": 1.0, "thresholding": False, "timestep_spacing": "leading", "steps_offset": 1,
-             "variance_type": "fixed_small"}
+SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "thresholding": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "variance_type": "fixed_small",
+}
 
 
 def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -> Path:
@@ -91,7 +138,11 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
 
     path = checkpoint / "unet.safetensors" if checkpoint.is_dir() else checkpoint
     cfg = check_stage(path, "diffusion")
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model.unet).items() if not k.startswith("_") and k not in ("block", "gradient_checkpointing")}
+    kwargs = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.model.unet).items()
+        if not k.startswith("_") and k not in ("block", "gradient_checkpointing")
+    }
     with torch.device("meta"):
         unet = instantiate(cfg.model.unet)
     config = diffusers_unet_config(unet, kwargs, int(cfg.stage.encoder_dim))
@@ -103,9 +154,17 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{unet_file}: truncated or not a safetensors file ({e})") from e
     cond = TextConditioning(int(cfg.stage.encoder_dim), int(kwargs["context_dim"]))
-    load_weights(cond, load_state_dict(path.parent / "text_conditioning.safetensors"), path.parent / "text_conditioning.safetensors")
+    load_weights(
+        cond,
+        load_state_dict(path.parent / "text_conditioning.safetensors"),
+        path.parent / "text_conditioning.safetensors",
+    )
     _save_diffusers(out / "unet", config, unet_state_to_diffusers(unet_state, cond))
-    index = {"_class_name": "Kandinsky3Pipeline", "unet": ["diffusers", "Kandinsky3UNet"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    index = {
+        "_class_name": "Kandinsky3Pipeline",
+        "unet": ["diffusers", "Kandinsky3UNet"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     first = OmegaConf.select(cfg, "stage.first_stage.checkpoint")
     if first:
         from k3lab.checkpoint import load_model
@@ -117,10 +176,18 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "scheduler" / "scheduler_config.json", json.dumps(SCHEDULER, indent=2).encode())
     encoder = text_encoder or OmegaConf.select(cfg, "model.text_encoder.encoder.path")
-    kind = json.loads((Path(encoder) / "config.json").read_text()).get("model_type") if encoder and (Path(encoder) / "config.json").is_file() else None
+    kind = (
+        json.loads((Path(encoder) / "config.json").read_text()).get("model_type")
+        if encoder and (Path(encoder) / "config.json").is_file()
+        else None
+    )
     if encoder and kind is not None and kind not in ("t5", "mt5", "umt5"):
-        log.warning("not exporting text_encoder/: diffusers' Kandinsky3Pipeline loads a T5 encoder and %s is a %r model "
-                    "(pass --text-encoder a T5 folder to include one)", encoder, kind)
+        log.warning(
+            "not exporting text_encoder/: diffusers' Kandinsky3Pipeline loads a T5 encoder and %s is a %r model "
+            "(pass --text-encoder a T5 folder to include one)",
+            encoder,
+            kind,
+        )
         encoder = None
     if encoder and Path(encoder).is_dir():
         from transformers import AutoTokenizer, T5EncoderModel

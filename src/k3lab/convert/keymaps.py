@@ -26,11 +26,21 @@ _UNET_RULES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
 ]
 
 # Text projection: k3lab TextConditioning -> diffusers (inside the U-Net), official 3.0, official 3.1
-PROJECTION_DIFFUSERS = {"projection.0.weight": "encoder_hid_proj.projection_linear.weight",
-                        "projection.1.weight": "encoder_hid_proj.projection_norm.weight",
-                        "projection.1.bias": "encoder_hid_proj.projection_norm.bias"}
-PROJECTION_OFFICIAL_30 = {"projection.0.weight": "t5.0.weight", "projection.1.weight": "t5.1.weight", "projection.1.bias": "t5.1.bias"}
-PROJECTION_OFFICIAL_31 = {"projection.0.weight": "0.weight", "projection.1.weight": "1.weight", "projection.1.bias": "1.bias"}
+PROJECTION_DIFFUSERS = {
+    "projection.0.weight": "encoder_hid_proj.projection_linear.weight",
+    "projection.1.weight": "encoder_hid_proj.projection_norm.weight",
+    "projection.1.bias": "encoder_hid_proj.projection_norm.bias",
+}
+PROJECTION_OFFICIAL_30 = {
+    "projection.0.weight": "t5.0.weight",
+    "projection.1.weight": "t5.1.weight",
+    "projection.1.bias": "t5.1.bias",
+}
+PROJECTION_OFFICIAL_31 = {
+    "projection.0.weight": "0.weight",
+    "projection.1.weight": "1.weight",
+    "projection.1.bias": "1.bias",
+}
 
 
 def _apply(rules: Iterable[tuple[str, str | Callable[[re.Match[str]], str]]], key: str) -> str:

@@ -14,7 +14,10 @@ from k3lab.safetensors_io import LazySafetensors, LazyState, dtype_of, shape_of
 
 
 def remap(
-    source: Mapping[str, torch.Tensor], target: nn.Module, name: Callable[[str], str], what: str,
+    source: Mapping[str, torch.Tensor],
+    target: nn.Module,
+    name: Callable[[str], str],
+    what: str,
     reshape: Callable[[str, torch.Tensor, torch.Size], torch.Tensor] | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """``target``'s state dict filled from ``source`` where ``source[name(k)]`` feeds target key ``k``.
@@ -48,14 +51,20 @@ def remap(
         else:
             out[k] = tensor
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
-                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)}), "
-                              f"mis-shaped {shapes[:5]}")
+        raise CheckpointError(
+            f"{what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)}), "
+            f"mis-shaped {shapes[:5]}"
+        )
     return LazyState(entries) if lazy else out
 
 
-def _load(source: Mapping[str, torch.Tensor], key: str, reshape: Callable[[str, torch.Tensor, torch.Size], torch.Tensor] | None,
-          shape: torch.Size) -> torch.Tensor:
+def _load(
+    source: Mapping[str, torch.Tensor],
+    key: str,
+    reshape: Callable[[str, torch.Tensor, torch.Size], torch.Tensor] | None,
+    shape: torch.Size,
+) -> torch.Tensor:
     tensor = source[key]
     return reshape(key, tensor, shape) if reshape is not None else tensor
 
@@ -64,12 +73,17 @@ def subset(source: Mapping[str, torch.Tensor], keys: set[str], keep: bool = True
     """The tensors of ``source`` whose names are (``keep``) or are not in ``keys``; lazy stays lazy."""
     chosen = [k for k in source if (k in keys) == keep]
     if isinstance(source, (LazySafetensors, LazyState)):
-        return LazyState({k: (shape_of(source, k), dtype_of(source, k), partial(source.__getitem__, k)) for k in chosen})
+        return LazyState(
+            {k: (shape_of(source, k), dtype_of(source, k), partial(source.__getitem__, k)) for k in chosen}
+        )
     return {k: source[k] for k in chosen}
 
 
-def invert(state: Mapping[str, torch.Tensor], name: Callable[[str], str],
-           reshape: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor] | LazyState:
+def invert(
+    state: Mapping[str, torch.Tensor],
+    name: Callable[[str], str],
+    reshape: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor] | LazyState:
     """k3lab state dict -> the other layout (``name`` maps a k3lab key to the other layout's key); lazy stays lazy."""
     if isinstance(state, (LazySafetensors, LazyState)):
         entries = {}
@@ -87,5 +101,7 @@ def invert(state: Mapping[str, torch.Tensor], name: Callable[[str], str],
     return out
 
 
-def _invert_one(state: Mapping[str, torch.Tensor], key: str, new: str, reshape: Callable[[str, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+def _invert_one(
+    state: Mapping[str, torch.Tensor], key: str, new: str, reshape: Callable[[str, torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
     return reshape(new, state[key]) if reshape is not None else state[key]

@@ -41,7 +41,9 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     if samples and "text_embedding" in samples[0]:
         embs = [s["text_embedding"] for s in samples]
         length = min(max(e.shape[0] for e in embs) + 1, 128)  # + one masked pad, as the encoder path gives
-        extra["text_embedding"] = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs])
+        extra["text_embedding"] = torch.stack(
+            [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs]
+        )
         extra["text_mask"] = torch.stack([torch.arange(length) < e.shape[0] for e in embs])
     if samples and "latent" in samples[0]:
         extra["latent"] = torch.stack([s["latent"] for s in samples])

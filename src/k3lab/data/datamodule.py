@@ -88,7 +88,9 @@ class ShardDataModule(L.LightningDataModule):
         for split, items in urls.items():
             missing = missing_local_shards(items)
             if missing:
-                raise FileNotFoundError(f"data.shards.{split}: {len(missing)} of {len(items)} shard(s) missing, e.g. {missing[0]!r}")
+                raise FileNotFoundError(
+                    f"data.shards.{split}: {len(missing)} of {len(items)} shard(s) missing, e.g. {missing[0]!r}"
+                )
         return urls
 
     def setup(self, stage: str | None = None) -> None:
@@ -98,16 +100,32 @@ class ShardDataModule(L.LightningDataModule):
         for split, items in urls.items():
             train = split == "train"
             self.datasets[split] = ShardDataset(
-                items, self.resolution, self.image_keys, self.caption_key, self.metadata_key,
-                self.min_image_size, self.require_caption, shuffle=train, shuffle_buffer=self.shuffle_buffer if train else 0,
-                seed=self.seed, rank=rank, world_size=world, feature_keys=self.feature_keys,
+                items,
+                self.resolution,
+                self.image_keys,
+                self.caption_key,
+                self.metadata_key,
+                self.min_image_size,
+                self.require_caption,
+                shuffle=train,
+                shuffle_buffer=self.shuffle_buffer if train else 0,
+                seed=self.seed,
+                rank=rank,
+                world_size=world,
+                feature_keys=self.feature_keys,
             )
 
     def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:
         if split not in self.datasets:
             raise KeyError(f"data: no '{split}' split (have {sorted(self.datasets)})")
-        return EpochLoader(self.datasets[split], batch_size=batch_size, num_workers=self.num_workers,
-                           collate_fn=collate, drop_last=drop_last, pin_memory=False)
+        return EpochLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            drop_last=drop_last,
+            pin_memory=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, drop_last=True)

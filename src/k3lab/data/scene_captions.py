@@ -44,7 +44,9 @@ def caption_for(rng: np.random.Generator, scene: Scene) -> str:
     objs = scene.objects
     if scene.kind == "single":
         phrase = object_phrase(rng, objs[0])
-        template = _pick(rng, ["{o}", "{o} on a plain background", "an image of {o}", "a picture showing {o}", "there is {o}"])
+        template = _pick(
+            rng, ["{o}", "{o} on a plain background", "an image of {o}", "a picture showing {o}", "there is {o}"]
+        )
         return template.format(o=phrase)
     if scene.kind == "relation":
         rel = scene.relations[0]
@@ -70,7 +72,9 @@ def caption_for(rng: np.random.Generator, scene: Scene) -> str:
     raise ValueError(f"unknown scene kind {scene.kind!r}")
 
 
-TEMPLATE_WORDS = "a an is there on plain background image of picture showing group exactly from left to right and the top over under".split()
+TEMPLATE_WORDS = (
+    "a an is there on plain background image of picture showing group exactly from left to right and the top over under"
+).split()
 
 
 def caption_vocabulary() -> list[str]:

@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
 DEFAULT_HELDOUT: tuple[tuple[str, str], ...] = (
-    ("red", "triangle"), ("green", "circle"), ("blue", "cross"), ("yellow", "square"),
+    ("red", "triangle"),
+    ("green", "circle"),
+    ("blue", "cross"),
+    ("yellow", "square"),
 )
 FORMAT_VERSION = 2
 
@@ -46,7 +49,9 @@ class SceneWorld:
     shard_size: int = 1000
     supersample: int = 4
     max_objects: int = 4
-    kind_weights: dict[str, float] = field(default_factory=lambda: {"single": 0.3, "relation": 0.3, "count": 0.2, "multi": 0.2})
+    kind_weights: dict[str, float] = field(
+        default_factory=lambda: {"single": 0.3, "relation": 0.3, "count": 0.2, "multi": 0.2}
+    )
     heldout_pairs: Sequence[Sequence[str]] = DEFAULT_HELDOUT
 
     def __post_init__(self) -> None:
@@ -65,7 +70,9 @@ class SceneWorld:
             problems.append(f"kind_weights={dict(self.kind_weights)} (kinds {KINDS}, positive total)")
         for pair in self.heldout_pairs:
             if len(pair) != 2 or pair[0] not in COLORS or pair[1] not in SHAPES:
-                problems.append(f"heldout_pairs entry {list(pair)} (needs [colour in {list(COLORS)}, shape in {list(SHAPES)}])")
+                problems.append(
+                    f"heldout_pairs entry {list(pair)} (needs [colour in {list(COLORS)}, shape in {list(SHAPES)}])"
+                )
         if problems:
             raise ValueError("data.source (SceneWorld): invalid " + "; ".join(problems))
         self.heldout = {(str(c), str(s)) for c, s in self.heldout_pairs}
@@ -74,9 +81,13 @@ class SceneWorld:
     def spec(self) -> dict[str, Any]:
         """Everything that determines the bytes (the cache key)."""
         return {
-            "format": FORMAT_VERSION, "seed": int(self.seed), "resolution": int(self.resolution),
-            "counts": {s: int(getattr(self, f"num_{s}")) for s in SPLITS}, "shard_size": int(self.shard_size),
-            "supersample": int(self.supersample), "max_objects": int(self.max_objects),
+            "format": FORMAT_VERSION,
+            "seed": int(self.seed),
+            "resolution": int(self.resolution),
+            "counts": {s: int(getattr(self, f"num_{s}")) for s in SPLITS},
+            "shard_size": int(self.shard_size),
+            "supersample": int(self.supersample),
+            "max_objects": int(self.max_objects),
             "kind_weights": {k: float(v) for k, v in sorted(self.kind_weights.items())},
             "heldout_pairs": sorted([list(p) for p in self.heldout]),
         }
@@ -91,7 +102,9 @@ class SceneWorld:
         manifest_path = self.directory / "manifest.json"
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("spec") == self.spec() and all(Path(p).is_file() for s in SPLITS for p in manifest["shards"][s]):
+            if manifest.get("spec") == self.spec() and all(
+                Path(p).is_file() for s in SPLITS for p in manifest["shards"][s]
+            ):
                 return {s: manifest["shards"][s] for s in SPLITS}
         log.info("scene world: writing %s", self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -105,8 +118,12 @@ class SceneWorld:
         for split in SPLITS:
             if buffers[split]:
                 self._flush(split, buffers, shards, digests)
-        manifest = {"spec": self.spec(), "shards": shards, "sha256": digests,
-                    "counts": {s: int(getattr(self, f"num_{s}")) for s in SPLITS}}
+        manifest = {
+            "spec": self.spec(),
+            "shards": shards,
+            "sha256": digests,
+            "counts": {s: int(getattr(self, f"num_{s}")) for s in SPLITS},
+        }
         atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return shards
 
@@ -150,7 +167,10 @@ class SceneWorld:
 
     def signature(self, scene: Scene) -> str:
         """Scenes that render to the same pixels share a signature (positions at pixel precision)."""
-        items = sorted((o.shape, o.color, o.size, round(o.x * self.resolution), round(o.y * self.resolution)) for o in scene.objects)
+        items = sorted(
+            (o.shape, o.color, o.size, round(o.x * self.resolution), round(o.y * self.resolution))
+            for o in scene.objects
+        )
         return json.dumps(items)
 
     def sample_scene(self, rng: np.random.Generator) -> Scene:
@@ -170,9 +190,15 @@ class SceneWorld:
 
     def _attributes(self, rng: np.random.Generator) -> tuple[str, str, str]:
         colors, sizes = list(COLORS), list(SIZES)
-        return (SHAPES[int(rng.integers(len(SHAPES)))], colors[int(rng.integers(len(colors)))], sizes[int(rng.integers(len(sizes)))])
+        return (
+            SHAPES[int(rng.integers(len(SHAPES)))],
+            colors[int(rng.integers(len(colors)))],
+            sizes[int(rng.integers(len(sizes)))],
+        )
 
-    def _place(self, rng: np.random.Generator, attrs: list[tuple[str, str, str]], min_dx: float = 0.0) -> list[SceneObject] | None:
+    def _place(
+        self, rng: np.random.Generator, attrs: list[tuple[str, str, str]], min_dx: float = 0.0
+    ) -> list[SceneObject] | None:
         """Non-overlapping centres inside the frame (rejection sampling); None if it fails."""
         placed: list[SceneObject] = []
         margin = 1.5 / self.resolution
@@ -181,7 +207,10 @@ class SceneWorld:
             e = r * EXTENT[shape]
             for _ in range(60):
                 x, y = (float(v) for v in rng.uniform(e + margin, 1 - e - margin, size=2))
-                ok = all(np.hypot(x - o.x, y - o.y) > e + o.radius * EXTENT[o.shape] + 2 * margin and abs(x - o.x) >= min_dx for o in placed)
+                ok = all(
+                    np.hypot(x - o.x, y - o.y) > e + o.radius * EXTENT[o.shape] + 2 * margin and abs(x - o.x) >= min_dx
+                    for o in placed
+                )
                 if ok:
                     placed.append(SceneObject(shape, color, size, round(x, 4), round(y, 4), r))
                     break
@@ -200,7 +229,11 @@ class SceneWorld:
                 return None
             a, b = objs
             dx, dy = abs(b.x - a.x), abs(b.y - a.y)
-            if (a.shape, a.color) == (b.shape, b.color) or max(dx, dy) < 2 * min(dx, dy) or relation_between(a, b) != relation:
+            if (
+                (a.shape, a.color) == (b.shape, b.color)
+                or max(dx, dy) < 2 * min(dx, dy)
+                or relation_between(a, b) != relation
+            ):
                 return None  # ambiguous, indistinguishable, or not the drawn relation: redraw
             return Scene("relation", objs, relations=[{"subject": 0, "relation": relation, "object": 1}])
         if kind == "count":
@@ -223,7 +256,11 @@ def write_tar(samples: list[tuple[str, bytes, str, dict]]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, png, caption, meta in samples:
-            for ext, payload in (("png", png), ("txt", caption.encode()), ("json", json.dumps(meta, sort_keys=True).encode())):
+            for ext, payload in (
+                ("png", png),
+                ("txt", caption.encode()),
+                ("json", json.dumps(meta, sort_keys=True).encode()),
+            ):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 info.uid = info.gid = 0

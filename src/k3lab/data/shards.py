@@ -18,8 +18,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_image", "undecodable_image", "image_too_small", "missing_caption", "empty_caption", "missing_features",
-                "corrupt_features", "corrupt_shard", "unreadable_shard")
+SKIP_REASONS = (
+    "missing_image",
+    "undecodable_image",
+    "image_too_small",
+    "missing_caption",
+    "empty_caption",
+    "missing_features",
+    "corrupt_features",
+    "corrupt_shard",
+    "unreadable_shard",
+)
 FEATURES = {"text.npy": "text_embedding", "latent.npy": "latent"}  # precomputed members -> sample keys
 
 
@@ -96,7 +105,12 @@ def iter_tar_samples(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]
                 current[ext.lower()] = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         skipped["corrupt_shard"] += 0 if truncated else 1
-        log.warning("shard %s is corrupt after %s: %s (the rest of the shard is skipped)", url, current.get("__key__", "its start"), e)
+        log.warning(
+            "shard %s is corrupt after %s: %s (the rest of the shard is skipped)",
+            url,
+            current.get("__key__", "its start"),
+            e,
+        )
         return  # the half-read sample is dropped with the shard
     if current and not truncated:
         yield current
@@ -109,7 +123,11 @@ def load_image(data: bytes, resolution: int) -> torch.Tensor:
     w, h = img.size
     scale = resolution / min(w, h)
     if scale != 1.0:
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC, reducing_gap=None)
+        img = img.resize(
+            (max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+            Image.Resampling.BICUBIC,
+            reducing_gap=None,
+        )
     w, h = img.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
@@ -146,7 +164,11 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"data.feature_keys: unknown {unknown} (known: {sorted(FEATURES)})")
         self.feature_keys = list(feature_keys)
         self.urls, self.resolution = list(urls), resolution
-        self.image_keys, self.caption_key, self.metadata_key = [k.lower() for k in image_keys], caption_key.lower(), metadata_key.lower()
+        self.image_keys, self.caption_key, self.metadata_key = (
+            [k.lower() for k in image_keys],
+            caption_key.lower(),
+            metadata_key.lower(),
+        )
         self.min_image_size, self.require_caption = min_image_size, require_caption
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
@@ -205,7 +227,9 @@ class ShardDataset(IterableDataset):
                 reason = "missing_features"
             else:
                 try:
-                    sample[FEATURES[member]] = torch.from_numpy(np.load(io.BytesIO(raw[member]), allow_pickle=False).astype(np.float32))
+                    sample[FEATURES[member]] = torch.from_numpy(
+                        np.load(io.BytesIO(raw[member]), allow_pickle=False).astype(np.float32)
+                    )
                     continue
                 except (ValueError, OSError, EOFError) as e:
                     reason = "corrupt_features"
@@ -220,7 +244,9 @@ class ShardDataset(IterableDataset):
         # Read the epoch now (not lazily in the generator): the loader bumps it right after.
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self._iterate(self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
+        return self._iterate(
+            self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        )
 
     def _iterate(self, urls: list[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         skipped: Counter[str] = Counter()

@@ -5,4 +5,15 @@ from k3lab.diffusion.loss import diffusion_loss, to_epsilon
 from k3lab.diffusion.samplers import SAMPLERS, get_sampler, sample_ddim, sample_dpmpp_2m, sample_kandinsky3
 from k3lab.diffusion.schedule import Schedule
 
-__all__ = ["Schedule", "diffusion_loss", "to_epsilon", "SAMPLERS", "get_sampler", "sample_kandinsky3", "sample_ddim", "sample_dpmpp_2m", "cfg_denoiser", "guide"]
+__all__ = [
+    "Schedule",
+    "diffusion_loss",
+    "to_epsilon",
+    "SAMPLERS",
+    "get_sampler",
+    "sample_kandinsky3",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "cfg_denoiser",
+    "guide",
+]

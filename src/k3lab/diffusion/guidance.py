@@ -17,7 +17,12 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tens
     return (weight + 1.0) * cond - weight * uncond
 
 
-def cfg_denoiser(model: ConditionalModel, condition: Sequence[torch.Tensor], null_condition: Sequence[torch.Tensor], weight: float = 3.0) -> Denoiser:
+def cfg_denoiser(
+    model: ConditionalModel,
+    condition: Sequence[torch.Tensor],
+    null_condition: Sequence[torch.Tensor],
+    weight: float = 3.0,
+) -> Denoiser:
     """``denoise(x, t)``: one batched model call on [cond; uncond] when ``weight != 0``, else the conditional only.
     ``model(x, t, *condition) -> eps``; each null tensor must have its conditional tensor's shape (e.g. the null
     text context has the conditional context's length)."""

@@ -13,7 +13,8 @@ PREDICTIONS = ("epsilon", "v", "x0")
 
 
 def target_for(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """epsilon (Ho et al. 2020, arXiv 2006.11239), v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, arXiv 2202.00512),
+    """epsilon (Ho et al. 2020, arXiv 2006.11239), v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, arXiv
+    2202.00512),
     or x0 itself (the unCLIP prior, Ramesh et al. 2022, arXiv 2204.06125)."""
     if prediction == "epsilon":
         return noise

@@ -48,15 +48,24 @@ def _t(value: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), value, device=x.device, dtype=torch.long)
 
 
-def _predict_x0(denoise: Denoiser, x: torch.Tensor, t: int, schedule: Schedule, x0_threshold: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_x0(
+    denoise: Denoiser, x: torch.Tensor, t: int, schedule: Schedule, x0_threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_bar_t, thresholded x0_hat) at integer timestep ``t``."""
     tt = _t(t, x)
     a = schedule.alpha_bar(tt, x)
     return a, threshold_x0(_x0_from_eps(x, denoise(x, tt), a), x0_threshold)
 
 
-def _ddim_step(x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor, eta: float, add_noise: bool,
-               generator: torch.Generator | None) -> torch.Tensor:
+def _ddim_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    a: torch.Tensor,
+    a_prev: torch.Tensor,
+    eta: float,
+    add_noise: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """The generalised DDIM update (eta = 0: deterministic, eta = 1: the DDPM posterior) with eps recomputed from x0."""
     eps = _eps_from_x0(x, x0, a)
     sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
@@ -68,16 +77,25 @@ def _ddim_step(x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor, a_prev: torch
 
 @torch.no_grad()
 def sample_kandinsky3(
-    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 50, *, generator: torch.Generator | None = None,
-    callback: Callback = None, x0_threshold: float | None = 0.99, eta: float = 1.0,
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    steps: int = 50,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    x0_threshold: float | None = 0.99,
+    eta: float = 1.0,
 ) -> torch.Tensor:
     """The official Kandinsky 3 sampler: ancestral DDPM (Ho et al. 2020, arXiv 2006.11239) on a strided
     schedule (DDIM's generalised step with eta = 1), dynamic thresholding of x0, no noise on the last step."""
     x = noise
     times = strided_timesteps(schedule.num_steps, steps)
-    for i, (t, prev) in enumerate(zip(times, times[1:] + [0])):
+    for i, (t, prev) in enumerate(zip(times, times[1:] + [0], strict=False)):
         a, x0 = _predict_x0(denoise, x, t, schedule, x0_threshold)
-        x = _ddim_step(x, x0, a, schedule.alpha_bar(_t(prev, x), x), eta, prev != 0, generator)  # prev 0 uses alpha_bar[0]
+        x = _ddim_step(
+            x, x0, a, schedule.alpha_bar(_t(prev, x), x), eta, prev != 0, generator
+        )  # prev 0 uses alpha_bar[0]
         if callback is not None:
             callback(i, t, x0)
     return x
@@ -85,8 +103,15 @@ def sample_kandinsky3(
 
 @torch.no_grad()
 def sample_ddim(
-    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 50, *, generator: torch.Generator | None = None,
-    callback: Callback = None, x0_threshold: float | None = 0.99, eta: float = 0.0,
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    steps: int = 50,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    x0_threshold: float | None = 0.99,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, arXiv 2010.02502) on the strided schedule; the last step returns x0_hat."""
     x = noise
@@ -102,8 +127,14 @@ def sample_ddim(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 20, *, generator: torch.Generator | None = None,
-    callback: Callback = None, x0_threshold: float | None = 0.99,
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    steps: int = 20,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    x0_threshold: float | None = 0.99,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095): second-order multistep in x0-prediction over
     lambda = log(alpha / sigma); first order on the first step; the last step goes to sigma = 0 (x0_hat)."""
@@ -137,8 +168,14 @@ def leading_timesteps(num_train_steps: int, steps: int, offset: int = 1) -> list
 
 @torch.no_grad()
 def sample_diffusers_ddpm(
-    denoise: Denoiser, noise: torch.Tensor, schedule: Schedule, steps: int = 25, *, generator: torch.Generator | None = None,
-    callback: Callback = None, clip: float | None = 1.0,
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    steps: int = 25,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback = None,
+    clip: float | None = 1.0,
 ) -> torch.Tensor:
     """Compatibility sampler reproducing diffusers' Kandinsky 3 scheduler (DDPMScheduler, Ho et al. 2020, arXiv
     2006.11239): leading spacing with offset 1, x0 clipped to +-1 instead of dynamic thresholding, posterior
@@ -156,7 +193,11 @@ def sample_diffusers_ddpm(
         beta_t = 1 - alpha_t
         mean = (a_prev.sqrt() * beta_t / (1 - a)) * x0 + (alpha_t.sqrt() * (1 - a_prev) / (1 - a)) * x
         var = ((1 - a_prev) / (1 - a) * beta_t).clamp(min=1e-20)
-        x = mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if t > 0 else mean
+        x = (
+            mean + var.sqrt() * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            if t > 0
+            else mean
+        )
         if callback is not None:
             callback(i, t, x0)
     return x

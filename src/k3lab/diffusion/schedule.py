@@ -10,6 +10,7 @@ import torch
 
 def cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """Cosine schedule (Nichol & Dhariwal 2021, arXiv 2102.09672): alpha_bar(t) = cos^2((t + s)/(1 + s) pi/2)."""
+
     def alpha_bar(t: float) -> float:
         return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
 

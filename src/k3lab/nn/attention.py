@@ -31,8 +31,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.to_query(x)), self._heads(self.to_key(context)), self._heads(self.to_value(context))
         bias = None
-        if mask is not None:  # additive, as the official masked_fill(-max): a fully masked row attends uniformly, never NaN
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask.bool(), -torch.finfo(q.dtype).max)[:, None, None, :]
+        if (
+            mask is not None
+        ):  # additive, as the official masked_fill(-max): a fully masked row attends uniformly, never NaN
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~mask.bool(), -torch.finfo(q.dtype).max
+            )[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale head_dim ** -0.5
         b, _, n, _ = out.shape
         return self.output_layer(out.transpose(1, 2).reshape(b, n, -1))
@@ -46,6 +50,8 @@ class AttentionPooling(nn.Module):
         super().__init__()
         self.attention = Attention(context_dim, time_dim, context_dim, head_dim)
 
-    def forward(self, time_embed: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, time_embed: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         pooled = self.attention(context.mean(dim=1, keepdim=True), context, mask)
         return time_embed + pooled.squeeze(1)

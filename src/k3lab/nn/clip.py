@@ -25,14 +25,18 @@ class Clip(nn.Module):
     def __init__(self, model: nn.Module, context_length: int, image_size: int, name: str) -> None:
         super().__init__()
         self.model, self.context_length, self.image_size, self.name = model, context_length, image_size, name
-        self.embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)
+        self.embed_dim = (
+            int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)
+        )
         self.register_buffer("mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() + 1) / 2
         if x.shape[-1] != self.image_size:
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+            )
         return self.model.encode_image((x - self.mean) / self.std)
 
     def embed_zero_image(self) -> torch.Tensor:
@@ -52,8 +56,17 @@ class Clip(nn.Module):
         return img, txt, self.model.logit_scale.exp()
 
 
-def small_clip(embed_dim: int = 96, image_size: int = 64, vision_layers: int = 3, vision_width: int = 96, patch_size: int = 8,
-               text_layers: int = 3, text_width: int = 96, context_length: int = 32, seed: int = 1) -> Clip:
+def small_clip(
+    embed_dim: int = 96,
+    image_size: int = 64,
+    vision_layers: int = 3,
+    vision_width: int = 96,
+    patch_size: int = 8,
+    text_layers: int = 3,
+    text_width: int = 96,
+    context_length: int = 32,
+    seed: int = 1,
+) -> Clip:
     """The embedded default's conditioning CLIP (untrained until ``stage=clip`` trains it): a ViT and a text
     transformer of 3 layers x 96, 96-d embeddings; other sizes and seed than the evaluation's reference CLIP."""
     import open_clip
@@ -61,8 +74,20 @@ def small_clip(embed_dim: int = 96, image_size: int = 64, vision_layers: int = 3
     torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=embed_dim,
-        vision_cfg={"image_size": image_size, "layers": vision_layers, "width": vision_width, "head_width": 32, "patch_size": patch_size},
-        text_cfg={"context_length": context_length, "vocab_size": 49408, "width": text_width, "heads": 4, "layers": text_layers},
+        vision_cfg={
+            "image_size": image_size,
+            "layers": vision_layers,
+            "width": vision_width,
+            "head_width": 32,
+            "patch_size": patch_size,
+        },
+        text_cfg={
+            "context_length": context_length,
+            "vocab_size": 49408,
+            "width": text_width,
+            "heads": 4,
+            "layers": text_layers,
+        },
     )
     return Clip(model, context_length, image_size, NAME)
 
@@ -72,6 +97,9 @@ def pretrained_clip(name: str, weights: str, image_size: int = 224) -> Clip:
     import open_clip
 
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"CLIP weights file not found: looked for {weights} (model.clip.weights; download it once, e.g. open_clip's {name} checkpoint)")
+        raise FileNotFoundError(
+            f"CLIP weights file not found: looked for {weights} (model.clip.weights; download it once, e.g. "
+            f"open_clip's {name} checkpoint)"
+        )
     model = open_clip.create_model(name, pretrained=weights)
     return Clip(model, int(getattr(model, "context_length", 77)), image_size, name)

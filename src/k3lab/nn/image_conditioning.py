@@ -22,7 +22,9 @@ class ImageConditioning(nn.Module):
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if emb.shape[-1] != self.clip_dim:
-            raise ValueError(f"image embedding width {emb.shape[-1]} does not match the U-Net adapter's clip_dim={self.clip_dim}")
+            raise ValueError(
+                f"image embedding width {emb.shape[-1]} does not match the U-Net adapter's clip_dim={self.clip_dim}"
+            )
         tokens = self.token_norm(self.to_tokens(emb).view(emb.shape[0], self.num_tokens, self.context_dim))
         mask = torch.ones(emb.shape[0], self.num_tokens, dtype=torch.bool, device=emb.device)
         return tokens, mask, self.time_norm(self.to_time(emb))

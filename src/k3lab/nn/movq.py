@@ -163,16 +163,30 @@ class MoVQ(nn.Module):
         decoder_num_groups = num_groups if decoder_num_groups is None else decoder_num_groups
         for name, groups in (("num_groups", num_groups), ("decoder_num_groups", decoder_num_groups)):
             if any(ch * m % groups for m in ch_mult):
-                raise ValueError(f"MoVQ: every width ch*ch_mult={[ch * m for m in ch_mult]} must divide by {name}={groups}")
+                raise ValueError(
+                    f"MoVQ: every width ch*ch_mult={[ch * m for m in ch_mult]} must divide by {name}={groups}"
+                )
         levels = tuple(attn_levels) if attn_levels is not None else (len(ch_mult) - 1,)
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-                           attn_levels=levels, z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed, num_groups=num_groups,
-                           decoder_num_groups=decoder_num_groups)
+        self.config = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_levels=levels,
+            z_channels=z_channels,
+            embed_dim=embed_dim,
+            n_embed=n_embed,
+            num_groups=num_groups,
+            decoder_num_groups=decoder_num_groups,
+        )
         self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, levels, z_channels, dropout, num_groups)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta, restart_dead_codes=restart_dead_codes)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.decoder = Decoder(out_channels, ch, ch_mult, num_res_blocks, levels, z_channels, embed_dim, dropout, decoder_num_groups)
+        self.decoder = Decoder(
+            out_channels, ch, ch_mult, num_res_blocks, levels, z_channels, embed_dim, dropout, decoder_num_groups
+        )
 
     @property
     def downsample_factor(self) -> int:

@@ -46,19 +46,20 @@ class PriorBlock(nn.Module):
 
 
 class PriorTransformer(nn.Module):
-    """``forward(noisy_image_emb [B, E], t [B], text_tokens [B, L, T], text_pooled [B, T], text_mask [B, L]) -> x0 [B, E]``.
+    """``forward(noisy_image_emb [B, E], t [B], text_tokens [B, L, T], text_pooled [B, T], text_mask [B, L]) -> x0 [B,
+    E]``.
 
     Image embeddings are normalised with the stored ``clip_mean`` / ``clip_std`` (``normalize``/``denormalize``).
     """
 
     def __init__(
         self,
-        embedding_dim: int = 1280,        # CLIP image embedding width
+        embedding_dim: int = 1280,  # CLIP image embedding width
         num_layers: int = 20,
         heads: int = 32,
-        head_dim: int = 64,               # width = heads * head_dim (2048)
-        num_text_tokens: int = 77,        # text tokens the positional table covers
-        text_dim: int | None = None,      # text-encoder width (2.2: the CLIP text width = embedding_dim)
+        head_dim: int = 64,  # width = heads * head_dim (2048)
+        num_text_tokens: int = 77,  # text tokens the positional table covers
+        text_dim: int | None = None,  # text-encoder width (2.2: the CLIP text width = embedding_dim)
     ) -> None:
         super().__init__()
         width = heads * head_dim
@@ -82,8 +83,14 @@ class PriorTransformer(nn.Module):
     def denormalize(self, emb: torch.Tensor) -> torch.Tensor:
         return emb * self.clip_std + self.clip_mean
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, text_tokens: torch.Tensor, text_pooled: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_pooled: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, length = noisy.shape[0], text_tokens.shape[1]
         if length > self.num_text_tokens:
             raise ValueError(f"{length} text tokens, but the prior's positional table covers {self.num_text_tokens}")
@@ -91,12 +98,20 @@ class PriorTransformer(nn.Module):
             t = t.expand(b)
         width = self.query.shape[-1]
         time = self.time_mlp(timestep_embedding(t, width).to(noisy.dtype))
-        x = torch.cat([self.tokens_in(text_tokens), self.pooled_in(text_pooled)[:, None], time[:, None], self.image_in(noisy)[:, None],
-                       self.query.expand(b, -1, -1)], dim=1)
+        x = torch.cat(
+            [
+                self.tokens_in(text_tokens),
+                self.pooled_in(text_pooled)[:, None],
+                time[:, None],
+                self.image_in(noisy)[:, None],
+                self.query.expand(b, -1, -1),
+            ],
+            dim=1,
+        )
         n = x.shape[1]
         positions = self.positions[:, : self.num_text_tokens + 4]
         if n < positions.shape[1]:  # fewer text tokens than the table: the extra tokens keep their own rows
-            positions = torch.cat([positions[:, :length], positions[:, self.num_text_tokens:]], dim=1)
+            positions = torch.cat([positions[:, :length], positions[:, self.num_text_tokens :]], dim=1)
         x = x + positions.to(x.dtype)
         bias = torch.full((n, n), -10000.0, device=x.device, dtype=x.dtype).triu(1)[None].expand(b, n, n)
         if text_mask is not None:

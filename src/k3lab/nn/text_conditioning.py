@@ -26,7 +26,10 @@ class TextConditioning(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if hidden.shape[-1] != self.encoder_dim:
-            raise ValueError(f"text embedding width {hidden.shape[-1]} does not match the projection's encoder_dim={self.encoder_dim}")
+            raise ValueError(
+                f"text embedding width {hidden.shape[-1]} does not match the projection's "
+                f"encoder_dim={self.encoder_dim}"
+            )
         mask = mask.bool()
         if self.diffusers_compat:
             context = self.projection(hidden * mask[..., None])
@@ -39,13 +42,17 @@ class TextConditioning(nn.Module):
         """The unconditional context with the shape of ``context``."""
         null_mask = torch.zeros_like(mask, dtype=torch.bool)
         if self.diffusers_compat:
-            return self.projection(torch.zeros(*context.shape[:2], self.encoder_dim, dtype=context.dtype, device=context.device)), null_mask
+            return self.projection(
+                torch.zeros(*context.shape[:2], self.encoder_dim, dtype=context.dtype, device=context.device)
+            ), null_mask
         null_context = torch.zeros_like(context)
         null_context[:, 0] = self.null_embedding.to(context.dtype)
         null_mask[:, 0] = True
         return null_context, null_mask
 
-    def replace_with_null(self, context: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def replace_with_null(
+        self, context: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows where ``rows`` [B] is True become unconditional (caption dropout, empty prompts)."""
         if not bool(rows.any()):
             return context, mask

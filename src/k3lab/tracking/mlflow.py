@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-
-from k3lab.imaging import to_uint8
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+
+from k3lab.imaging import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,16 @@ def find_mlflow_logger(loggers: Iterable[Logger] | Logger | None) -> MLFlowLogge
     return next((lg for lg in items if isinstance(lg, MLFlowLogger)), None)
 
 
-def log_run_metadata(loggers: Iterable[Logger], cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Iterable[str] = ()) -> None:
+def log_run_metadata(
+    loggers: Iterable[Logger], cfg: DictConfig, choices: Mapping[str, str] | None, overrides: Iterable[str] = ()
+) -> None:
     """Params: the Hydra group choices (``choice/<group>``), the command-line overrides (``override/<key>``: a sweep's
     axes), seed, task and output folder; artifact: the resolved config."""
-    params: dict[str, Any] = {"seed": cfg.get("seed"), "task_name": cfg.get("task_name"), "output_dir": OmegaConf.select(cfg, "paths.output_dir")}
+    params: dict[str, Any] = {
+        "seed": cfg.get("seed"),
+        "task_name": cfg.get("task_name"),
+        "output_dir": OmegaConf.select(cfg, "paths.output_dir"),
+    }
     for item in overrides:
         key, sep, value = item.partition("=")
         if sep and not key.startswith("hydra"):
@@ -47,7 +53,9 @@ def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:
         mlf.experiment.set_tag(mlf.run_id, key, value)
 
 
-def log_image(loggers: Iterable[Logger], image: torch.Tensor, name: str, step: int, directory: str | Path | None) -> Path | None:
+def log_image(
+    loggers: Iterable[Logger], image: torch.Tensor, name: str, step: int, directory: str | Path | None
+) -> Path | None:
     """Save ``image`` ([3, H, W] in [0, 1]) as ``<directory>/<name>_<step>.png`` and log it to MLflow."""
     array = to_uint8(image)
     path = None

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_FILE = "mlflow_sweep.json"
 PARENT_TAG = "mlflow.parentRunId"
-ROLE_TAG = "k3lab.role"          # sweep | cell | shared | run
+ROLE_TAG = "k3lab.role"  # sweep | cell | shared | run
 HOST_TAG, PID_TAG = "k3lab.host", "k3lab.pid"
 
 
@@ -76,7 +76,8 @@ def run_tags() -> dict[str, str]:
     """Tags that place this process's run in a sweep: the parent (``mlflow.parentRunId``) and the run's role.
 
     A Hydra multirun job reads the parent from its sweep folder (role ``job``; an ablation cell's logger makes it
-    ``cell``), a single run gets role ``run``; a shared part trained for a sweep (autoencoder, CLIP, prior) gets both from the
+    ``cell``), a single run gets role ``run``; a shared part trained for a sweep (autoencoder, CLIP, prior) gets both
+    from the
     ``K3LAB_PARENT_RUN_ID`` / ``K3LAB_RUN_ROLE`` environment its cell sets."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -111,9 +112,17 @@ def mark_stale(client: Any, experiment_id: str) -> list[str]:
     failed = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
         tags = run.data.tags
-        if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit() and not _pid_alive(int(tags[PID_TAG])):
+        if (
+            tags.get(HOST_TAG) == socket.gethostname()
+            and tags.get(PID_TAG, "").isdigit()
+            and not _pid_alive(int(tags[PID_TAG]))
+        ):
             client.set_terminated(run.info.run_id, "FAILED")
-            client.set_tag(run.info.run_id, "k3lab.failure", "process gone while RUNNING (killed hard); marked failed by a later sweep")
+            client.set_tag(
+                run.info.run_id,
+                "k3lab.failure",
+                "process gone while RUNNING (killed hard); marked failed by a later sweep",
+            )
             failed.append(run.info.run_id)
     return failed
 
@@ -153,19 +162,32 @@ class MLflowSweepCallback(Callback):
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         stale = mark_stale(client, experiment_id)
         if stale:
-            log.warning("marked %d stale RUNNING run(s) of experiment %r failed: %s", len(stale), name, ", ".join(stale))
+            log.warning(
+                "marked %d stale RUNNING run(s) of experiment %r failed: %s", len(stale), name, ", ".join(stale)
+            )
         sweep_dir = sweep_dir_of(config)
         params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=True) or {}
         overrides = list(config.hydra.overrides.task)
-        run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}",
-                                tags={ROLE_TAG: "sweep", "k3lab.sweep_dir": str(sweep_dir), **process_tags()})
+        run = client.create_run(
+            experiment_id,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={ROLE_TAG: "sweep", "k3lab.sweep_dir": str(sweep_dir), **process_tags()},
+        )
         reference = sweep_reference({k: str(v) for k, v in params.items()}, overrides)
-        for key, value in {**{f"sweep/{k}": str(v) for k, v in params.items()}, "sweep/overrides": " ".join(overrides)[:6000],
-                           **{f"reference/{k}": v for k, v in reference.items()}}.items():
+        for key, value in {
+            **{f"sweep/{k}": str(v) for k, v in params.items()},
+            "sweep/overrides": " ".join(overrides)[:6000],
+            **{f"reference/{k}": v for k, v in reference.items()},
+        }.items():
             client.log_param(run.info.run_id, key, value)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        info = {"tracking_uri": uri, "experiment_id": experiment_id, "experiment_name": name, "parent_run_id": run.info.run_id,
-                "reference": reference}
+        info = {
+            "tracking_uri": uri,
+            "experiment_id": experiment_id,
+            "experiment_name": name,
+            "parent_run_id": run.info.run_id,
+            "reference": reference,
+        }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=1))
         log.info("MLflow parent run %s (experiment %r) for sweep %s", run.info.run_id, name, sweep_dir)
 
