@@ -30,6 +30,19 @@ def find_shared() -> Path:
 
 SHARED = find_shared()
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests run where CUDA exists and are reported as skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # Small but real scene world used across tests (built once per session).
 SMALL_WORLD = [
     "data.source.num_train=256",

@@ -158,6 +158,26 @@ def test_rerun_reproduces_metrics_exactly_and_leaves_the_first_sweep_intact(swee
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
 
 
+def test_a_fresh_root_reproduces_the_cell_and_another_seed_differs(
+    sweep: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The same cell and seed give the same metrics with every shared part retrained from scratch in an empty root
+    (nothing reused from the first sweep); seed 1 gives other metrics (the test could fail)."""
+    from k3lab.report import load_runs
+
+    root = tmp_path_factory.mktemp("fresh_root")
+    args = [a for a in SWEEP if not a.startswith(("model/prior=", "seed="))] + ["model/prior=none", "seed=0,1"]
+    log = k3lab(args, root)
+    assert "shared autoencoder: training once into" in (log.stdout + log.stderr)  # trained anew in the empty root
+    fresh, _ = load_runs(str(sweeps(root)[-1].parent))
+    first, _ = load_runs(str(sweep["dirs"][0]))
+    keys = [k for k in first.columns if k.startswith("eval/") and not k.startswith(("eval/real/", "eval/chance/"))]
+    seed0 = fresh[fresh["seed"] == 0][keys].iloc[0].to_dict()
+    assert seed0 == first[first["override/model/prior"] == "none"][keys].iloc[0].to_dict()
+    seed1 = fresh[fresh["seed"] == 1][keys].iloc[0].to_dict()
+    assert seed1["eval/fid_clip"] != seed0["eval/fid_clip"] and seed1["eval/clip_score"] != seed0["eval/clip_score"]
+
+
 def test_report_builds_the_table_from_the_runs(sweep: dict) -> None:
     from k3lab.report import main
 
