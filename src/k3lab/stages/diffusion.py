@@ -121,6 +121,25 @@ class DiffusionStage(L.LightningModule):
         self.conditioning_ema = EMA(self.arm.conditioning, ema_decay) if ema_decay is not None else None
         self.latent_scale = LatentScale(float("nan") if latent_scale == "auto" else float(latent_scale))
 
+    # Lightning checkpoints written before the conditioning arm existed name its parts differently.
+    LEGACY_KEYS = (
+        ("text_conditioning_ema.", "conditioning_ema."),
+        ("image_conditioning_ema.", "conditioning_ema."),
+        ("text_conditioning.", "arm.conditioning."),
+        ("image_conditioning.", "arm.conditioning."),
+        ("clip.", "arm.clip."),
+        ("prior.", "arm.prior."),
+    )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume from checkpoints of older k3lab versions: their key names are mapped onto the arm's."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if not k.startswith(("arm.", "conditioning_ema."))]:
+            for old, new in self.LEGACY_KEYS:
+                if key.startswith(old):
+                    state[new + key[len(old) :]] = state.pop(key)
+                    break
+
     # ------------------------------------------------------------------ parts
     def exportable_modules(self) -> dict[str, nn.Module]:
         unet, arm = self.eval_modules()
