@@ -53,6 +53,23 @@ SMALL_WORLD = [
 ]
 
 
+# experiment=text2image_tiny in pixel space at 16 px, shrunk for CPU tests (with SMALL_WORLD and the paths)
+T2I_PIXEL_16 = [
+    "experiment=text2image_tiny",
+    "stage.first_stage.checkpoint=null",
+    "model.unet.in_channels=3",
+    "model.unet.out_channels=3",
+    "stage.latent_scale=1.0",
+    "data.resolution=16",
+    "logger=csv",
+    "data.batch_size=8",
+    "data.val_batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.limit_val_batches=1",
+]
+
+
 def compose_config(overrides: list[str], root: Path) -> DictConfig:
     """Compose conf/train.yaml as ``python -m k3lab.train`` would, with every path under ``root``."""
     return compose([f"paths.root_dir={root}", *overrides], output_dir=root / "run")

@@ -17,14 +17,8 @@ from k3lab.checkpoint import CheckpointError
 from k3lab.generate import load_generator
 from k3lab.train import train
 
-from conftest import SMALL_WORLD, compose_config
+from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
 
-PIXEL = [
-    "stage.first_stage.checkpoint=null",
-    "model.unet.in_channels=3",
-    "model.unet.out_channels=3",
-    "stage.latent_scale=1.0",
-]
 FAST_UNET = ["model.unet.model_channels=32", "model.unet.init_channels=16"]
 
 
@@ -39,18 +33,10 @@ def t2i_cfg(tmp_path: Path, data_root: Path, weights_dir: Path) -> Callable[...,
 
     def make(*overrides: str, root: Path | None = None, scene_world: bool = True) -> DictConfig:
         base = [
-            "experiment=text2image_tiny",
+            *T2I_PIXEL_16,
             f"paths.data_dir={data_root}",
             f"paths.weights_dir={weights_dir}",
             *(SMALL_WORLD if scene_world else []),
-            *PIXEL,
-            "data.resolution=16",
-            "logger=csv",
-            "data.batch_size=8",
-            "data.val_batch_size=16",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-            "trainer.limit_val_batches=1",
             "sampling.steps=4",
             "stage.val_prompts=[a red circle,a blue square]",
         ]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from conftest import SMALL_WORLD, compose_config
+from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
 
 
 class TwoConvBlock(nn.Module):
@@ -58,21 +58,10 @@ class CharEncoder(nn.Module):
 
 def _t2i(tmp_path: Path, data_root: Path, *overrides: str) -> DictConfig:
     base = [
-        "experiment=text2image_tiny",
+        *T2I_PIXEL_16,
         f"paths.data_dir={data_root}",
         f"paths.weights_dir={tmp_path / 'weights'}",
         *SMALL_WORLD,
-        "stage.first_stage.checkpoint=null",
-        "model.unet.in_channels=3",
-        "model.unet.out_channels=3",
-        "stage.latent_scale=1.0",
-        "data.resolution=16",
-        "logger=csv",
-        "data.batch_size=8",
-        "data.val_batch_size=16",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.limit_val_batches=1",
         "sampling.steps=2",
         "stage.val_prompts=[a red circle]",
         "trainer.max_steps=3",
