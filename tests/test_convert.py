@@ -238,9 +238,8 @@ def test_movq_export_keeps_its_groups_or_refuses() -> None:
     from k3lab.nn.movq import MoVQ
 
     tiny = MoVQ(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, n_embed=16, num_groups=8)
-    with pytest.raises(
-        CheckpointError, match="decoder norms with 8 groups"
-    ):  # movq_tiny-like: diffusers cannot express it
+    # movq_tiny-like: diffusers cannot express it
+    with pytest.raises(CheckpointError, match="decoder norms with 8 groups"):
         diffusers_movq_config(tiny.config)
     ok = MoVQ(
         ch=32,

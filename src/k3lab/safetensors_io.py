@@ -13,6 +13,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,50 +33,8 @@ DTYPES: dict[torch.dtype, str] = {
 _FROM_NAME = {v: k for k, v in DTYPES.items()}
 
 
-class LazySafetensors(Mapping[str, torch.Tensor]):
-    """The tensors of one or several safetensors files (a sharded checkpoint), read one at a time on access.
-
-    Names, shapes and dtypes come from the headers alone (:meth:`shape`, :meth:`dtype`), so a strict key and shape
-    check costs no tensor reads."""
-
-    def __init__(self, files: list[str | Path]) -> None:
-        from safetensors import safe_open
-
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[torch.Size, torch.dtype]] = {}
-        for file in map(Path, files):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    if key in self._where:
-                        raise ValueError(f"{file}: tensor {key!r} is also in {self._where[key]}")
-                    sl = f.get_slice(key)
-                    self._where[key] = file
-                    self._meta[key] = (torch.Size(sl.get_shape()), _FROM_NAME[sl.get_dtype()])
-
-    def shape(self, key: str) -> torch.Size:
-        return self._meta[key][0]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._meta[key][1]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[key]), framework="pt") as f:
-            return f.get_tensor(key)
-
-    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
-        return key in self._where
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
 class LazyState(Mapping[str, torch.Tensor]):
-    """A renamed view of a lazy source: ``key -> load()`` with the shape and dtype known before loading."""
+    """Tensors known by name, shape and dtype before any is loaded: ``key -> load()``, one tensor per access."""
 
     def __init__(self, entries: Mapping[str, tuple[torch.Size, torch.dtype, Callable[[], torch.Tensor]]]) -> None:
         self._entries = dict(entries)
@@ -103,13 +62,42 @@ class LazyState(Mapping[str, torch.Tensor]):
         return len(self._entries)
 
 
+class LazySafetensors(LazyState):
+    """The tensors of one or several safetensors files (a sharded checkpoint), read one at a time on access.
+
+    Names, shapes and dtypes come from the headers alone (:meth:`shape`, :meth:`dtype`), so a strict key and shape
+    check costs no tensor reads."""
+
+    def __init__(self, files: list[str | Path]) -> None:
+        from safetensors import safe_open
+
+        where: dict[str, Path] = {}
+        entries = {}
+        for file in map(Path, files):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key in where:
+                        raise ValueError(f"{file}: tensor {key!r} is also in {where[key]}")
+                    sl = f.get_slice(key)
+                    where[key] = file
+                    entries[key] = (torch.Size(sl.get_shape()), _FROM_NAME[sl.get_dtype()], partial(_read, file, key))
+        super().__init__(entries)
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(key)
+
+
 def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Size:
     """A tensor's shape, from the header when ``tensors`` is lazy."""
-    return tensors.shape(key) if isinstance(tensors, (LazySafetensors, LazyState)) else tensors[key].shape  # type: ignore[union-attr]
+    return tensors.shape(key) if isinstance(tensors, LazyState) else tensors[key].shape  # type: ignore[union-attr]
 
 
 def dtype_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
-    return tensors.dtype(key) if isinstance(tensors, (LazySafetensors, LazyState)) else tensors[key].dtype  # type: ignore[union-attr]
+    return tensors.dtype(key) if isinstance(tensors, LazyState) else tensors[key].dtype  # type: ignore[union-attr]
 
 
 def write_safetensors(

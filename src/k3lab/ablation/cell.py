@@ -63,9 +63,8 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         updates["mapping.prior.checkpoint"] = str(
             train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent)
         )
-    if ab.get(
-        "precompute"
-    ):  # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
+    # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
+    if ab.get("precompute"):
         pc_overrides = [
             *inherited,
             f"model/text_encoder={text_encoder}",
@@ -112,7 +111,7 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
         with torch.no_grad():
             metrics, grids = evaluate(
                 stage.generator(), splits, int(cfg.data.resolution), settings, ref_dir, out_dir / "eval"
-            )  # type: ignore[arg-type]
+            )
         step = int(stage.global_step)
         metrics |= {
             "perf/fit_seconds": fit_seconds,

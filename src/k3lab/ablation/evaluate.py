@@ -35,11 +35,10 @@ def sample_records(
     batch, seed0 = int(settings["batch_size"]), int(settings["seed"])
     records = []
     bar = tqdm(total=len(prompts), desc=desc, unit="img", mininterval=5, file=sys.stdout)
+    sampling = settings["sampling"]  # x0 thresholding is the generator's own (the stage's, from the same group)
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         seeds = [seed0 + start + i for i in range(len(chunk))]
-        sampling = settings["sampling"]
-        generator.x0_threshold = sampling.get("x0_threshold", generator.x0_threshold)
         images = generator(
             [p.text for p in chunk],
             seeds,

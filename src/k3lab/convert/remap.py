@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from k3lab.checkpoint import CheckpointError
-from k3lab.safetensors_io import LazySafetensors, LazyState, dtype_of, shape_of
+from k3lab.safetensors_io import LazyState, dtype_of, shape_of
 
 
 def remap(
@@ -31,7 +31,7 @@ def remap(
     table = {k: name(k) for k in own}
     missing = sorted(v for v in table.values() if v not in source)
     unexpected = sorted(set(source) - set(table.values()))
-    lazy = isinstance(source, (LazySafetensors, LazyState))
+    lazy = isinstance(source, LazyState)
     out: dict[str, torch.Tensor] = {}
     entries: dict[str, tuple[torch.Size, torch.dtype, Callable[[], torch.Tensor]]] = {}
     shapes = []
@@ -72,7 +72,7 @@ def _load(
 def subset(source: Mapping[str, torch.Tensor], keys: set[str], keep: bool = True) -> Mapping[str, torch.Tensor]:
     """The tensors of ``source`` whose names are (``keep``) or are not in ``keys``; lazy stays lazy."""
     chosen = [k for k in source if (k in keys) == keep]
-    if isinstance(source, (LazySafetensors, LazyState)):
+    if isinstance(source, LazyState):
         return LazyState(
             {k: (shape_of(source, k), dtype_of(source, k), partial(source.__getitem__, k)) for k in chosen}
         )
@@ -85,7 +85,7 @@ def invert(
     reshape: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor] | LazyState:
     """k3lab state dict -> the other layout (``name`` maps a k3lab key to the other layout's key); lazy stays lazy."""
-    if isinstance(state, (LazySafetensors, LazyState)):
+    if isinstance(state, LazyState):
         entries = {}
         for k in state:
             probe = torch.empty(shape_of(state, k), dtype=dtype_of(state, k), device="meta")

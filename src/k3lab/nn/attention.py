@@ -31,9 +31,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.to_query(x)), self._heads(self.to_key(context)), self._heads(self.to_value(context))
         bias = None
-        if (
-            mask is not None
-        ):  # additive, as the official masked_fill(-max): a fully masked row attends uniformly, never NaN
+        # additive, as the official masked_fill(-max): a fully masked row attends uniformly, never NaN
+        if mask is not None:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~mask.bool(), -torch.finfo(q.dtype).max
             )[:, None, None, :]

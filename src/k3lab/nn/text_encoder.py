@@ -108,9 +108,8 @@ class TextEncoder(nn.Module):
             prompts, max_length=self.max_length, truncation=True, padding="longest", return_tensors="pt"
         )
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        if (
-            ids.shape[1] < self.max_length
-        ):  # one pad column: what padding to max_length then cropping to longest + 1 keeps
+        # one pad column: what padding to max_length then cropping to longest + 1 keeps
+        if ids.shape[1] < self.max_length:
             ids = torch.cat(
                 [ids, torch.full((ids.shape[0], 1), self.tokenizer.pad_token_id or 0, dtype=ids.dtype)], dim=1
             )

@@ -168,9 +168,8 @@ class DiffusionStage(L.LightningModule):
         z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
         if not self.latent_scale.measured():
             std = z.float().std().clamp(min=1e-6).reshape(1)
-            if (
-                torch.distributed.is_available() and torch.distributed.is_initialized()
-            ):  # every rank uses the same scale
+            # every rank uses the same scale
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(std)
                 std /= torch.distributed.get_world_size()
             self.latent_scale.value.fill_(1.0 / float(std))
