@@ -55,6 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 STAGE_NAMES = {
     "AutoencoderStage": "autoencoder",
     "DiffusionStage": "diffusion",
+    "InpaintingStage": "diffusion",  # a diffusion run whose U-Net also reads a mask and a masked image
     "PriorStage": "prior",
     "ClipStage": "clip",
 }

@@ -187,3 +187,18 @@ def make_arm(
     with torch.no_grad():
         adapter.negative.copy_(clip.embed_zero_image().reshape(-1))
     return PriorArm(adapter, clip, prior, schedule, prior_steps, prior_guidance)
+
+
+def match_lengths(a: Cond, b: Cond) -> tuple[Cond, Cond]:
+    """Two conditions made concatenable along the batch: token dimensions (dim 1 of context [B, L, D] and mask
+    [B, L]) zero-padded (masked out) to the longer one. Used when a negative prompt replaces the null condition."""
+    if len(a) != len(b):
+        raise ValueError(f"conditions of {len(a)} and {len(b)} tensors")
+    out_a, out_b = [], []
+    for x, y in zip(a, b, strict=True):
+        if x.ndim >= 2 and y.ndim == x.ndim and x.shape[1] != y.shape[1] and x.shape[2:] == y.shape[2:]:
+            n = max(x.shape[1], y.shape[1])
+            x, y = (torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, n - t.shape[1])) for t in (x, y))
+        out_a.append(x)
+        out_b.append(y)
+    return tuple(out_a), tuple(out_b)

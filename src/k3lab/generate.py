@@ -16,24 +16,45 @@ from omegaconf import DictConfig
 from torch import nn
 
 from k3lab.checkpoint import CheckpointError
-from k3lab.conditioning import ConditioningArm, PriorArm, TextArm, make_arm
+from k3lab.conditioning import ConditioningArm, PriorArm, TextArm, make_arm, match_lengths
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
+from k3lab.diffusion.samplers import timesteps_for
+from k3lab.editing import (
+    BLENDS,
+    binarize,
+    img2img_first_step,
+    inpainting_channels,
+    is_inpainting,
+    latent_keep,
+    masked_image,
+    paste_back,
+    unet_input,
+)
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_encoder import frozen_text_encoder
 
 log = logging.getLogger(__name__)
 
 
-def check_resolution(resolution: int, first_stage: nn.Module, unet: nn.Module) -> int:
-    """The latent size for ``resolution``; a clear error when it is not divisible by first-stage x U-Net factors."""
-    factor = int(getattr(first_stage, "downsample_factor", 1)) * int(unet.downsample_factor)
-    if resolution <= 0 or resolution % factor:
-        raise ValueError(
-            f"resolution {resolution} is not divisible by {factor} (= first-stage factor "
-            f"{getattr(first_stage, 'downsample_factor', 1)} "
-            f"x U-Net factor {unet.downsample_factor}); use e.g. {max(factor, round(resolution / factor) * factor)}"
-        )
-    return resolution // int(getattr(first_stage, "downsample_factor", 1))
+def check_resolution(resolution: int | Sequence[int], first_stage: nn.Module, unet: nn.Module) -> int:
+    """The latent size for ``resolution`` (one side, or the first of (height, width)); a clear error when a side is not
+    divisible by first-stage x U-Net factors."""
+    return latent_size(resolution, first_stage, unet)[0]
+
+
+def latent_size(resolution: int | Sequence[int], first_stage: nn.Module, unet: nn.Module) -> tuple[int, int]:
+    """(h, w) of the latent grid for an image of ``resolution`` (a side, or (height, width)); a clear error when a
+    side is not divisible by first-stage x U-Net factors."""
+    first = int(getattr(first_stage, "downsample_factor", 1))
+    factor = first * int(unet.downsample_factor)
+    sides = (int(resolution), int(resolution)) if isinstance(resolution, (int, float)) else tuple(map(int, resolution))
+    for side in sides:
+        if side <= 0 or side % factor:
+            raise ValueError(
+                f"resolution {side} is not divisible by {factor} (= first-stage factor {first} "
+                f"x U-Net factor {unet.downsample_factor}); use e.g. {max(factor, round(side / factor) * factor)}"
+            )
+    return sides[0] // first, sides[1] // first
 
 
 @dataclass
@@ -175,18 +196,26 @@ class Generator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def model_fn(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        mask: torch.Tensor,
-        time_extra: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        out = self.unet(x, t, context, mask, time_extra)
+    @property
+    def inpainting(self) -> bool:
+        """Whether the U-Net is an inpainting one (9 input channels: x_t, keep mask, masked latent)."""
+        return is_inpainting(self.unet)
+
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """eps for x_t; ``cond`` is the arm's condition, followed by the inpainting channels for an inpainting U-Net."""
+        if self.inpainting:
+            *cond, extra = cond  # type: ignore[assignment]
+            out = self.unet(unet_input(x, extra), t, *cond)
+        else:
+            out = self.unet(x, t, *cond)
         return (
             to_epsilon(self.prediction, out, x, self.schedule.alpha_bar(t, x)) if self.prediction != "epsilon" else out
         )
+
+    def latent(self, image: torch.Tensor) -> torch.Tensor:
+        """The scaled first-stage latent of images [B, 3, H, W] in [-1, 1] (what the U-Net sees)."""
+        with self._placed(self.first_stage):
+            return self.first_stage.encode(image.to(self.device)).float() * self.latent_scale
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
@@ -217,50 +246,110 @@ class Generator:
         self,
         cond: tuple[torch.Tensor, ...],
         seeds: Sequence[int],
-        resolution: int,
+        resolution: int | Sequence[int],
         sampler: str = "kandinsky3",
         steps: int = 50,
         guidance_weight: float = 3.0,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        *,
+        negative: tuple[torch.Tensor, ...] | None = None,
+        image: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        strength: float = 1.0,
+        blend: str = "pixel",
         **sampler_options: object,
     ) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] from ``encode``'s condition; sample i starts from ``manual_seed(seeds[i])``
-        noise."""
+        noise. ``resolution`` is a side or (height, width).
+
+        Editing (:mod:`k3lab.editing`): ``negative`` (``encode`` of negative prompts) replaces the unconditional
+        branch of guidance. ``image`` [B, 3, H, W] in [-1, 1] with ``mask`` (1 = regenerate) inpaints with an
+        inpainting U-Net, the kept pixels pasted back (``blend``: pixel, latent or none); ``image`` with
+        ``strength`` < 1 is image-to-image: the sampler starts from the input's latent noised to the matching step
+        (strength 0 returns its reconstruction, strength 1 is text-to-image from the same noise)."""
         if cond[0].shape[0] != len(seeds):
             raise ValueError(f"{cond[0].shape[0]} prompts but {len(seeds)} seeds")
-        size = check_resolution(resolution, self.first_stage, self.unet)
-        shape = (self.unet.in_channels, size, size)
+        if blend not in BLENDS:
+            raise ValueError(f"blend={blend!r}: use one of {list(BLENDS)}")
+        if image is not None:
+            resolution = tuple(image.shape[-2:])
+            if image.shape[0] != len(seeds):
+                raise ValueError(f"{image.shape[0]} images but {len(seeds)} seeds")
+        size = latent_size(resolution, self.first_stage, self.unet)
+        if mask is not None:
+            if image is None:
+                raise ValueError("a mask needs the image it applies to")
+            if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
+                raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from image size {tuple(image.shape[-2:])}")
+            if not self.inpainting:
+                raise ValueError(
+                    f"inpainting needs an inpainting U-Net (in_channels = 2 x latent + 1 = {2 * self.unet.out_channels + 1}); "
+                    f"this one reads {self.unet.in_channels} channels (train stage=inpainting, or convert with --inpainting)"
+                )
+            mask = binarize(mask).to(self.device)
+        shape = (self.unet.out_channels, *size)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
             self.device
         )
+        uncond = self.null(cond) if negative is None else negative
+        cond, uncond = match_lengths(cond, uncond)
+        if self.inpainting:  # no mask: everything is generated (the image, if any, only seeds image-to-image)
+            factor = int(getattr(self.first_stage, "downsample_factor", 1))
+            pixels = (size[0] * factor, size[1] * factor)
+            hole = mask if mask is not None else torch.ones(len(seeds), 1, *pixels, device=self.device)
+            source = image.to(self.device) if image is not None else torch.zeros(len(seeds), 3, *pixels, device=self.device)
+            extra = inpainting_channels(latent_keep(hole, size), self.latent(masked_image(source, hole)))
+            cond, uncond = cond + (extra,), uncond + (extra,)
         sample_fn = get_sampler(sampler)
         if "x0_threshold" in inspect.signature(sample_fn).parameters:
             sampler_options.setdefault("x0_threshold", self.x0_threshold)
-        with self._placed(self.unet, self.arm):
-            denoise = cfg_denoiser(self.model_fn, cond, self.null(cond), guidance_weight)
-            gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
-            z = sample_fn(denoise, noise, self.schedule, steps, generator=gen, callback=callback, **sampler_options)
+        first = 0
+        if image is not None and strength < 1.0:
+            first = img2img_first_step(steps, strength)
+            z_image = self.latent(image)
+            if first < steps:
+                t0 = timesteps_for(sampler, self.schedule.num_steps, steps)[first]
+                noise = self.schedule.q_sample(z_image, torch.full((len(seeds),), t0, device=self.device), noise)
+        if first >= steps:
+            z = z_image
+        else:
+            with self._placed(self.unet, self.arm):
+                denoise = cfg_denoiser(self.model_fn, cond, uncond, guidance_weight)
+                gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
+                z = sample_fn(
+                    denoise, noise, self.schedule, steps, generator=gen, callback=callback, first_step=first,
+                    **sampler_options,
+                )
+        if mask is not None and blend == "latent":
+            z = torch.where(latent_keep(mask, size).bool().expand_as(z), self.latent(image), z)
         with self._placed(self.first_stage):
-            images = self.first_stage.decode(z / self.latent_scale)
-        return ((images.float() + 1) / 2).clamp(0, 1)
+            images = ((self.first_stage.decode(z / self.latent_scale).float() + 1) / 2).clamp(0, 1)
+        if mask is not None and blend == "pixel":
+            images = paste_back((image.to(images.device).float() + 1) / 2, images, mask)
+        return images
 
     def __call__(
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
-        resolution: int,
+        resolution: int | Sequence[int],
         sampler: str = "kandinsky3",
         steps: int = 50,
         guidance_weight: float = 3.0,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        **sampler_options: object,
+        *,
+        negative_prompts: Sequence[str] | None = None,
+        **options: object,
     ) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] for ``prompts``."""
+        """Images [B, 3, H, W] in [0, 1] for ``prompts`` (``options``: :meth:`sample`'s editing and sampler options)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        check_resolution(resolution, self.first_stage, self.unet)
+        if negative_prompts is not None:
+            if len(negative_prompts) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+            options["negative"] = self.encode(negative_prompts, seeds)
         return self.sample(
-            self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **sampler_options
+            self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **options
         )
 
 

@@ -2,6 +2,9 @@
 
     sampler(denoise, noise, schedule, steps, *, generator=None, callback=None, **options) -> x0
 
+``first_step=k`` skips the first k of the ``steps`` timesteps: ``noise`` is then the input already noised to the
+k-th timestep (image-to-image, :func:`timesteps_for` gives it).
+
 ``denoise(x_t, t) -> eps`` takes integer timesteps ``t`` [B] and returns an epsilon prediction (guidance and
 v-to-eps conversion are wrapped around the model beforehand, see ``guidance.py``). ``callback(i, t, x0_hat)``
 is called after every step (progress bars, previews).
@@ -86,11 +89,12 @@ def sample_kandinsky3(
     callback: Callback = None,
     x0_threshold: float | None = 0.99,
     eta: float = 1.0,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """The official Kandinsky 3 sampler: ancestral DDPM (Ho et al. 2020, arXiv 2006.11239) on a strided
     schedule (DDIM's generalised step with eta = 1), dynamic thresholding of x0, no noise on the last step."""
     x = noise
-    times = strided_timesteps(schedule.num_steps, steps)
+    times = strided_timesteps(schedule.num_steps, steps)[first_step:]
     for i, (t, prev) in enumerate(zip(times, times[1:] + [0], strict=False)):
         a, x0 = _predict_x0(denoise, x, t, schedule, x0_threshold)
         x = _ddim_step(
@@ -112,10 +116,11 @@ def sample_ddim(
     callback: Callback = None,
     x0_threshold: float | None = 0.99,
     eta: float = 0.0,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, arXiv 2010.02502) on the strided schedule; the last step returns x0_hat."""
     x = noise
-    times = strided_timesteps(schedule.num_steps, steps)
+    times = strided_timesteps(schedule.num_steps, steps)[first_step:]
     for i, t in enumerate(times):
         a, x0 = _predict_x0(denoise, x, t, schedule, x0_threshold)
         last = i == len(times) - 1
@@ -135,11 +140,12 @@ def sample_dpmpp_2m(
     generator: torch.Generator | None = None,
     callback: Callback = None,
     x0_threshold: float | None = 0.99,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095): second-order multistep in x0-prediction over
     lambda = log(alpha / sigma); first order on the first step; the last step goes to sigma = 0 (x0_hat)."""
     x = noise
-    times = strided_timesteps(schedule.num_steps, steps)
+    times = strided_timesteps(schedule.num_steps, steps)[first_step:]
     lam = lambda a: 0.5 * (a.log() - (1 - a).log())  # noqa: E731
     old_x0, h_prev = None, None
     for i, t in enumerate(times):
@@ -176,13 +182,14 @@ def sample_diffusers_ddpm(
     generator: torch.Generator | None = None,
     callback: Callback = None,
     clip: float | None = 1.0,
+    first_step: int = 0,
 ) -> torch.Tensor:
     """Compatibility sampler reproducing diffusers' Kandinsky 3 scheduler (DDPMScheduler, Ho et al. 2020, arXiv
     2006.11239): leading spacing with offset 1, x0 clipped to +-1 instead of dynamic thresholding, posterior
     mean and "fixed_small" variance, alpha = 1 past the last step. For matching diffusers' numbers only."""
     x = noise
     k = schedule.num_steps // steps
-    for i, t in enumerate(leading_timesteps(schedule.num_steps, steps)):
+    for i, t in enumerate(leading_timesteps(schedule.num_steps, steps)[first_step:]):
         tt = _t(t, x)
         a = schedule.alpha_bar(tt, x)
         a_prev = schedule.alpha_bar(_t(t - k, x), x) if t - k >= 0 else torch.ones_like(a)
@@ -209,6 +216,14 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
 }
+
+
+def timesteps_for(name: str, num_train_steps: int, steps: int) -> list[int]:
+    """The timesteps sampler ``name`` visits for ``steps`` steps (image-to-image noises its input to one of them)."""
+    get_sampler(name)
+    return leading_timesteps(num_train_steps, steps) if name == "diffusers_ddpm" else strided_timesteps(
+        num_train_steps, steps
+    )
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
+from k3lab.editing import expand_input_channels, is_inpainting, unet_input
 from k3lab.generate import Generator, check_resolution
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import LatentScale
@@ -72,7 +73,7 @@ class DiffusionStage(L.LightningModule):
         val_prompts = [str(p) for p in val_prompts]
         if any(not isinstance(p, str) for p in val_prompts):
             raise ValueError("stage.val_prompts must be a list of strings (quote prompts that contain ': ')")
-        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "optimizer", "clip", "prior"])
+        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "optimizer", "clip", "prior", "masks"])
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"stage.caption_dropout={caption_dropout}: must be in [0, 1)")
         if prediction not in ("epsilon", "v"):
@@ -84,11 +85,7 @@ class DiffusionStage(L.LightningModule):
             encoder_dim = int(text_encoder.dim)
         elif encoder_dim is None:
             raise ValueError("stage.encoder_dim is needed when no text encoder is given (precomputed embeddings)")
-        if int(first_stage.latent_channels) != int(unet.in_channels):
-            raise ValueError(
-                f"the first stage gives {first_stage.latent_channels}-channel latents but "
-                f"model.unet.in_channels={unet.in_channels}"
-            )
+        self.check_channels(int(first_stage.latent_channels), unet)
         if resolution is not None:
             check_resolution(int(resolution), first_stage, unet)
         self.unet = unet
@@ -108,7 +105,10 @@ class DiffusionStage(L.LightningModule):
             from k3lab.checkpoint import load_state_dict, load_weights
 
             folder = Path(init_weights)
-            load_weights(self.unet, load_state_dict(folder / "unet.safetensors"), folder / "unet.safetensors")
+            state = load_state_dict(folder / "unet.safetensors")
+            if is_inpainting(self.unet):  # from a text-to-image run: the extra input channels start at zero
+                state = expand_input_channels(state, int(self.unet.in_channels))
+            load_weights(self.unet, state, folder / "unet.safetensors")
             name = self.arm.export_name
             load_weights(
                 self.arm.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors"
@@ -120,6 +120,16 @@ class DiffusionStage(L.LightningModule):
         self.unet_ema = EMA(unet, ema_decay) if ema_decay is not None else None
         self.conditioning_ema = EMA(self.arm.conditioning, ema_decay) if ema_decay is not None else None
         self.latent_scale = LatentScale(float("nan") if latent_scale == "auto" else float(latent_scale))
+
+    @staticmethod
+    def check_channels(latent_channels: int, unet: nn.Module) -> None:
+        """The U-Net reads and predicts first-stage latents (an inpainting stage overrides this)."""
+        if (int(unet.in_channels), int(unet.out_channels)) != (latent_channels, latent_channels):
+            raise ValueError(
+                f"the first stage gives {latent_channels}-channel latents but model.unet.in_channels="
+                f"{unet.in_channels}, out_channels={unet.out_channels} (both must be {latent_channels}; an inpainting "
+                "U-Net belongs to stage=inpainting)"
+            )
 
     # Lightning checkpoints written before the conditioning arm existed name its parts differently.
     LEGACY_KEYS = (
@@ -176,12 +186,24 @@ class DiffusionStage(L.LightningModule):
             log.info("latent scale measured on the first batch: %.4f (1/std)", float(self.latent_scale.value))
         return z * self.latent_scale.value.to(z.dtype)
 
+    def image_condition(self, batch: Batch, z: torch.Tensor, train: bool) -> torch.Tensor | None:
+        """Extra U-Net input channels for this batch (none here; the inpainting stage's keep mask and masked
+        latent)."""
+        return None
+
+    def denoiser(
+        self, unet: nn.Module, cond: tuple[torch.Tensor, ...], extra: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``model(x_t, t)`` for the loss: the U-Net with its condition and any extra input channels."""
+        return lambda x, t: unet(unet_input(x, extra), t, *cond)
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         z = self.latents(batch)
         drop = torch.rand(z.shape[0], device=z.device) < self.hparams.caption_dropout
         cond = self.arm.condition(batch, self.text_encoder, drop)
-        loss = diffusion_loss(lambda x, t: self.unet(x, t, *cond), z, self.schedule, self.hparams.prediction)
+        extra = self.image_condition(batch, z, train=True)
+        loss = diffusion_loss(self.denoiser(self.unet, cond, extra), z, self.schedule, self.hparams.prediction)
         if not torch.isfinite(loss):
             keys = batch.get("key", [])[:4]
             raise NonFiniteLossError(
@@ -204,13 +226,14 @@ class DiffusionStage(L.LightningModule):
         unet, arm = self.eval_modules()
         z = self.latents(batch)
         cond = arm.condition(batch, self.text_encoder)
+        extra = self.image_condition(batch, z, train=False)
         gen = torch.Generator(device=z.device).manual_seed(self.hparams.val_seed + batch_idx)
         losses = []
         for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
             tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
             losses.append(
                 diffusion_loss(
-                    lambda x, s: unet(x, s, *cond), z, self.schedule, self.hparams.prediction, generator=gen, t=tt
+                    self.denoiser(unet, cond, extra), z, self.schedule, self.hparams.prediction, generator=gen, t=tt
                 )
             )
         self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
