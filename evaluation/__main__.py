@@ -1,5 +1,5 @@
 """``python -m evaluation <command>``: metrics, fid, clip-score, compbench, train-reference-clip, sbs-export,
-sbs-ingest.
+sbs-ingest, editing-tasks, editing-score.
 
 Every command prints its result as JSON (and writes it with ``--out``), so callers can log it to MLflow.
 """
@@ -131,6 +131,33 @@ def cmd_sbs_ingest(args: argparse.Namespace) -> Any:
     return report
 
 
+def scene_triples(shards: Sequence[str], limit: int | None = None) -> Any:
+    """(image, spec, caption) of scene-world shards (the editing benchmark's input)."""
+    from evaluation.images import load_shards
+
+    return ((r.image, r.spec, r.prompt) for r in load_shards(shards, limit=limit))
+
+
+def cmd_editing_tasks(args: argparse.Namespace) -> Any:
+    from evaluation import editing
+
+    tasks = editing.make_tasks(scene_triples(_shards(args.shards)), args.num, args.seed)
+    if len(tasks) < args.num:
+        print(f"warning: only {len(tasks)} editable scenes in {args.shards}", file=sys.stderr)
+    editing.write_tasks(tasks, args.out_dir)
+    return {"tasks": len(tasks), "out_dir": str(args.out_dir), "baselines": editing.baselines(tasks)}
+
+
+def cmd_editing_score(args: argparse.Namespace) -> Any:
+    from evaluation import editing
+
+    tasks = editing.load_tasks(args.tasks)
+    return {
+        "model": editing.score(editing.load_results(args.results, tasks), tasks),
+        "baselines": editing.baselines(tasks),
+    }
+
+
 def cmd_metrics(args: argparse.Namespace) -> Any:
     from evaluation.metrics import describe
 
@@ -215,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report-dir", type=Path, default=None)
     sp.add_argument("--bootstrap", type=int, default=2000)
     sp.set_defaults(func=cmd_sbs_ingest)
+    sp = common(sub.add_parser("editing-tasks", help="editing benchmark tasks from scene-world shards"))
+    sp.add_argument("shards", help="test-split shards, brace pattern allowed (:: joins several)")
+    sp.add_argument("--out-dir", type=Path, required=True, help="writes tasks.jsonl, <id>_image.png, <id>_mask.png")
+    sp.add_argument("--num", type=int, default=128)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_editing_tasks)
+    sp = common(sub.add_parser("editing-score", help="score edited images (<id>.png) against editing tasks"))
+    sp.add_argument("tasks", type=Path, help="the editing-tasks folder")
+    sp.add_argument("results", type=Path, help="folder with one <task_id>.png per task")
+    sp.set_defaults(func=cmd_editing_score)
     return p
 
 

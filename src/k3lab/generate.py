@@ -280,11 +280,14 @@ class Generator:
             if image is None:
                 raise ValueError("a mask needs the image it applies to")
             if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
-                raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from image size {tuple(image.shape[-2:])}")
+                raise ValueError(
+                    f"mask size {tuple(mask.shape[-2:])} differs from image size {tuple(image.shape[-2:])}"
+                )
             if not self.inpainting:
                 raise ValueError(
-                    f"inpainting needs an inpainting U-Net (in_channels = 2 x latent + 1 = {2 * self.unet.out_channels + 1}); "
-                    f"this one reads {self.unet.in_channels} channels (train stage=inpainting, or convert with --inpainting)"
+                    "inpainting needs an inpainting U-Net (in_channels = 2 x latent + 1 = "
+                    f"{2 * self.unet.out_channels + 1}); this one reads {self.unet.in_channels} channels (train "
+                    "stage=inpainting, or convert with --inpainting)"
                 )
             mask = binarize(mask).to(self.device)
         shape = (self.unet.out_channels, *size)
@@ -297,7 +300,8 @@ class Generator:
             factor = int(getattr(self.first_stage, "downsample_factor", 1))
             pixels = (size[0] * factor, size[1] * factor)
             hole = mask if mask is not None else torch.ones(len(seeds), 1, *pixels, device=self.device)
-            source = image.to(self.device) if image is not None else torch.zeros(len(seeds), 3, *pixels, device=self.device)
+            blank = torch.zeros(len(seeds), 3, *pixels, device=self.device)
+            source = image.to(self.device) if image is not None else blank
             extra = inpainting_channels(latent_keep(hole, size), self.latent(masked_image(source, hole)))
             cond, uncond = cond + (extra,), uncond + (extra,)
         sample_fn = get_sampler(sampler)
@@ -317,7 +321,13 @@ class Generator:
                 denoise = cfg_denoiser(self.model_fn, cond, uncond, guidance_weight)
                 gen = torch.Generator(device=self.device).manual_seed(int(seeds[0]) + 1) if len(seeds) else None
                 z = sample_fn(
-                    denoise, noise, self.schedule, steps, generator=gen, callback=callback, first_step=first,
+                    denoise,
+                    noise,
+                    self.schedule,
+                    steps,
+                    generator=gen,
+                    callback=callback,
+                    first_step=first,
                     **sampler_options,
                 )
         if mask is not None and blend == "latent":

@@ -1,5 +1,9 @@
 """Sample a trained diffusion run: ``python -m k3lab.sample <checkpoint> --prompt "a red circle" [--prompt-file F]``.
 
+Editing: ``--negative "..."`` (every mode; the unconditional branch of guidance), ``--image IMG --mask MASK``
+(inpainting with an inpainting run; white = the region to generate, the rest pasted back), ``--image IMG --outpaint
+left=64,top=32`` (outpainting: the canvas grows by those pixels), ``--image IMG --strength 0.6`` (image to image).
+
 Writes ``<out>/<prompt_id>_<seed>.png`` and ``<out>/metadata.jsonl`` (one line per image: file, prompt_id,
 prompt, seed, sampler, steps, guidance, resolution, checkpoint; category/spec from a .jsonl prompt file), the
 layout ``python -m evaluation`` reads. The checkpoint is a diffusion run's checkpoints folder, its
@@ -29,7 +33,8 @@ log = logging.getLogger("k3lab.sample")
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[dict]:
     """Prompt rows ``{"prompt_id", "prompt", ...}`` from the command line and/or a file (.txt: one per line;
-    .jsonl: a "prompt" or "text" field, plus "id"/"prompt_id", "category" and "spec" carried into the metadata)."""
+    .jsonl: a "prompt" or "text" field, plus "id"/"prompt_id", "category", "spec" and "negative" carried into the
+    metadata)."""
     out = [{"prompt_id": f"cli{i:04d}", "prompt": q} for i, q in enumerate(prompts)]
     if prompt_file:
         path = Path(prompt_file)
@@ -43,7 +48,7 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[dict]:
                 text = row.get("prompt", row.get("text"))
                 if text is None:
                     raise ValueError(f"{path}:{i + 1}: no 'prompt' or 'text' field")
-                extra = {k: row[k] for k in ("category", "spec") if k in row}
+                extra = {k: row[k] for k in ("category", "spec", "negative") if k in row}
                 out.append(
                     {
                         "prompt_id": str(row.get("prompt_id", row.get("id", f"line{i + 1:05d}"))),
@@ -80,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         "--x0-threshold",
         default=None,
         help="dynamic-thresholding quantile, or 'none' (default: the run's sampling.x0_threshold)",
+    )
+    p.add_argument("--negative", default=None, help="negative prompt for every image (.jsonl rows: 'negative')")
+    p.add_argument("--image", default=None, help="input image: inpainting (--mask), outpainting, image to image")
+    p.add_argument("--mask", default=None, help="mask image, white (>= 128) = the region to generate (inpainting)")
+    p.add_argument("--outpaint", default=None, help="grow the canvas: side=pixels pairs, e.g. left=64,bottom=32")
+    p.add_argument(
+        "--strength", type=float, default=1.0, help="image to image: 0 keeps the input, 1 ignores it (default 1)"
+    )
+    p.add_argument(
+        "--blend", default="pixel", choices=["pixel", "latent", "none"], help="paste-back of the kept region"
     )
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
@@ -139,6 +154,7 @@ def sample(args: argparse.Namespace) -> int:
         args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype
     )
     resolution = int(args.resolution or cfg.data.resolution)
+    edit = editing_inputs(args, resolution)
     for key, value in sampling_defaults(cfg).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -148,25 +164,34 @@ def sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
+    negatives = [_negatives(batch, args.negative) for batch in batches]
+
+    def encode_batch(b: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        seeds = [s for _, s in batches[b]]
+        cond = generator.encode([row["prompt"] for row, _ in batches[b]], seeds)
+        return cond, generator.encode(negatives[b], seeds) if negatives[b] is not None else None
+
     encoded = None
     if args.free_text_encoder:  # encode everything first, then drop the encoder before the U-Net runs
-        encoded = [
-            tuple(t.cpu() for t in generator.encode([row["prompt"] for row, _ in batch], [s for _, s in batch]))
-            for batch in batches
-        ]
+        encoded = [_to(encode_batch(b), "cpu") for b in range(len(batches))]
         generator.free_text_encoder()
     bar = tqdm(total=len(jobs) * args.steps, desc="sampling", unit="step", file=sys.stdout)
     for b, batch in enumerate(batches):
         seeds = [seed for _, seed in batch]
-        cond = encoded[b] if encoded is not None else generator.encode([row["prompt"] for row, _ in batch], seeds)
+        cond, negative = _to(encoded[b] if encoded is not None else encode_batch(b), generator.device)
         images = generator.sample(
-            tuple(c.to(generator.device) for c in cond),
+            cond,
             seeds,
             resolution,
             args.sampler,
             args.steps,
             args.guidance,
             callback=progress(bar, len(batch)),
+            negative=negative,
+            image=edit["image"].expand(len(batch), -1, -1, -1) if edit["image"] is not None else None,
+            mask=edit["mask"].expand(len(batch), -1, -1, -1) if edit["mask"] is not None else None,
+            strength=args.strength,
+            blend=args.blend,
         )
         for (row, seed), image in zip(batch, images, strict=False):
             name = f"{row['prompt_id'].replace('/', '_')}_{seed}.png"
@@ -180,14 +205,60 @@ def sample(args: argparse.Namespace) -> int:
                     "steps": args.steps,
                     "x0_threshold": generator.x0_threshold,
                     "guidance": args.guidance,
-                    "resolution": resolution,
+                    "resolution": resolution if edit["image"] is None else list(edit["image"].shape[-2:]),
                     "checkpoint": str(Path(args.checkpoint).resolve()),
+                    **({"negative": negatives[b][batch.index((row, seed))]} if negatives[b] is not None else {}),
+                    **edit["meta"],
                 }
             )
         atomic_write_bytes(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     bar.close()
     log.info("wrote %d images and metadata.jsonl to %s", len(rows), out)
     return 0
+
+
+def editing_inputs(args: argparse.Namespace, resolution: int) -> dict[str, Any]:
+    """The input image and hole mask (both None for text to image) and their metadata, checked up front."""
+    from k3lab.editing import outpaint_canvas, parse_outpaint
+    from k3lab.imaging import load_image, load_mask
+
+    if args.image is None:
+        for flag in ("mask", "outpaint"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} needs --image")
+        if args.strength != 1.0:
+            raise ValueError("--strength needs --image (image to image)")
+        return {"image": None, "mask": None, "meta": {}}
+    if args.mask is None and args.outpaint is None and args.strength == 1.0:
+        raise ValueError("--image needs --mask (inpainting), --outpaint or --strength < 1 (image to image)")
+    size = (resolution, resolution) if args.resolution else None
+    image = load_image(args.image, size)
+    mask = load_mask(args.mask, tuple(image.shape[-2:])) if args.mask else None
+    meta: dict[str, Any] = {"image": str(Path(args.image).resolve()), "strength": args.strength, "blend": args.blend}
+    if args.mask:
+        meta["mask"] = str(Path(args.mask).resolve())
+    if args.outpaint:
+        pad = parse_outpaint(args.outpaint)
+        image, border = outpaint_canvas(image, pad)
+        mask = border if mask is None else torch.maximum(border, torch.nn.functional.pad(mask, _pads(pad)))
+        meta["outpaint"] = pad
+    return {"image": image, "mask": mask, "meta": meta}
+
+
+def _pads(pad: dict[str, int]) -> tuple[int, int, int, int]:
+    return pad["left"], pad["right"], pad["top"], pad["bottom"]
+
+
+def _negatives(batch: list[tuple[dict, int]], default: str | None) -> list[str] | None:
+    """Each image's negative prompt (its row's, else ``--negative``), or None when no image has one."""
+    values = [row.get("negative", default) for row, _ in batch]
+    return None if all(v is None for v in values) else [str(v or "") for v in values]
+
+
+def _to(pair: tuple, device: str | torch.device) -> tuple:
+    cond, negative = pair
+    move = lambda c: tuple(t.to(device) for t in c)  # noqa: E731
+    return move(cond), move(negative) if negative is not None else None
 
 
 if __name__ == "__main__":

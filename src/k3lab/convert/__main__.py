@@ -2,6 +2,7 @@
 
     python -m k3lab.convert official weights/kandinsky3.pt [--projection weights/flan_ul2_encoder/projection.pt] \\
         --movq weights/kandinsky-3/movq --text-encoder weights/flan-ul2 --out weights/k3-converted
+    python -m k3lab.convert official weights/kandinsky3_inpainting.pt --inpainting --movq ... --out weights/k3-inpaint
     python -m k3lab.convert diffusers weights/kandinsky-3 [--variant fp16] --out weights/k3-converted
     python -m k3lab.convert to-diffusers logs/text2image_tiny/runs/<time>/checkpoints --out exported/ \\
         [--text-encoder DIR]
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--projection", help="3.1: flan_ul2_encoder/projection.pt")
     o.add_argument("--movq", help="diffusers movq/ folder or an autoencoder.safetensors")
     o.add_argument("--text-encoder", help="local Flan-UL2 folder (save_pretrained layout)")
+    o.add_argument("--inpainting", action="store_true", help="the inpainting checkpoint (9-channel U-Net)")
     o.add_argument("--out", required=True)
     d = sub.add_parser("diffusers", help="diffusers pipeline folder (unet/, movq/) -> k3lab")
     d.add_argument("pipeline")
@@ -70,13 +72,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_inpainting(path: str, kwargs: dict, inpainting: bool) -> None:
+    """``--inpainting`` and the checkpoint's U-Net must agree (9 input channels = 2 x 4 latent + 1 mask)."""
+    channels, latent = int(kwargs["in_channels"]), int(kwargs["out_channels"])
+    if inpainting and channels != 2 * latent + 1:
+        raise CheckpointError(
+            f"{path}: --inpainting, but its U-Net reads {channels} input channels (an inpainting U-Net reads "
+            f"{2 * latent + 1}: x_t, mask, masked latent)"
+        )
+    if not inpainting and channels != latent:
+        raise CheckpointError(
+            f"{path}: its U-Net reads {channels} input channels"
+            + (": the inpainting checkpoint, convert it with --inpainting" if channels == 2 * latent + 1 else "")
+        )
+
+
 def convert(args: argparse.Namespace) -> None:
     """The command's work (see :func:`main`)."""
     out = Path(args.out).resolve()
     if args.command == "official":
         unet, cond, kwargs = read_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
+        check_inpainting(args.checkpoint, kwargs, args.inpainting)
         write_k3lab(
-            out, unet, kwargs, cond, _movq(args.movq, out, None), args.text_encoder, f"official:{args.checkpoint}"
+            out,
+            unet,
+            kwargs,
+            cond,
+            _movq(args.movq, out, None),
+            args.text_encoder,
+            f"official:{args.checkpoint}",
+            inpainting=args.inpainting,
         )
     elif args.command == "diffusers":
         pipe = Path(args.pipeline)

@@ -66,12 +66,16 @@ def write_k3lab(
     movq_checkpoint: Path | None,
     text_encoder: str | None,
     source: str,
+    inpainting: bool = False,
 ) -> Path:
     """A folder ``python -m k3lab.sample`` and ``stage.init_weights`` read: config.yaml (experiment=kandinsky3 with the
     converted sizes), unet / text_conditioning / latent_scale safetensors. ``unet`` may be a lazy state
     (:func:`~k3lab.convert.formats.read_diffusers_unet`): it is streamed to disk in float32, one tensor at a time."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = compose(["experiment=kandinsky3"], output_dir=out)
+    # an inpainting U-Net (9 input channels) is sampled by the inpainting stage with the official pipeline's 0.95
+    # thresholding quantile
+    extra = ["stage=inpainting", "sampling.x0_threshold=0.95"] if inpainting else []
+    cfg = compose(["experiment=kandinsky3", *extra], output_dir=out)
     with open_dict(cfg):
         for k, v in kwargs.items():
             cfg.model.unet[k] = list(v) if isinstance(v, tuple) else v

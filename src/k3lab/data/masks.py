@@ -35,7 +35,9 @@ class MaskGenerator:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.weights) - set(KINDS))
         if unknown or sum(float(v) for v in self.weights.values()) <= 0 or min(self.weights.values()) < 0:
-            raise ValueError(f"masks.weights={dict(self.weights)}: kinds among {list(KINDS)}, weights >= 0, positive sum")
+            raise ValueError(
+                f"masks.weights={dict(self.weights)}: kinds among {list(KINDS)}, weights >= 0, positive sum"
+            )
         for name in ("box_size", "brush_width", "outpaint_band"):
             lo, hi = (float(v) for v in getattr(self, name))
             if not 0 < lo <= hi <= 1:

@@ -221,8 +221,10 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 def timesteps_for(name: str, num_train_steps: int, steps: int) -> list[int]:
     """The timesteps sampler ``name`` visits for ``steps`` steps (image-to-image noises its input to one of them)."""
     get_sampler(name)
-    return leading_timesteps(num_train_steps, steps) if name == "diffusers_ddpm" else strided_timesteps(
-        num_train_steps, steps
+    return (
+        leading_timesteps(num_train_steps, steps)
+        if name == "diffusers_ddpm"
+        else strided_timesteps(num_train_steps, steps)
     )
 
 
