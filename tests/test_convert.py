@@ -521,3 +521,55 @@ def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     with pytest.raises(SystemExit):  # the CLI needs --out
         convert(["official", str(tmp_path / "kandinsky3.pt")])
+
+
+def test_official_inpainting_checkpoint_converts_strictly_and_inpaints(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """The official inpainting layout (9-channel in_layer) on tiny random weights: --inpainting is required and checked,
+    the folder samples with the inpainting stage's settings (0.95 thresholding) and pastes the kept pixels back."""
+    from k3lab.convert.__main__ import check_inpainting
+    from k3lab.convert.formats import read_official
+    from k3lab.convert.k3lab_io import copy_text_encoder, write_k3lab, write_movq
+    from k3lab.generate import load_generator
+
+    kwargs = dict(tiny_official_kwargs(), context_dim=48, in_channels=9)
+    torch.manual_seed(0)
+    unet, cond = perturbed(KandinskyUNet(**kwargs), 3), TextConditioning(64, 48)
+    ckpt = {
+        "unet": unet.state_dict(),
+        "null_embedding": cond.null_embedding.detach().clone(),
+        "projections": {
+            "t5.0.weight": cond.projection[0].weight,
+            "t5.1.weight": cond.projection[1].weight,
+            "t5.1.bias": cond.projection[1].bias,
+        },
+    }
+    torch.save(ckpt, tmp_path / "inpainting.pt")
+    state, lcond, lkw = read_official(tmp_path / "inpainting.pt", unet_kwargs=dict(kwargs, in_channels=4))
+    assert lkw["in_channels"] == 9 and lkw["out_channels"] == 4  # read from the file's in_layer
+    check_inpainting("inpainting.pt", lkw, True)
+    with pytest.raises(CheckpointError, match="the inpainting checkpoint, convert it with --inpainting"):
+        check_inpainting("inpainting.pt", lkw, False)
+    with pytest.raises(CheckpointError, match="--inpainting, but its U-Net reads 4 input channels"):
+        check_inpainting("t2i.pt", dict(lkw, in_channels=4), True)
+    movq, mkw = load_diffusers_movq(tiny_pipeline / "movq")
+    encoder = copy_text_encoder(tiny_pipeline, tmp_path / "t5")
+    out = write_k3lab(
+        tmp_path / "k3",
+        state,
+        lkw,
+        lcond,
+        write_movq(tmp_path / "k3" / "movq", movq, mkw),
+        str(encoder),
+        "official",
+        inpainting=True,
+    )
+    gen, cfg = load_generator(out)
+    assert gen.inpainting and cfg.stage._target_.endswith("InpaintingStage") and gen.x0_threshold == 0.95
+    loaded = gen.unet.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in unet.state_dict().items())  # bit for bit, strict
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    hole = torch.zeros(1, 1, 64, 64)
+    hole[..., 16:48, 8:40] = 1
+    result = gen(["a red circle"], [0], 64, "kandinsky3", 2, 3.0, image=image, mask=hole, negative_prompts=["blue"])
+    keep = ~hole.bool().expand_as(result)
+    assert torch.equal(result[keep], ((image + 1) / 2)[keep]) and torch.isfinite(result).all()

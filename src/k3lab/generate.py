@@ -295,7 +295,8 @@ class Generator:
             self.device
         )
         uncond = self.null(cond) if negative is None else negative
-        cond, uncond = match_lengths(cond, uncond)
+        if guidance_weight != 0:  # (without guidance the unconditional branch is never run)
+            cond, uncond = match_lengths(cond, uncond)
         if self.inpainting:  # no mask: everything is generated (the image, if any, only seeds image-to-image)
             factor = int(getattr(self.first_stage, "downsample_factor", 1))
             pixels = (size[0] * factor, size[1] * factor)

@@ -29,7 +29,7 @@ class MaskGenerator:
     brush_strokes: Sequence[int] = (1, 4)  # strokes per mask (inclusive)
     brush_vertices: int = 4  # vertices per stroke
     brush_width: Sequence[float] = (0.06, 0.16)  # stroke width as a fraction of the side
-    outpaint_band: Sequence[float] = (0.15, 0.5)  # band width per chosen side, fraction of the side
+    outpaint_band: Sequence[float] = (0.1, 0.35)  # band width per chosen side, fraction of the side (< 0.5)
     object_margin: float = 0.04  # grown around an object's box, fraction of the side
 
     def __post_init__(self) -> None:
@@ -42,6 +42,8 @@ class MaskGenerator:
             lo, hi = (float(v) for v in getattr(self, name))
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"masks.{name}={list(getattr(self, name))}: needs 0 < low <= high <= 1")
+        if float(self.outpaint_band[1]) >= 0.5:
+            raise ValueError(f"masks.outpaint_band={list(self.outpaint_band)}: keep it < 0.5 so the centre stays")
         lo, hi = (int(v) for v in self.brush_strokes)
         if not 1 <= lo <= hi:
             raise ValueError(f"masks.brush_strokes={list(self.brush_strokes)}: needs 1 <= low <= high")
