@@ -339,3 +339,23 @@ def test_inpainting_needs_an_inpainting_unet_and_the_stage_checks_channels(tmp_p
     cfg = compose_config(pixel16("text2image_tiny", 7), tmp_path)
     with pytest.raises(InstantiationException, match="an inpainting U-Net belongs to stage=inpainting"):
         instantiate(cfg.stage)
+
+
+def test_the_inpainting_stage_starts_from_a_text_to_image_export(tmp_path: Path) -> None:
+    """stage.init_weights=<text-to-image checkpoints folder>: the U-Net and text conditioning load; the input
+    convolution's extra channels (five on MoVQ latents, four in 3-channel pixel space) start at zero."""
+    from hydra.utils import instantiate
+
+    from k3lab.checkpoint import export_model
+
+    t2i = instantiate(compose_config([*pixel16("text2image_tiny", 3), "model/unet=fast"], tmp_path / "a").stage)
+    perturb(t2i.unet, 4)
+    export_model(t2i.unet, tmp_path / "unet.safetensors")
+    export_model(t2i.arm.conditioning, tmp_path / "text_conditioning.safetensors")
+    cfg = compose_config([*pixel16("inpainting_tiny", 7), f"stage.init_weights={tmp_path}"], tmp_path / "b")
+    stage = instantiate(cfg.stage)
+    weight = stage.unet.in_layer.weight
+    assert torch.equal(weight[:, :3], t2i.unet.in_layer.weight) and weight[:, 3:].abs().sum() == 0
+    ours, theirs = stage.unet.state_dict(), t2i.unet.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items() if k != "in_layer.weight")
+    assert torch.equal(stage.arm.conditioning.null_embedding, t2i.arm.conditioning.null_embedding)
