@@ -207,6 +207,10 @@ def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path]
     images = gen(["a red circle", "two blue squares"], [0, 1], 16, "ddim", 2, 3.0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert len(list((Path(cfg.paths.output_dir) / "images").glob("val_samples_*.png"))) == 1
+    # negative prompts work in both arms: an empty one is the unconditional condition, another one changes the image
+    plain = gen(["a red circle"], [0], 16, "ddim", 2, 3.0)
+    assert torch.equal(gen(["a red circle"], [0], 16, "ddim", 2, 3.0, negative_prompts=[""]), plain)
+    assert not torch.equal(gen(["a red circle"], [0], 16, "ddim", 2, 3.0, negative_prompts=["blue squares"]), plain)
     unet_params = sum(p.numel() for p in gen.unet.parameters())
     adapter_params = sum(p.numel() for p in gen.arm.conditioning.parameters())
     print(f"{arm}: U-Net {unet_params:,} + conditioning adapter {adapter_params:,} parameters")

@@ -149,7 +149,11 @@ class PriorArm(ConditioningArm):
         hidden, mask = text_encoder.encode([p.strip() for p in prompts])
         device = next(self.prior.parameters()).device
         mapping = PriorMapping(self.prior, self.schedule, self.prior_steps, self.prior_guidance)
-        return self.conditioning(mapping.sample(hidden.to(device), mask.to(device), list(seeds)).to(self._device()))
+        emb = mapping.sample(hidden.to(device), mask.to(device), list(seeds)).to(self._device())
+        empty = torch.tensor([not p.strip() for p in prompts], device=emb.device)
+        if bool(empty.any()):  # as the text arm: an empty prompt is the unconditional embedding (zero image)
+            log.warning("%d empty prompt(s): sampled unconditionally (the zero image's embedding)", int(empty.sum()))
+        return self.conditioning(self.conditioning.replace_with_negative(emb, empty))
 
     def null(self, cond: Cond) -> Cond:
         return self.conditioning(self.conditioning.negative.expand(cond[0].shape[0], -1))
