@@ -146,7 +146,7 @@ def validate(cfg: DictConfig) -> None:
         if value and not Path(value).is_file():
             problems.append(f"mapping.prior.checkpoint={value!r}: no such file (train it with experiment=prior_tiny)")
     ckpt = cfg.get("ckpt_path")
-    if ckpt:
+    if ckpt and ckpt != "last":  # last: this run folder's last.ckpt when there is one (k3lab.resume)
         if not Path(ckpt).is_file():
             problems.append(f"ckpt_path={ckpt!r}: no such file")
         elif not zipfile.is_zipfile(ckpt):

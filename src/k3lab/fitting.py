@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from k3lab.callbacks import ExportModels
 from k3lab.checkpoint import check_resume
 from k3lab.config import validate
+from k3lab.resume import AtomicCheckpointIO, ResumeState, resolve_ckpt_path
 from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
 from k3lab.tracking.mlflow import RunLogger
 from k3lab.tracking.sweep import ROLE_TAG, run_tags
@@ -75,8 +76,9 @@ def run_name(cfg: DictConfig) -> str | None:
 def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> FitResult:
     """Validate, build data / stage / trainer from the config, fit and export."""
     validate(cfg)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, str(cfg.stage._target_), hydra_choices())
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
+    if ckpt_path:
+        check_resume(ckpt_path, str(cfg.stage._target_), hydra_choices())
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     stage = instantiate(cfg.stage)
@@ -85,18 +87,17 @@ def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> Fi
         if isinstance(lg, RunLogger):
             lg.keep_open = keep_open
     export = ExportModels(cfg, cfg.paths.checkpoint_dir, hydra_choices())
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [export]
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [export, ResumeState()]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    extra = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
     if trainer.is_global_zero:
         log_run_metadata(
             loggers, cfg, hydra_choices(), HydraConfig.get().overrides.task if HydraConfig.initialized() else ()
         )
     log.info("output dir: %s", cfg.paths.output_dir)
-    trainer.fit(
-        stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path")
-    )  # on an error Lightning finalizes the run FAILED
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)  # on an error Lightning finalizes the run FAILED
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         for name, path in export.exported.items():

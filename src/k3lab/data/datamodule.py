@@ -6,6 +6,7 @@ import logging
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from k3lab.data.batch import collate
@@ -23,12 +24,51 @@ class ShardSource(Protocol):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that advances its ShardDataset's epoch after starting each pass (new shuffle per epoch)."""
+    """A DataLoader that advances its ShardDataset's epoch after starting each pass (new shuffle per epoch).
+
+    Its state (saved in checkpoints by Lightning) is the position in the stream: the current pass's epoch and the
+    batches the training loop consumed from it (``consumed``, set by :class:`k3lab.resume.ResumeState`). A loader
+    given that state replays the same pass and skips those batches, so a resumed run sees exactly the batches an
+    uninterrupted one would. The stream is deterministic per (seed, epoch, rank, worker); with ``W`` loader workers
+    batch ``i`` comes from worker ``i mod W`` while every worker has data, and a resumed pass rotates the workers'
+    streams so the next batch comes from the right one: the same order holds with workers as long as none has run
+    dry (near the end of a pass, once one has, the remaining batches are the same set, possibly in another order).
+    Worker seeds come from the loader's own generator, so starting a pass never draws from the global random stream.
+    """
+
+    def __init__(self, dataset: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, *args, **kwargs)
+        self.pass_epoch = 0  # the epoch of the pass in progress
+        self.consumed = 0  # its batches the training loop has taken
+        self._skip = 0
 
     def __iter__(self) -> Iterator[Any]:
+        self.pass_epoch = int(self.dataset.epoch)
+        self.generator.manual_seed(int(self.dataset.seed) * 1_000_003 + self.pass_epoch)
+        workers = max(1, self.num_workers)
+        self.dataset.skip = per_worker_skip(self._skip, workers, int(self.batch_size or 1))
+        # the loader asks worker 0 first: it plays the stream whose batch comes next
+        self.dataset.worker_offset = self._skip % workers
+        self.consumed, self._skip = self._skip, 0
         iterator = super().__iter__()
-        self.dataset.set_epoch(self.dataset.epoch + 1)
+        self.dataset.skip, self.dataset.worker_offset = [], 0
+        self.dataset.set_epoch(self.pass_epoch + 1)
         return iterator
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.pass_epoch, "batches": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.dataset.set_epoch(int(state["epoch"]))
+        self._skip = int(state["batches"])
+        log.info("data: resuming pass %d after its first %d batches", state["epoch"], state["batches"])
+
+
+def per_worker_skip(batches: int, workers: int, batch_size: int) -> list[int]:
+    """Samples each loader worker skips when the first ``batches`` batches of a pass were already consumed (batch
+    ``i`` comes from worker ``i mod workers``)."""
+    return [((batches - w + workers - 1) // workers) * batch_size if batches > w else 0 for w in range(workers)]
 
 
 class ShardDataModule(L.LightningDataModule):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -173,6 +174,8 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.skip: list[int] = []  # samples each worker's stream drops from its start (exact resume)
+        self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -244,9 +247,12 @@ class ShardDataset(IterableDataset):
         # Read the epoch now (not lazily in the generator): the loader bumps it right after.
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self._iterate(
+        worker = (worker + self.worker_offset) % num_workers
+        stream = self._iterate(
             self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         )
+        skip = self.skip[worker] if worker < len(self.skip) else 0
+        return itertools.islice(stream, skip, None) if skip else stream
 
     def _iterate(self, urls: list[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         skipped: Counter[str] = Counter()

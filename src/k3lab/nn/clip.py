@@ -71,24 +71,25 @@ def small_clip(
     transformer of 3 layers x 96, 96-d embeddings; other sizes and seed than the evaluation's reference CLIP."""
     import open_clip
 
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=embed_dim,
-        vision_cfg={
-            "image_size": image_size,
-            "layers": vision_layers,
-            "width": vision_width,
-            "head_width": 32,
-            "patch_size": patch_size,
-        },
-        text_cfg={
-            "context_length": context_length,
-            "vocab_size": 49408,
-            "width": text_width,
-            "heads": 4,
-            "layers": text_layers,
-        },
-    )
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's global random stream
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(
+            embed_dim=embed_dim,
+            vision_cfg={
+                "image_size": image_size,
+                "layers": vision_layers,
+                "width": vision_width,
+                "head_width": 32,
+                "patch_size": patch_size,
+            },
+            text_cfg={
+                "context_length": context_length,
+                "vocab_size": 49408,
+                "width": text_width,
+                "heads": 4,
+                "layers": text_layers,
+            },
+        )
     return Clip(model, context_length, image_size, NAME)
 
 

@@ -56,8 +56,9 @@ def build_tiny_t5(
         is_encoder_decoder=False,
         use_cache=False,
     )
-    torch.manual_seed(seed)
-    model = T5EncoderModel(config).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's global random stream
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config).eval()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
