@@ -208,3 +208,42 @@ def test_seeded_builders_leave_the_global_random_stream_alone(tmp_path: Path) ->
     build_tiny_t5(tmp_path / "t5", caption_vocabulary())
     small_clip()
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_preemption_signal_checkpoints_requeues_and_continues_the_mlflow_run(tmp_path: Path, data_root: Path) -> None:
+    """submitit's local executor (the SLURM code path, hydra/launcher=slurm_local); the test sends the preemption
+    signal to the running job: it saves last.ckpt, submitit requeues it, the requeued job resumes from the checkpoint
+    into the same run folder and the same MLflow run; the sweep has one child."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = tmp_path / "sweep"
+    overrides = [*STAGES["diffusion"], f"paths.data_dir={data_root}", f"paths.weights_dir={data_root / 'weights'}",
+                 *COMMON, "trainer.max_steps=30", "logger=mlflow", f"paths.mlflow_uri={uri}", "seed=3"]  # fmt: skip
+    cmd = [sys.executable, "-m", "k3lab.train", "-m", "hydra/launcher=slurm_local", *overrides,
+           f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    target = sweep / "0" / "checkpoints" / "step0000008.ckpt"
+    start = time.monotonic()
+    while not target.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() - start < 240, "the job never reached step 8"
+        time.sleep(0.05)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("text2image_tiny")
+    running = client.search_runs([experiment.experiment_id], "tags.`k3lab.role` = 'job'")
+    assert len(running) == 1
+    os.kill(int(running[0].data.tags["k3lab.pid"]), signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    logs = "\n".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "SIGUSR2 received: saved" in logs and "resuming from" in logs and "continuing MLflow run" in logs
+    runs = client.search_runs([experiment.experiment_id], "tags.`k3lab.role` = 'job'")
+    assert len(runs) == 1 and runs[0].info.run_id == running[0].info.run_id  # one child, the same run
+    assert runs[0].info.status == "FINISHED"
+    parent = running[0].data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")})
+    assert steps == list(range(30))  # the whole curve, in one run

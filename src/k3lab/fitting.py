@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from k3lab.callbacks import ExportModels
 from k3lab.checkpoint import check_resume
 from k3lab.config import validate
-from k3lab.resume import AtomicCheckpointIO, ResumeState, resolve_ckpt_path
+from k3lab.resume import AtomicCheckpointIO, ResumeState, checkpoint_run_id, resolve_ckpt_path
 from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
 from k3lab.tracking.mlflow import RunLogger
 from k3lab.tracking.sweep import ROLE_TAG, run_tags
@@ -50,8 +50,9 @@ class FitResult:
     loggers: list[Any]
 
 
-def make_loggers(cfg: DictConfig, role: str | None = None) -> list[Any]:
-    """The config's loggers; an MLflow run is tagged into its sweep (parent run, role) when there is one."""
+def make_loggers(cfg: DictConfig, role: str | None = None, run_id: str | None = None) -> list[Any]:
+    """The config's loggers; an MLflow run is tagged into its sweep (parent run, role) when there is one, or
+    continues ``run_id`` (a resumed run)."""
     loggers = []
     for name, child in (cfg.get("logger") or {}).items():
         if not (isinstance(child, DictConfig) and "_target_" in child):
@@ -60,7 +61,13 @@ def make_loggers(cfg: DictConfig, role: str | None = None) -> list[Any]:
             tags = {**run_tags(), **(dict(child.tags) if child.get("tags") else {})}
             if role and tags.get(ROLE_TAG) in ("job", "run"):
                 tags[ROLE_TAG] = role
-            loggers.append(instantiate(child, tags=tags, run_name=child.get("run_name") or run_name(cfg)))
+            if run_id:
+                log.info("continuing MLflow run %s", run_id)
+                logger = instantiate(child, run_id=run_id)
+                logger.experiment.update_run(run_id, status="RUNNING")  # a preempted run was marked failed
+                loggers.append(logger)
+            else:
+                loggers.append(instantiate(child, tags=tags, run_name=child.get("run_name") or run_name(cfg)))
         else:
             loggers.append(instantiate(child))
     return loggers
@@ -82,7 +89,7 @@ def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> Fi
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     stage = instantiate(cfg.stage)
-    loggers = make_loggers(cfg, role)
+    loggers = make_loggers(cfg, role, checkpoint_run_id(ckpt_path) if ckpt_path else None)
     for lg in loggers:
         if isinstance(lg, RunLogger):
             lg.keep_open = keep_open

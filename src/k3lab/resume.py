@@ -83,6 +83,14 @@ class ResumeState(L.Callback):
             self._before_validation = None
 
     # ---------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The MLflow run this training logs to: a resumed or requeued job continues it (no duplicate run)."""
+        from k3lab.tracking import find_mlflow_logger
+
+        mlf = find_mlflow_logger(trainer.loggers)
+        if mlf is not None and mlf.run_id:
+            checkpoint.setdefault("k3lab", {})["mlflow_run_id"] = str(mlf.run_id)
+
     def state_dict(self) -> dict[str, Any]:
         states = self._before_validation if self._before_validation is not None else random_states()
         return {"random": _to_plain(states)}
@@ -129,10 +137,24 @@ def _from_plain(plain: dict[str, Any]) -> dict[str, Any]:
     return states
 
 
+def cluster_job() -> bool:
+    """Running as a SLURM or submitit job (which a scheduler may requeue into the same run folder)."""
+    return any(k in os.environ for k in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_EXECUTOR"))
+
+
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The MLflow run id a k3lab checkpoint was logging to (None for other checkpoints)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return (ckpt.get("k3lab") or {}).get("mlflow_run_id")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | None:
     """``ckpt_path=last`` resumes this run folder's ``last.ckpt`` when there is one and starts fresh otherwise (a
-    requeued job that had not reached its first checkpoint); any other value is a checkpoint file. Temporary files
-    of a write a kill interrupted are removed."""
+    requeued job that had not reached its first checkpoint); any other value is a checkpoint file. A cluster job
+    (SLURM, submitit) without ``ckpt_path`` behaves as ``last``: a requeued job continues where it stopped.
+    Temporary files of a write a kill interrupted are removed."""
+    if ckpt_path is None and cluster_job():
+        ckpt_path = "last"
     if ckpt_path != "last":
         return ckpt_path
     folder = Path(checkpoint_dir)

@@ -166,7 +166,8 @@ class MLflowSweepCallback(Callback):
                 "marked %d stale RUNNING run(s) of experiment %r failed: %s", len(stale), name, ", ".join(stale)
             )
         sweep_dir = sweep_dir_of(config)
-        params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=True) or {}
+        params_node = config.hydra.sweeper.get("params")  # None when the sweep is given on the command line only
+        params = OmegaConf.to_container(params_node, resolve=True) if params_node is not None else {}
         overrides = list(config.hydra.overrides.task)
         run = client.create_run(
             experiment_id,
