@@ -179,6 +179,54 @@ def test_a_fresh_root_reproduces_the_cell_and_another_seed_differs(
     assert seed1["eval/fid_clip"] != seed0["eval/fid_clip"] and seed1["eval/kid_clip"] != seed0["eval/kid_clip"]
 
 
+def test_a_killed_sweep_resumes_into_its_folder_without_retraining_finished_cells(sweep: dict) -> None:
+    """Killed (SIGKILL, whole process group) once its first cell finished and its second had a checkpoint; re-run
+    into its folder: one parent run, the finished cell skipped, the killed one resumed, the same results as the
+    uninterrupted sweep."""
+    import signal
+    import time
+
+    from k3lab.report import analyse, load_runs
+    from k3lab.tracking.sweep import children
+
+    root, sweep_dir = sweep["root"], sweep["root"] / "resumed_sweep"
+    args = [*SWEEP, f"hydra.sweep.dir={sweep_dir}", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    env = {**os.environ, "K3LAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "k3lab.ablation", *args], cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    start = time.monotonic()
+    while not (sweep_dir / "1" / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None and time.monotonic() - start < 300, "the sweep ended or hung before cell 2 trained"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (sweep_dir / "0" / "cell_done.json").is_file() and not (sweep_dir / "1" / "cell_done.json").exists()
+    parent_before = json.loads((sweep_dir / "mlflow_sweep.json").read_text())["parent_run_id"]
+
+    resumed = k3lab(args, root)
+    log = resumed.stdout + resumed.stderr
+    assert "not retrained (a resumed sweep)" in log and f"continuing its MLflow parent run {parent_before}" in log
+    assert "resuming from" in log and "continuing MLflow run" in log
+    client, info = client_for(sweep_dir)
+    assert info["parent_run_id"] == parent_before
+    parents = client.search_runs([info["experiment_id"]], f"tags.`k3lab.sweep_dir` = '{sweep_dir}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    cells = children(client, info["experiment_id"], parent_before, role="cell")
+    assert len(cells) == 2 and {c.info.status for c in cells} == {"FINISHED"}
+    first, _ = load_runs(str(sweep["dirs"][0]))
+    again, _ = load_runs(str(sweep_dir))
+    keys = [k for k in first.columns if k.startswith("eval/")]
+    for prior in ("none", "diffusion_mapping"):
+        a = first[first["override/model/prior"] == prior][keys].iloc[0]
+        b = again[again["override/model/prior"] == prior][keys].iloc[0]
+        assert a.to_dict() == b.to_dict(), prior
+    table = lambda d: (t := analyse(str(d)).text)[t.index("### Effects") :]  # noqa: E731 - the tables
+    assert table(sweep_dir) == table(sweep["dirs"][0]) and (sweep_dir / "report.md").is_file()
+
+
 def test_report_builds_the_table_from_the_runs(sweep: dict) -> None:
     from k3lab.report import main
 

@@ -68,11 +68,12 @@ STAGES: dict[str, list[str]] = {
 
 
 def losses(run_dir: Path) -> dict[int, dict[str, str]]:
-    """step -> the training losses logged at that step (every ``train/*`` column), from the run's CSV log."""
+    """step -> the losses logged at that step (every ``train/*`` column, and ``val/*``: validation uses the EMA
+    weights where a stage keeps them), from the run's CSV log."""
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     out: dict[int, dict[str, str]] = {}
     for r in rows:
-        values = {k: v for k, v in r.items() if k.startswith("train/") and v not in ("", None)}
+        values = {k: v for k, v in r.items() if k.startswith(("train/", "val/")) and v not in ("", None)}
         if values:
             out.setdefault(int(r["step"]), {}).update(values)
     return out

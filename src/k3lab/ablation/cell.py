@@ -27,6 +27,15 @@ from k3lab.tracking.sweep import PARENT_TAG, run_tags
 log = logging.getLogger(__name__)
 
 
+CELL_DONE = "cell_done.json"  # written after the cell's run is closed FINISHED
+
+
+def finished_cell(out_dir: Path) -> dict | None:
+    """``{"run_id", "metrics"}`` of a cell that already finished in this job folder (a resumed sweep), else None."""
+    path = out_dir / CELL_DONE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def uses_prior(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "mapping.clip") is not None
 
@@ -87,6 +96,14 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
             "python -m k3lab.ablation runs ablation presets (configs with an `ablation` node), e.g. "
             "experiment=ablation_tiny"
         )
+    done = finished_cell(Path(cfg.paths.output_dir))
+    if done is not None:
+        log.info(
+            "cell %s already finished (MLflow run %s): not retrained (a resumed sweep)",
+            cfg.paths.output_dir,
+            done["run_id"],
+        )
+        return done["metrics"]
     text_encoder = hydra_choices().get("model/text_encoder")
     if not text_encoder:
         raise ValueError(
@@ -101,6 +118,8 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         for key, value in updates.items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        if not cfg.get("ckpt_path") and (Path(cfg.paths.checkpoint_dir) / "last.ckpt").is_file():
+            cfg.ckpt_path = "last"  # a killed cell of a resumed sweep: continue its training and its MLflow run
     start = time.perf_counter()
     result = fit(cfg, role="cell", keep_open=True)
     fit_seconds = time.perf_counter() - start
@@ -137,6 +156,10 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
         close_loggers(result.loggers, "FAILED")
         raise
     close_loggers(result.loggers, "FINISHED")
+    mlf = find_mlflow_logger(result.loggers)
+    (out_dir / CELL_DONE).write_text(
+        json.dumps({"run_id": mlf.run_id if mlf is not None else None, "metrics": {**result.metrics, **metrics}})
+    )
     seen = {k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k.startswith("eval/seen/")}
     name = ",".join(o for o in overrides if not o.startswith("experiment=")) or "defaults"
     log.info(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -216,7 +216,10 @@ class DiffusionStage(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=z.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: inside the step, so a checkpoint written at the batch's end (by
+        any callback) holds the EMA of the weights it holds (exact resume)."""
+        super().optimizer_step(*args, **kwargs)
         if self.unet_ema is not None and self.conditioning_ema is not None:
             self.unet_ema.update(self.unet)
             self.conditioning_ema.update(self.arm.conditioning)

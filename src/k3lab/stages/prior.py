@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any
 
 import lightning as L
 import torch
@@ -121,7 +122,9 @@ class PriorStage(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=emb.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (inside the step: checkpoints hold the matching EMA)."""
+        super().optimizer_step(*args, **kwargs)
         if self.prior_ema is not None:
             self.prior_ema.update(self.prior)
 

@@ -44,7 +44,10 @@ def log_run_metadata(
         lg.log_hyperparams(params)
     mlf = find_mlflow_logger(loggers)
     if mlf is not None:
+        from k3lab.tracking.sweep import mark_model_training
+
         mlf.experiment.log_text(mlf.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        mark_model_training(mlf.experiment, mlf.experiment_id)
 
 
 def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:

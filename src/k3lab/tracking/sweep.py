@@ -127,6 +127,15 @@ def mark_stale(client: Any, experiment_id: str) -> list[str]:
     return failed
 
 
+def mark_model_training(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as a model-training one, so the MLflow UI (3.x) opens its runs table instead of the GenAI
+    traces overview."""
+    try:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    except Exception as e:  # noqa: BLE001 - an old server without the tag: cosmetic only
+        log.debug("could not tag experiment %s as model training: %s", experiment_id, e)
+
+
 def children(client: Any, experiment_id: str, parent_id: str, role: str | None = None) -> list[Any]:
     query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
     if role:
@@ -160,12 +169,15 @@ class MLflowSweepCallback(Callback):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        mark_model_training(client, experiment_id)
         stale = mark_stale(client, experiment_id)
         if stale:
             log.warning(
                 "marked %d stale RUNNING run(s) of experiment %r failed: %s", len(stale), name, ", ".join(stale)
             )
         sweep_dir = sweep_dir_of(config)
+        if self.resume(client, sweep_dir, uri):
+            return
         params_node = config.hydra.sweeper.get("params")  # None when the sweep is given on the command line only
         params = OmegaConf.to_container(params_node, resolve=True) if params_node is not None else {}
         overrides = list(config.hydra.overrides.task)
@@ -191,6 +203,23 @@ class MLflowSweepCallback(Callback):
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=1))
         log.info("MLflow parent run %s (experiment %r) for sweep %s", run.info.run_id, name, sweep_dir)
+
+    @staticmethod
+    def resume(client: Any, sweep_dir: Path, uri: str) -> bool:
+        """A sweep re-run into its own folder (``hydra.sweep.dir=<that folder>``) continues its parent run: finished
+        cells are skipped and killed ones resume from their checkpoints (:func:`k3lab.ablation.cell.run_cell`)."""
+        info = read_sweep_file(sweep_dir)
+        if info is None or info.get("tracking_uri") != uri:
+            return False
+        try:
+            parent = client.get_run(info["parent_run_id"])
+        except Exception:  # noqa: BLE001 - a deleted run or another store: start a new parent
+            return False
+        client.update_run(parent.info.run_id, status="RUNNING")
+        for key, value in process_tags().items():
+            client.set_tag(parent.info.run_id, key, value)
+        log.info("resuming sweep %s: continuing its MLflow parent run %s", sweep_dir, parent.info.run_id)
+        return True
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         info = read_sweep_file(sweep_dir_of(config))
