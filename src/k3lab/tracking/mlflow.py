@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -72,11 +74,49 @@ def log_image(
     return path
 
 
+def is_lock_error(error: BaseException) -> bool:
+    """An embedded sqlite store busy with another process's write (retrying later succeeds)."""
+    return "database is locked" in str(error) or "database table is locked" in str(error)
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls are retried with exponential backoff while the sqlite store is locked by
+    another job (parallel jobs of a sweep share one ``mlflow.db``); every other error passes through."""
+
+    def __init__(self, client: Any, attempts: int = 12, first_wait: float = 0.2, max_wait: float = 10.0) -> None:
+        self._client, self._attempts, self._first_wait, self._max_wait = client, attempts, first_wait, max_wait
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            wait = self._first_wait
+            for attempt in range(self._attempts):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - only lock errors are retried
+                    if not is_lock_error(e) or attempt == self._attempts - 1:
+                        raise
+                    log.warning("MLflow store locked (%s): retrying in %.1f s", name, wait)
+                    time.sleep(wait + random.uniform(0, wait / 2))
+                    wait = min(wait * 2, self._max_wait)
+            raise AssertionError("unreachable")
+
+        return call
+
+
 class RunLogger(MLFlowLogger):
     """Lightning's MLFlowLogger whose run can stay open after ``fit`` (``keep_open``): an ablation cell logs its
-    evaluation into the same run and closes it itself with :meth:`close` (FINISHED, or FAILED on an error)."""
+    evaluation into the same run and closes it itself with :meth:`close` (FINISHED, or FAILED on an error). Its
+    client retries while a shared sqlite store is locked (:class:`RetryingClient`)."""
 
     keep_open: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mlflow_client = RetryingClient(self._mlflow_client)
 
     def finalize(self, status: str = "success") -> None:
         if self.keep_open and status == "success":

@@ -165,8 +165,10 @@ class MLflowSweepCallback(Callback):
             return
         from mlflow.tracking import MlflowClient
 
+        from k3lab.tracking.mlflow import RetryingClient
+
         uri, name = settings
-        client = MlflowClient(uri)
+        client = RetryingClient(MlflowClient(uri))
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         mark_model_training(client, experiment_id)
@@ -227,7 +229,9 @@ class MLflowSweepCallback(Callback):
             return
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(info["tracking_uri"])
+        from k3lab.tracking.mlflow import RetryingClient
+
+        client = RetryingClient(MlflowClient(info["tracking_uri"]))
         kids = children(client, info["experiment_id"], info["parent_run_id"])
         stale = [r.info.run_id for r in kids if r.info.status == "RUNNING"]
         for run_id in stale:
