@@ -46,10 +46,17 @@ def log_run_metadata(
         lg.log_hyperparams(params)
     mlf = find_mlflow_logger(loggers)
     if mlf is not None:
-        from k3lab.tracking.sweep import mark_model_training
-
         mlf.experiment.log_text(mlf.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mark_model_training(mlf.experiment, mlf.experiment_id)
+
+
+def mark_model_training(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as a model-training one, so the MLflow UI (3.x) opens its runs table instead of the GenAI
+    traces overview."""
+    try:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    except Exception as e:  # noqa: BLE001 - an old server without the tag: cosmetic only
+        log.debug("could not tag experiment %s as model training: %s", experiment_id, e)
 
 
 def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:

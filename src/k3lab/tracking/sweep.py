@@ -127,15 +127,6 @@ def mark_stale(client: Any, experiment_id: str) -> list[str]:
     return failed
 
 
-def mark_model_training(client: Any, experiment_id: str) -> None:
-    """Tag the experiment as a model-training one, so the MLflow UI (3.x) opens its runs table instead of the GenAI
-    traces overview."""
-    try:
-        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
-    except Exception as e:  # noqa: BLE001 - an old server without the tag: cosmetic only
-        log.debug("could not tag experiment %s as model training: %s", experiment_id, e)
-
-
 def children(client: Any, experiment_id: str, parent_id: str, role: str | None = None) -> list[Any]:
     query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
     if role:
@@ -165,7 +156,7 @@ class MLflowSweepCallback(Callback):
             return
         from mlflow.tracking import MlflowClient
 
-        from k3lab.tracking.mlflow import RetryingClient
+        from k3lab.tracking.mlflow import RetryingClient, mark_model_training
 
         uri, name = settings
         client = RetryingClient(MlflowClient(uri))
