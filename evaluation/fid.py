@@ -1,5 +1,10 @@
-"""FID and KID through clean-fid (Parmar et al. 2022, arXiv 2104.11222), with Inception from a local
+"""FID and KID on clean-fid's features (Parmar et al. 2022, arXiv 2104.11222), with Inception from a local
 file or any feature extractor (e.g. an open_clip image tower: FD on CLIP features).
+
+The distances are computed here, not by clean-fid: FID's trace term from the eigenvalues of the symmetric
+``sqrt(S1) S2 sqrt(S1)`` (no ``scipy.linalg.sqrtm``, whose ``disp`` argument clean-fid passes and SciPy 1.18
+removes), KID with clean-fid's estimator but subsets drawn from a seeded generator (clean-fid draws them from the
+global ``np.random``, so the same features gave another KID on every call when the sets differ in size).
 
 An extractor is ``f(x) -> [B, D]`` for ``x`` float [B, 3, 299, 299] in 0..255 (clean-fid's convention,
 after its resize). Reference statistics are cached under a key of (dataset, split, resolution, count,
@@ -26,7 +31,50 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 def implementation() -> str:
     from importlib.metadata import version
 
-    return f"clean-fid {version('clean-fid')} (mode=clean)"
+    return f"clean-fid {version('clean-fid')} features (mode=clean); k3lab evaluation FID (eigh) and seeded KID"
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (negative round-off clipped)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets [N, D] (float64). The trace of the
+    square root is the sum of sqrt(eigenvalues) of sqrt(S_a) S_b sqrt(S_a), which has the same spectrum."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"FID needs two [N >= 2, D] feature sets of one width, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = _psd_sqrt(s_a)
+    middle = root @ s_b @ root
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
+
+
+def kernel_distance(
+    feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0
+) -> float:
+    """KID (Binkowski et al. 2018, arXiv 1801.01401): the unbiased MMD^2 with the cubic polynomial kernel, averaged
+    over ``num_subsets`` subsets of ``min(N_a, N_b, max_subset_size)`` samples drawn without replacement from a
+    generator seeded by ``seed`` (clean-fid's estimator and defaults; the same features give the same KID)."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    n = a.shape[1]
+    m = min(len(a), len(b), max_subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = b[rng.choice(len(b), m, replace=False)]
+        y = a[rng.choice(len(a), m, replace=False)]
+        k = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
+        cross = (x @ y.T / n + 1) ** 3
+        total += (k.sum() - np.diag(k).sum()) / (m - 1) - cross.sum() * 2 / m
+    return float(total / num_subsets / m)
 
 
 def inception_extractor(weights: str | Path) -> Extractor:
@@ -106,9 +154,7 @@ def record_features(
 
 def distances(feats_a: np.ndarray, feats_b: np.ndarray) -> dict[str, float]:
     """FID (Frechet distance) and KID (x1000 in many papers; here the raw value) between two feature sets."""
-    from cleanfid.fid import fid_from_feats, kernel_distance
-
-    return {"fid": float(fid_from_feats(feats_a, feats_b)), "kid": float(kernel_distance(feats_a, feats_b))}
+    return {"fid": frechet_distance(feats_a, feats_b), "kid": kernel_distance(feats_a, feats_b)}
 
 
 def cache_key(dataset: str, split: str, resolution: int, count: int, extractor_name: str) -> str:

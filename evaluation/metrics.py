@@ -181,7 +181,8 @@ register(
         _fid_clip,
         False,
         ("samples", "reference_clip", "fid_reference"),
-        "FID (Frechet distance of Gaussian fits) and KID (unbiased polynomial-kernel MMD^2, clean-fid's estimator) "
+        "FID (Frechet distance of Gaussian fits) and KID (unbiased polynomial-kernel MMD^2, clean-fid's estimator on "
+        "100 seeded subsets) "
         "between "
         "the seen samples' and the real test images' features in the reference CLIP's image-embedding space.",
         outputs=("fid_clip", "kid_clip"),

@@ -201,3 +201,41 @@ def test_folder_errors_name_the_file(tmp_path: Path) -> None:
     (folder / "p0_0.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"line 1: image not found: .*p0_0\.png"):
         load_folder(folder)
+
+
+def test_fid_has_its_closed_form_and_needs_no_scipy_sqrtm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gaussians with diagonal covariances: FID = |mu_a - mu_b|^2 + sum (sqrt(va) - sqrt(vb))^2, computed from
+    samples whose moments are exact; scipy.linalg.sqrtm is never called (SciPy 1.18 drops the `disp` argument
+    clean-fid passes to it)."""
+    import scipy.linalg
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sqrtm used")))
+    rng = np.random.default_rng(0)
+    d = 6
+    z = rng.standard_normal((4000, d))
+    z = (z - z.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # exactly zero mean, cov I
+    mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+    var_a, var_b = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    a, b = mu_a + z * np.sqrt(var_a), mu_b + z[::-1] * np.sqrt(var_b)
+    expected = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert fid.distances(a, b)["fid"] == pytest.approx(expected, rel=1e-9)
+    assert fid.distances(a, a)["fid"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="FID needs"):
+        fid.frechet_distance(a[:1], b)
+
+
+def test_kid_is_reproducible_and_is_clean_fids_estimator() -> None:
+    from cleanfid.fid import kernel_distance as clean_kid
+
+    rng = np.random.default_rng(1)
+    gen, ref = rng.standard_normal((128, 16)), rng.standard_normal((512, 16)) + 0.3
+    first = fid.distances(gen, ref)["kid"]
+    np.random.seed(123)
+    np.random.rand(7)  # whatever the global stream does in between
+    assert fid.distances(gen, ref)["kid"] == first  # the outside check: 128 vs 512 features, the same KID twice
+    assert fid.kernel_distance(gen, ref, seed=1) != first  # the subsets do depend on the seed
+    # with subsets as large as both sets every draw is a permutation: clean-fid's value, whatever its random draws
+    same_size = rng.standard_normal((64, 16))
+    assert fid.kernel_distance(gen[:64], same_size, num_subsets=3) == pytest.approx(
+        clean_kid(gen[:64], same_size, num_subsets=3), rel=1e-5
+    )  # (sums of permuted matrices: the same value up to float rounding of a difference of large sums)
