@@ -70,6 +70,32 @@ def test_packaged_minilm_is_pretrained_and_offline() -> None:
     assert sim[0, 1] > sim[0, 2] + 0.1  # a pretrained encoder knows circle ~ disk (a random one would not)
 
 
+def test_the_depth_axis_truncates_one_pretrained_minilm(tmp_path: Path) -> None:
+    """model/text_encoder=minilm_l2|l4|l6: the packaged pretrained weights (offline) at 2, 4 and 6 layers; shallower
+    encoders keep the same first layers and give different embeddings; 6 is the untruncated model."""
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+
+    prompts = ["a red circle", "two blue squares above a green cross"]
+    full = packaged_minilm()
+    outputs = {}
+    for n in (2, 4, 6):
+        cfg = compose_config([f"model/text_encoder=minilm_l{n}"], tmp_path)
+        enc = instantiate(cfg.model.text_encoder.encoder)
+        assert enc.dim == cfg.model.text_encoder.dim == 384 and len(enc.model.encoder.layer) == n
+        assert enc.model.config.num_hidden_layers == n
+        first = enc.model.encoder.layer[0].attention.self.query.weight
+        assert torch.equal(first, full.model.encoder.layer[0].attention.self.query.weight)  # same pretrained weights
+        outputs[n] = enc.encode(prompts)
+    torch.testing.assert_close(outputs[6][0], full.encode(prompts)[0])
+    assert all(torch.equal(outputs[n][1], outputs[6][1]) for n in (2, 4))  # same tokenizer, same mask
+    for a, b in ((2, 4), (4, 6), (2, 6)):
+        assert (outputs[a][0] - outputs[b][0]).abs().max() > 0.1, (a, b)
+    with pytest.raises(ValueError, match="num_layers=7, but the encoder has 6 layers"):
+        packaged_minilm(num_layers=7)
+
+
 def test_conditioning_zeroes_pads_after_projection_and_crops() -> None:
     torch.manual_seed(0)
     cond = TextConditioning(8, 16)

@@ -62,7 +62,14 @@ class TextEncoder(nn.Module):
     ``family``: 't5' loads ``T5EncoderModel``, 'auto' does so for T5 configs, and any other name (bert, roberta, ...)
     loads ``AutoModel``."""
 
-    def __init__(self, path: str, dtype: str = "float32", max_length: int = 128, family: str = "auto") -> None:
+    def __init__(
+        self,
+        path: str,
+        dtype: str = "float32",
+        max_length: int = 128,
+        family: str = "auto",
+        num_layers: int | None = None,  # keep only the first n transformer layers (an encoder-depth axis)
+    ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
@@ -90,8 +97,11 @@ class TextEncoder(nn.Module):
             raise FileNotFoundError(
                 f"text encoder {path!r}: not a usable local directory and not loadable from the hub ({e})"
             ) from e
+        if num_layers is not None:
+            truncate_layers(model, int(num_layers), str(path))
         self.model = model.eval().requires_grad_(False)
         self.path, self.max_length = str(path), max_length
+        self.num_layers = num_layers
         self.dim = int(getattr(config, "d_model", None) or config.hidden_size)
 
     def train(self, mode: bool = True) -> "TextEncoder":
@@ -123,6 +133,24 @@ class TextEncoder(nn.Module):
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         out = torch.nan_to_num(out.float())  # fp16 T5 can overflow; the official 3.0 code zeroed inf/NaN too
         return out, mask.to(device).bool()
+
+
+def truncate_layers(model: nn.Module, num_layers: int, name: str = "text encoder") -> None:
+    """Keep the first ``num_layers`` of a Hugging Face encoder's layer stack (BERT-style ``encoder.layer``, T5-style
+    ``encoder.block``): the same weights and tokenizer at a smaller depth."""
+    encoder = getattr(model, "encoder", None)
+    attr = next((a for a in ("layer", "block") if isinstance(getattr(encoder, a, None), nn.ModuleList)), None)
+    if attr is None:
+        raise ValueError(f"{name}: cannot truncate {type(model).__name__} (no encoder.layer or encoder.block list)")
+    layers = getattr(encoder, attr)
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(
+            f"{name}: num_layers={num_layers}, but the encoder has {len(layers)} layers (1..{len(layers)})"
+        )
+    setattr(encoder, attr, nn.ModuleList(list(layers)[:num_layers]))
+    for key in ("num_hidden_layers", "num_layers"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, num_layers)
 
 
 def packaged_minilm(**kwargs: object) -> TextEncoder:
