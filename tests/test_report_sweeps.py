@@ -97,3 +97,38 @@ def test_duplicated_finished_cell_newest_wins(tmp_path: Path, capsys: pytest.Cap
         "newest run wins" in (tmp_path / "out" / "report.md").read_text()
         and "superseded_by" in (tmp_path / "out" / "runs.csv").read_text()
     )
+
+
+def test_forest_plots_show_intervals_and_reference_levels(tmp_path: Path) -> None:
+    """report.png: a forest plot per metric, three panels per row, each cell's mean with its interval and the
+    metric's chance and ceiling lines; report_effects.png: each effect with its interval and the zero line."""
+    import pandas as pd
+    from PIL import Image
+
+    from k3lab.report import cells, effects, forest_figures, plot
+
+    rows = []
+    for seed in range(3):
+        for prior, base in (("none", 0.5), ("map", 0.7)):
+            rows.append({"seed": seed, "status": "FINISHED", "override/prior": prior,
+                         "eval/seen/single_object": base + 0.05 * seed, "eval/seen/colors": base - 0.2,
+                         "eval/seen/overall": base, "eval/fid_clip": 10 - seed,
+                         "eval/chance/single_object": 0.47, "eval/real/single_object": 1.0})  # fmt: skip
+    runs = pd.DataFrame(rows)
+    metrics = ["eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/fid_clip"]
+    effect_table, cell_table = effects(runs, metrics, {"prior": "none"}), cells(runs, metrics)
+    cells_fig, effects_fig = forest_figures(runs, effect_table, cell_table, metrics)
+    panels = [ax for ax in cells_fig.axes if ax.axison]
+    assert len(panels) == 4 and len(cells_fig.axes) == 6  # 2 rows of 3 (two spare panels hidden)
+    single = panels[0]
+    vertical = sorted(round(ln.get_xdata()[0], 3) for ln in single.get_lines() if ln.get_gid() == "reference")
+    assert vertical == [0.25, 0.47, 1.0]  # uniform chance, real-vs-other-prompt chance, detector ceiling
+    assert not [ln for ln in panels[3].get_lines() if ln.get_gid() == "reference"]  # FID has no such levels
+    assert [t.get_text() for t in single.get_yticklabels()] == ["none", "map"]
+    bars = single.containers[0]  # errorbar: the interval of each cell is drawn
+    assert bars.has_xerr and len(bars.lines[2][0].get_segments()) == 2
+    effect_panel = [ax for ax in effects_fig.axes if ax.axison][0]
+    assert [t.get_text() for t in effect_panel.get_yticklabels()] == ["prior: map vs none"]
+    cells_png, effects_png = plot(runs, effect_table, cell_table, tmp_path / "report.png", metrics)
+    width, height = Image.open(cells_png).size
+    assert width < 1600 and height > 250 and effects_png.name == "report_effects.png" and effects_png.is_file()

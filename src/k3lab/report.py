@@ -5,7 +5,8 @@ overrides that vary, seeds aside) and writes, into the sweep folder (or ``--out`
 - ``report.md``: each axis's effect on each metric (level - reference level, averaged over the other axes'
   cells within a seed) as mean +- 95% t-interval over seeds, then every cell's mean +- interval, the chance and
   real-image rows, and where to look;
-- ``report.png``: the effects with their intervals; ``runs.csv``: one row per run.
+- ``report.png`` / ``report_effects.png``: forest plots per metric (cells with chance and ceiling lines; effects),
+  both with their intervals; ``runs.csv``: one row per run.
 The notebook ``notebooks/ablation.ipynb`` calls the same functions.
 """
 
@@ -322,27 +323,89 @@ def uniform_chance() -> dict[str, float]:
     return {"single_object": 1 / len(SHAPES), "colors": 1 / (len(SHAPES) * len(PALETTE))}
 
 
-def plot(effect_table: pd.DataFrame, path: str | Path, metrics: Sequence[str] = METRICS) -> Path:
-    """One panel per metric: each axis level's effect with its 95% interval (a dot alone with one seed)."""
+def baseline_levels(runs: pd.DataFrame, metric: str) -> dict[str, float]:
+    """Reference levels a metric can be read against: uniform chance, real images scored against another prompt's
+    scene (chance), real images with their own prompt (the detector's ceiling); only those the metric has."""
+    if not metric.startswith("eval/seen/"):
+        return {}
+    task = metric.removeprefix("eval/seen/")
+    levels = {}
+    if task in uniform_chance():
+        levels["uniform chance"] = uniform_chance()[task]
+    for label, prefix in (("chance (another prompt's scene)", "eval/chance/"), ("ceiling (real images)", "eval/real/")):
+        if prefix + task in runs and runs[prefix + task].notna().any():
+            levels[label] = float(runs[prefix + task].mean())
+    return levels
+
+
+def forest_figures(
+    runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.DataFrame, metrics: Sequence[str] = METRICS
+) -> tuple[Any, Any]:
+    """Two figures of forest plots, one panel per metric, three per row: every cell's mean with its 95% interval over
+    seeds and the metric's reference levels (chance, ceiling) as vertical lines; each axis level's effect with its
+    interval and the zero line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in metrics if len(effect_table) and m in set(effect_table["metric"])]
-    fig, panels = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 2.8), squeeze=False)
-    for ax, metric in zip(panels[0], metrics, strict=False):
-        rows = effect_table[effect_table["metric"] == metric]
-        labels = [f"{r.axis}\n{r.level}" for r in rows.itertuples()]
-        ax.errorbar(rows["effect"], range(len(rows)), xerr=rows["ci95"].fillna(0), fmt="o", capsize=3)
+    metrics = [m for m in metrics if m in cell_table]
+    ax_names = [c for c in cell_table.columns if c != "seeds" and not str(c).startswith(("eval/", "val/", "perf/"))]
+    labels = [", ".join(str(r[a]) for a in ax_names) or "all" for _, r in cell_table.iterrows()]
+
+    def grid(n_rows: int) -> tuple[Any, Any]:
+        cols = min(3, max(len(metrics), 1))
+        rows = max(1, math.ceil(len(metrics) / cols))
+        fig, panels = plt.subplots(rows, cols, figsize=(4.4 * cols, (0.32 * n_rows + 1.4) * rows), squeeze=False)
+        for ax in panels.flat[len(metrics) :]:
+            ax.axis("off")
+        return fig, panels.flat
+
+    cells_fig, panels = grid(len(cell_table))
+    colours = {"uniform chance": "tab:grey", "chance (another prompt's scene)": "tab:orange",
+               "ceiling (real images)": "tab:green"}  # fmt: skip
+    for ax, metric in zip(panels, metrics, strict=False):
+        ys = list(range(len(cell_table)))[::-1]
+        ax.errorbar(cell_table[metric], ys, xerr=cell_table[f"{metric} ci95"].fillna(0), fmt="o", capsize=3)
+        for label, value in baseline_levels(runs, metric).items():
+            ax.axvline(value, ls="--", lw=1, color=colours[label], label=f"{label} {value:.2f}", gid="reference")
+        ax.set_yticks(ys, labels, fontsize=7)
+        ax.set_title(short(metric) + (" (lower better)" if lower_is_better(metric) else ""), fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
+    cells_fig.suptitle("cells: mean ± 95% interval over seeds", fontsize=10)
+    cells_fig.tight_layout()
+
+    effects_fig, panels = grid(max(1, len(effect_table["level"].unique()) if len(effect_table) else 1))
+    for ax, metric in zip(panels, metrics, strict=False):
+        rows = effect_table[effect_table["metric"] == metric] if len(effect_table) else effect_table
+        ys = list(range(len(rows)))[::-1]
+        ax.errorbar(rows["effect"], ys, xerr=rows["ci95"].fillna(0), fmt="o", capsize=3, color="tab:red")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(range(len(rows)), labels, fontsize=7)
-        ax.set_title(short(metric) + (" (lower better)" if lower_is_better(metric) else ""), fontsize=8)
-    fig.tight_layout()
+        ax.set_yticks(ys, [f"{r.axis}: {r.level} vs {r.reference}" for r in rows.itertuples()], fontsize=7)
+        ax.set_title(short(metric) + (" (lower better)" if lower_is_better(metric) else ""), fontsize=9)
+    effects_fig.suptitle("effects: level - reference, mean ± 95% interval over seeds", fontsize=10)
+    effects_fig.tight_layout()
+    return cells_fig, effects_fig
+
+
+def plot(
+    runs: pd.DataFrame,
+    effect_table: pd.DataFrame,
+    cell_table: pd.DataFrame,
+    path: str | Path,
+    metrics: Sequence[str] = METRICS,
+) -> tuple[Path, Path]:
+    """``report.png`` (cells) and ``<stem>_effects.png`` beside it (:func:`forest_figures`)."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    effects_path = path.with_name(f"{path.stem}_effects{path.suffix}")
+    cells_fig, effects_fig = forest_figures(runs, effect_table, cell_table, metrics)
+    for fig, target in ((cells_fig, path), (effects_fig, effects_path)):
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+    return path, effects_path
 
 
 @dataclass
@@ -388,9 +451,11 @@ def build_report(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(report.text)
     report.runs.to_csv(folder / "runs.csv", index=False)
+    cells_png, effects_png = plot(report.runs, report.effects, report.cells, folder / "report.png", metrics)
     report.files = {
         "table": folder / "report.md",
-        "plot": plot(report.effects, folder / "report.png", metrics),
+        "plot": cells_png,
+        "effects plot": effects_png,
         "runs": folder / "runs.csv",
     }
     return report
