@@ -408,3 +408,33 @@ def test_launcher_and_trainer_configs_compose() -> None:
         assert slurm.hydra.launcher.tasks_per_node == slurm.trainer.devices and slurm.hydra.launcher.nodes == 2
         fsdp = compose("train", overrides=["trainer=fsdp"])
         assert fsdp.trainer.strategy._target_.endswith("FSDPStrategy")
+
+
+def test_the_sweep_starts_with_the_machine_rate_and_its_expected_duration(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from k3lab.ablation.timing import TimeEstimateCallback, count_jobs, estimate_minutes
+    from k3lab.config import compose
+
+    preset = compose(["experiment=ablation_tiny"])
+    reference = OmegaConf.to_container(preset.ablation.reference_time)
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "sweeper": {"params": dict(preset.hydra.sweeper.params) if "hydra" in preset else
+                            {"model/unet/block": "biggan_deep,resnet", "model/prior": "none,diffusion_mapping"}},
+                "overrides": {"task": ["experiment=ablation_tiny", "seed=0,1,2"]},
+            },
+            "ablation": {"reference_time": reference},
+        }
+    )  # fmt: skip
+    assert count_jobs(config) == 12  # 2 blocks x 2 priors x 3 seeds
+    # on the reference machine the estimate is the measured time; on a machine half as fast, twice that
+    measured = (reference["shared_seconds"] + 4 * reference["cell_seconds"]) / 60
+    assert estimate_minutes(reference, 4, reference["gflops"]) == pytest.approx(measured)
+    assert estimate_minutes(reference, 4, reference["gflops"] / 2) == pytest.approx(2 * measured)
+    with caplog.at_level(logging.INFO, logger="k3lab.ablation.timing"):
+        TimeEstimateCallback().on_multirun_start(config)
+    assert "GFLOP/s fp32 matmul; 12 job(s): expect about" in caplog.text

@@ -1,0 +1,80 @@
+"""Time that travels: at the start of an ablation sweep, this machine's fp32 matmul rate and the sweep's expected
+wall time, scaled from a measured reference (``ablation.reference_time`` in the preset)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
+    """fp32 matmul throughput of this machine (GFLOP/s, best of ``repeats`` n x n products)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def count_jobs(config: DictConfig) -> int:
+    """The number of jobs a multirun launches (the product of its swept values' counts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    params = config.hydra.sweeper.get("params")
+    sweeps = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params is not None else {}).items()}
+    items = [f"{k}={v}" for k, v in sweeps.items()] + list(config.hydra.overrides.task)
+    parser = OverridesParser.create()
+    counts: dict[str, int] = {}
+    for item in items:
+        try:
+            override = parser.parse_override(item)
+        except HydraException:
+            continue
+        if override.is_sweep_override():
+            try:
+                counts[override.get_key_element()] = len(list(override.sweep_string_iterator()))
+            except HydraException:
+                counts[override.get_key_element()] = 1
+    return math.prod(counts.values()) if counts else 1
+
+
+def estimate_minutes(reference: dict[str, float], jobs: int, gflops: float) -> float:
+    """(shared parts + jobs x one cell) at the reference machine's rate, scaled by the matmul rates."""
+    seconds = float(reference["shared_seconds"]) + jobs * float(reference["cell_seconds"])
+    return seconds * float(reference["gflops"]) / gflops / 60
+
+
+class TimeEstimateCallback(Callback):
+    """Hydra callback: prints the machine's matmul GFLOP/s and the sweep's expected duration at its start."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        gflops = matmul_gflops()
+        reference = OmegaConf.select(config, "ablation.reference_time")
+        jobs = count_jobs(config)
+        if reference is None:
+            log.info("this machine: %.0f GFLOP/s fp32 matmul; %d job(s)", gflops, jobs)
+            return
+        ref = OmegaConf.to_container(reference, resolve=True)
+        log.info(
+            "this machine: %.0f GFLOP/s fp32 matmul; %d job(s): expect about %.0f min (%.0f min if the shared parts "
+            "are cached), scaled from %.0f GFLOP/s: %s",
+            gflops,
+            jobs,
+            estimate_minutes(ref, jobs, gflops),  # type: ignore[arg-type]
+            estimate_minutes({**ref, "shared_seconds": 0}, jobs, gflops),  # type: ignore[dict-item]
+            float(ref["gflops"]),  # type: ignore[index]
+            ref.get("measured", ""),  # type: ignore[union-attr]
+        )
