@@ -438,3 +438,21 @@ def test_the_sweep_starts_with_the_machine_rate_and_its_expected_duration(caplog
     with caplog.at_level(logging.INFO, logger="k3lab.ablation.timing"):
         TimeEstimateCallback().on_multirun_start(config)
     assert "GFLOP/s fp32 matmul; 12 job(s): expect about" in caplog.text
+
+
+def test_sample_grids_carry_each_images_prompt() -> None:
+    import numpy as np
+
+    from evaluation.images import ImageRecord
+    from k3lab.ablation.evaluate import captioned, grid
+
+    image = np.full((64, 64, 3), 200, np.uint8)
+    tile = captioned(image, "a small red circle to the left of a big blue square")
+    assert tile.shape == (64 * 2 + 11 * 4 + 4, 128, 3)
+    assert np.array_equal(tile[:128:2, ::2], image)  # the image, enlarged
+    text = tile[128:]
+    assert (text < 100).any(axis=-1).sum() > 100  # the prompt is written below it
+    assert not (captioned(image, "")[128:] < 100).any()  # (nothing written for an empty prompt)
+    records = [ImageRecord(image, f"p{i}", f"prompt {i}") for i in range(10)]
+    g = grid(records)
+    assert g.shape[0] == 3 and g.shape[1] > 2 * (128 + 48) and g.shape[2] > 8 * 128  # 2 rows of 8 captioned tiles

@@ -56,10 +56,31 @@ def sample_records(
     return records
 
 
+def captioned(image: np.ndarray, text: str, scale: int = 2, lines: int = 4) -> np.ndarray:
+    """An RGB uint8 image enlarged ``scale`` x (nearest) with its prompt written below it (wrapped, up to ``lines``
+    lines; longer prompts end with '...')."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    big = Image.fromarray(image).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    wrapped = textwrap.wrap(text, width=max(8, (w * scale - 4) // 6))
+    if len(wrapped) > lines:
+        wrapped = wrapped[: lines - 1] + [wrapped[lines - 1][: max(0, (w * scale - 4) // 6 - 3)] + "..."]
+    canvas = Image.new("RGB", (w * scale, h * scale + 11 * lines + 4), "white")
+    canvas.paste(big, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(wrapped):
+        draw.text((2, h * scale + 2 + 11 * i), line, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
 def grid(records: Sequence[Any], count: int = 32) -> torch.Tensor:
-    """The first ``count`` images as one [3, H, W] grid in [0, 1] (8 per row)."""
-    images = torch.from_numpy(np.stack([r.image for r in records[:count]])).permute(0, 3, 1, 2).float() / 255
-    return torchvision.utils.make_grid(images, nrow=8, padding=1, pad_value=1.0)
+    """The first ``count`` images, each with its prompt below it, as one [3, H, W] grid in [0, 1] (8 per row)."""
+    tiles = np.stack([captioned(r.image, r.prompt) for r in records[:count]])
+    images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    return torchvision.utils.make_grid(images, nrow=8, padding=2, pad_value=0.6)
 
 
 def evaluate(
