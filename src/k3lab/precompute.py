@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from k3lab.checkpoint import atomic_write_bytes
 from k3lab.config import CONF_DIR
@@ -130,9 +132,11 @@ def precompute(cfg: DictConfig) -> Path:
         pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
         shard: list[dict[str, Any]] = []
         count = 0
+        bar = tqdm(desc=f"precompute {split}", unit="sample", mininterval=5, file=sys.stdout)
         for url in urls:
             for raw in iter_tar_samples(url, skipped):
                 sample = reader.decode(raw, url, skipped)
+                bar.update(1)
                 if sample is None:
                     continue
                 raw = dict(raw, __key__=f"{Path(url).stem}_{raw['__key__']}")
@@ -151,6 +155,7 @@ def precompute(cfg: DictConfig) -> Path:
             names.append(f"{split}-{len(names):05d}.tar")
             _flush(out_dir, names[-1], shard)
             count += len(shard)
+        bar.close()
         manifest["shards"][split], manifest["counts"][split], manifest["skipped"][split] = names, count, dict(skipped)
         log.info(
             "%s: %d samples in %d shards%s", split, count, len(names), f", skipped {dict(skipped)}" if skipped else ""
