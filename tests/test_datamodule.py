@@ -175,3 +175,41 @@ def test_scene_world_through_the_datamodule(tmp_path: Path) -> None:
     held = [b for b in dm.split_dataloader("heldout")]
     assert sum(len(b["key"]) for b in held) == 8
     assert np.all([m["split"] == "heldout" for b in held for m in b["metadata"]])
+
+
+def test_the_in_memory_path_yields_the_same_batches_as_the_shard_path(bad_shard: Path, tmp_path: Path) -> None:
+    """data.in_memory=true: identical batches (keys, images bit for bit, captions, skip counts) for the same seed,
+    over three epochs; from the second epoch on no shard is opened."""
+    from k3lab.data import shards as shards_module
+
+    whole = write_shard(tmp_path / "ok-000.tar", good("100") + good("101") + good("102", "a green cross"))
+    data = whole.read_bytes()
+    truncated = tmp_path / "trunc-000.tar"
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    more = [write_shard(tmp_path / f"m-{i:03d}.tar", good(f"{i}0") + good(f"{i}1") + good(f"{i}2")) for i in range(3)]
+    urls = [str(bad_shard), str(truncated), *map(str, more)]
+
+    def loader(in_memory: bool) -> ShardDataModule:
+        dm = ShardDataModule(shards={"train": urls}, resolution=32, batch_size=3, min_image_size=32, seed=5,
+                             shuffle_buffer=4, in_memory=in_memory)  # fmt: skip
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    streamed, cached = loader(False), loader(True)
+    opened = []
+    real_open = shards_module._open
+    for epoch in range(3):
+        if epoch:
+            shards_module._open = lambda url: opened.append(url) or real_open(url)  # noqa: E731
+        try:
+            a, b = list(streamed), list(cached)
+        finally:
+            shards_module._open = real_open
+        assert len(a) == len(b) > 2
+        for x, y in zip(a, b, strict=True):
+            assert x["key"] == y["key"] and x["caption"] == y["caption"] and torch.equal(x["image"], y["image"])
+            assert x["skipped"] == y["skipped"] and x["metadata"] == y["metadata"]
+        if epoch:
+            assert len(opened) == len(urls)  # the shard path re-read every shard; the in-memory one none
+            opened.clear()
+    assert sum(sum(b["skipped"].values()) for b in a) >= 5  # bad samples and the truncated shard, counted each pass

@@ -95,6 +95,7 @@ class ShardDataModule(L.LightningDataModule):
         val_split: str = "val",
         test_split: str = "test",
         feature_keys: Sequence[str] = (),  # precomputed members (text.npy, latent.npy), see k3lab.precompute
+        in_memory: bool = False,  # training split: keep decoded samples after the first pass instead of re-reading
     ) -> None:
         super().__init__()
         if shards is None and source is None:
@@ -114,6 +115,7 @@ class ShardDataModule(L.LightningDataModule):
         self.require_caption, self.shuffle_buffer, self.seed = require_caption, shuffle_buffer, seed
         self.val_split, self.test_split = val_split, test_split
         self.feature_keys = list(feature_keys)
+        self.in_memory = bool(in_memory)
         self.datasets: dict[str, ShardDataset] = {}
 
     def prepare_data(self) -> None:
@@ -153,6 +155,7 @@ class ShardDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world,
                 feature_keys=self.feature_keys,
+                in_memory=self.in_memory and train,
             )
 
     def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:

@@ -136,6 +136,11 @@ def load_image(data: bytes, resolution: int) -> torch.Tensor:
     return arr.float().div(127.5).sub(1.0)
 
 
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """The uint8 levels a decoded image came from (``load_image``: levels / 127.5 - 1, exactly invertible)."""
+    return image.add(1.0).mul(127.5).round().to(torch.uint8)
+
+
 class ShardDataset(IterableDataset):
     """Streams samples from webdataset shards; bad samples are skipped and counted, never fatal.
 
@@ -158,6 +163,7 @@ class ShardDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         feature_keys: Sequence[str] = (),  # precomputed members to read (``text.npy``, ``latent.npy``)
+        in_memory: bool = False,  # keep decoded samples after the first pass (small datasets: no re-reading)
     ) -> None:
         super().__init__()
         unknown = [k for k in feature_keys if k not in FEATURES]
@@ -174,6 +180,8 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.in_memory = in_memory
+        self._cache: dict[str, list[tuple[dict[str, Any] | None, Counter[str]]]] = {}
         self.skip: list[int] = []  # samples each worker's stream drops from its start (exact resume)
         self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
 
@@ -254,6 +262,32 @@ class ShardDataset(IterableDataset):
         skip = self.skip[worker] if worker < len(self.skip) else 0
         return itertools.islice(stream, skip, None) if skip else stream
 
+    def _read(self, url: str) -> Iterator[tuple[dict[str, Any] | None, Counter[str]]]:
+        """A shard's decoded samples (None for a skipped one) with the skips counted on the way; with ``in_memory``
+        the first pass keeps them (images as uint8) and later passes replay them without reading the shard."""
+        cached = self._cache.get(url)
+        if cached is not None:
+            for sample, reasons in cached:
+                if sample is not None:
+                    sample = dict(sample, image=sample["image"].float().div(127.5).sub(1.0))
+                yield sample, reasons
+            return
+        kept: list[tuple[dict[str, Any] | None, Counter[str]]] = []
+        reasons: Counter[str] = Counter()
+        for raw in iter_tar_samples(url, reasons):
+            sample = self.decode(raw, url, reasons)
+            if self.in_memory:
+                stored = None if sample is None else dict(sample, image=_to_uint8(sample["image"]))
+                kept.append((stored, Counter(reasons)))
+            yield sample, Counter(reasons)
+            reasons.clear()  # (the reader keeps counting into this same object)
+        if reasons:  # counted after the shard's last sample (a corrupt end)
+            if self.in_memory:
+                kept.append((None, Counter(reasons)))
+            yield None, Counter(reasons)
+        if self.in_memory:
+            self._cache[url] = kept
+
     def _iterate(self, urls: list[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         skipped: Counter[str] = Counter()
         buffer: list[dict[str, Any]] = []
@@ -264,8 +298,8 @@ class ShardDataset(IterableDataset):
             return sample
 
         for url in urls:
-            for raw in iter_tar_samples(url, skipped):
-                sample = self.decode(raw, url, skipped)
+            for sample, reasons in self._read(url):
+                skipped.update(reasons)
                 if sample is None:
                     continue
                 if not self.shuffle or self.shuffle_buffer <= 1:
