@@ -190,7 +190,8 @@ def test_a_killed_sweep_resumes_into_its_folder_without_retraining_finished_cell
     from k3lab.tracking.sweep import children
 
     root, sweep_dir = sweep["root"], sweep["root"] / "resumed_sweep"
-    args = [*SWEEP, f"hydra.sweep.dir={sweep_dir}", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    args = [*SWEEP, f"hydra.sweep.dir={sweep_dir}", "callbacks.model_checkpoint.every_n_train_steps=1",
+            "callbacks.model_checkpoint.save_top_k=1"]  # fmt: skip
     env = {**os.environ, "K3LAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(

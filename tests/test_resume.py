@@ -29,9 +29,9 @@ COMMON = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "trainer.limit_val_batches=1",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
-    "callbacks.model_checkpoint.save_top_k=-1",
 ]
+# the process the test kills checkpoints every step, keeping the newest step file (and last.ckpt): disk stays small
+EVERY_STEP = ["callbacks.model_checkpoint.every_n_train_steps=1", "callbacks.model_checkpoint.save_top_k=1"]
 SMALL_16 = ["data.resolution=16", "data.batch_size=16", "data.val_batch_size=16"]
 STAGES: dict[str, list[str]] = {
     # GAN phase from batch 6: two optimizer steps per batch after it
@@ -83,12 +83,17 @@ def cli(overrides: list[str], run_dir: Path, root: Path) -> list[str]:
     return [sys.executable, "-m", "k3lab.train", *overrides, f"paths.root_dir={root}", f"hydra.run.dir={run_dir}"]
 
 
+def newest_step(checkpoint_dir: Path) -> int:
+    """The step of the newest ``step<N>.ckpt`` in the folder (-1 when there is none yet)."""
+    steps = [int(p.stem[4:]) for p in checkpoint_dir.glob("step*.ckpt") if p.stem[4:].isdigit()]
+    return max(steps, default=-1)
+
+
 def kill_at(cmd: list[str], checkpoint_dir: Path, step: int, timeout: float = 240) -> None:
-    """Start ``cmd``; SIGKILL it as soon as its step-``step`` checkpoint exists (it has gone on a little by then)."""
+    """Start ``cmd``; SIGKILL it as soon as it has checkpointed step ``step`` (it has gone on a little by then)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    target = checkpoint_dir / f"step{step:07d}.ckpt"
     start = time.monotonic()
-    while not target.exists():
+    while newest_step(checkpoint_dir) < step:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
         if time.monotonic() - start > timeout:
@@ -137,7 +142,7 @@ def test_a_killed_run_resumes_exactly(
     assert max(expected) == max_steps - 1 or stage == "autoencoder"  # (GAN steps advance the step by 2)
 
     run_dir = tmp_path / "killed"
-    cmd = cli(overrides, run_dir, tmp_path / "root")
+    cmd = cli([*overrides, *EVERY_STEP], run_dir, tmp_path / "root")
     kill_at(cmd, run_dir / "checkpoints", kill_step)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     resumed_from = int(last["global_step"])
@@ -155,7 +160,10 @@ def test_the_data_position_and_random_state_are_what_makes_it_exact(tmp_path: Pa
     """Negative controls: the same resume without the loader's state, or without the random state, diverges."""
     overrides = [*STAGES["diffusion"], f"paths.data_dir={data_root}", f"paths.weights_dir={data_root / 'weights'}",
                  *COMMON]  # fmt: skip
-    full = compose_config(overrides, tmp_path / "full")
+    full = compose_config(
+        [*overrides, "callbacks.model_checkpoint.every_n_train_steps=6", "callbacks.model_checkpoint.save_top_k=-1"],
+        tmp_path / "full",
+    )
     train(full)
     expected = losses(Path(full.paths.output_dir))
     ckpt = torch.load(Path(full.paths.checkpoint_dir) / "step0000006.ckpt", map_location="cpu", weights_only=True)
@@ -220,15 +228,15 @@ def test_a_preemption_signal_checkpoints_requeues_and_continues_the_mlflow_run(t
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = tmp_path / "sweep"
     overrides = [*STAGES["diffusion"], f"paths.data_dir={data_root}", f"paths.weights_dir={data_root / 'weights'}",
-                 *COMMON, "trainer.max_steps=30", "logger=mlflow", f"paths.mlflow_uri={uri}", "seed=3"]  # fmt: skip
+                 *COMMON, *EVERY_STEP, "trainer.max_steps=30", "logger=mlflow", f"paths.mlflow_uri={uri}",
+                 "seed=3"]  # fmt: skip
     cmd = [sys.executable, "-m", "k3lab.train", "-m", "hydra/launcher=slurm_local", *overrides,
            f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR2"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    target = sweep / "0" / "checkpoints" / "step0000008.ckpt"
     start = time.monotonic()
-    while not target.exists():
+    while newest_step(sweep / "0" / "checkpoints") < 8:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() - start < 240, "the job never reached step 8"
         time.sleep(0.05)
