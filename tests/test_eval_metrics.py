@@ -97,7 +97,7 @@ def test_fid_equals_a_direct_clean_fid_call(scene_records: dict, tmp_path: Path)
         verbose=False,
         use_dataparallel=False,
     )
-    assert ours == pytest.approx(direct, rel=1e-6)
+    assert ours == pytest.approx(direct, rel=1e-5)  # (eigh here, sqrtm there: equal up to float rounding)
 
 
 def test_inception_missing_is_a_clear_error(tmp_path: Path) -> None:
