@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from k3lab.ablation.timing import matmul_gflops  # noqa: F401 - the one measurement, re-exported for the scripts
+
 
 def report(title: str, results: dict[str, object], out: Path | None = None) -> None:
     """``| key | value |`` rows under ``## title`` (floats to 4 significant digits); ``out`` gets the raw JSON."""
@@ -13,20 +15,3 @@ def report(title: str, results: dict[str, object], out: Path | None = None) -> N
         print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     if out:
         out.write_text(json.dumps(results, indent=1))
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """This machine's fp32 matmul throughput (GFLOP/s, best of ``repeats`` n x n products): print it beside every
-    time, so a reader can scale the time to their own machine."""
-    import time
-
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9

@@ -312,6 +312,19 @@ def tiny_official_kwargs() -> dict:
     )
 
 
+def official_30(unet: torch.nn.Module, cond: TextConditioning) -> dict:
+    """A checkpoint in the official 3.0 layout (unet, null_embedding, projections)."""
+    return {
+        "unet": unet.state_dict(),
+        "null_embedding": cond.null_embedding.detach().clone(),
+        "projections": {
+            "t5.0.weight": cond.projection[0].weight,
+            "t5.1.weight": cond.projection[1].weight,
+            "t5.1.bias": cond.projection[1].bias,
+        },
+    }
+
+
 @pytest.mark.parametrize("layout", ["3.0", "3.1"])
 def test_official_layouts_load_strictly(layout: str, tmp_path: Path) -> None:
     kwargs = tiny_official_kwargs()
@@ -498,16 +511,7 @@ def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path
     kwargs = dict(tiny_official_kwargs(), context_dim=48)
     torch.manual_seed(0)
     unet, cond = perturbed(KandinskyUNet(**kwargs), 2), TextConditioning(64, 48)
-    ckpt = {
-        "unet": unet.state_dict(),
-        "null_embedding": cond.null_embedding.detach().clone(),
-        "projections": {
-            "t5.0.weight": cond.projection[0].weight,
-            "t5.1.weight": cond.projection[1].weight,
-            "t5.1.bias": cond.projection[1].bias,
-        },
-    }
-    torch.save(ckpt, tmp_path / "kandinsky3.pt")
+    torch.save(official_30(unet, cond), tmp_path / "kandinsky3.pt")
     loaded, lcond, lkw = load_official(tmp_path / "kandinsky3.pt", unet_kwargs=kwargs)
     movq, mkw = load_diffusers_movq(tiny_pipeline / "movq")
     encoder = copy_text_encoder(tiny_pipeline, tmp_path / "t5")
@@ -534,16 +538,7 @@ def test_official_inpainting_checkpoint_converts_strictly_and_inpaints(tiny_pipe
     kwargs = dict(tiny_official_kwargs(), context_dim=48, in_channels=9)
     torch.manual_seed(0)
     unet, cond = perturbed(KandinskyUNet(**kwargs), 3), TextConditioning(64, 48)
-    ckpt = {
-        "unet": unet.state_dict(),
-        "null_embedding": cond.null_embedding.detach().clone(),
-        "projections": {
-            "t5.0.weight": cond.projection[0].weight,
-            "t5.1.weight": cond.projection[1].weight,
-            "t5.1.bias": cond.projection[1].bias,
-        },
-    }
-    torch.save(ckpt, tmp_path / "inpainting.pt")
+    torch.save(official_30(unet, cond), tmp_path / "inpainting.pt")
     state, lcond, lkw = read_official(tmp_path / "inpainting.pt", unet_kwargs=dict(kwargs, in_channels=4))
     assert lkw["in_channels"] == 9 and lkw["out_channels"] == 4  # read from the file's in_layer
     check_inpainting("inpainting.pt", lkw, True)

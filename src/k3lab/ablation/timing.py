@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
-    """fp32 matmul throughput of this machine (GFLOP/s, best of ``repeats`` n x n products)."""
+    """fp32 matmul throughput of this machine (GFLOP/s, best of ``repeats`` n x n products): printed beside every
+    time (the sweeps' start, the benchmarks) so a reader can scale it to their own machine."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
