@@ -31,25 +31,11 @@ def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
 
 def count_jobs(config: DictConfig) -> int:
     """The number of jobs a multirun launches (the product of its swept values' counts)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from k3lab.tracking.sweep import swept_values
 
     params = config.hydra.sweeper.get("params")
     sweeps = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params is not None else {}).items()}
-    items = [f"{k}={v}" for k, v in sweeps.items()] + list(config.hydra.overrides.task)
-    parser = OverridesParser.create()
-    counts: dict[str, int] = {}
-    for item in items:
-        try:
-            override = parser.parse_override(item)
-        except HydraException:
-            continue
-        if override.is_sweep_override():
-            try:
-                counts[override.get_key_element()] = len(list(override.sweep_string_iterator()))
-            except HydraException:
-                counts[override.get_key_element()] = 1
-    return math.prod(counts.values()) if counts else 1
+    return math.prod(len(v) for v in swept_values(sweeps, list(config.hydra.overrides.task)).values())
 
 
 def estimate_minutes(reference: dict[str, float], jobs: int, gflops: float) -> float:

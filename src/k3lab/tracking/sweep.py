@@ -36,13 +36,13 @@ def read_sweep_file(sweep_dir: str | Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def sweep_reference(sweeps: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> dict[str, str]:
-    """The reference level of each swept key: the first value its sweep lists, written as Hydra writes a job's override.
+def swept_values(sweeps: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Each swept key's values as listed, written as Hydra writes a job's override.
 
     ``sweeps`` maps keys to sweep expressions (``hydra.sweeper.params``); ``overrides`` are command-line overrides,
     which win over ``sweeps`` as in Hydra's basic sweeper. Any sweep syntax Hydra parses is understood: ``a,b``,
-    ``choice(a,b)``, ``range(0,3)``, ``shuffle(...)`` (the first value as listed, before shuffling). A sweep that
-    needs the config to expand (``glob(...)``) is left out: its reference is then the first job's value.
+    ``choice(a,b)``, ``range(0,3)``, ``shuffle(...)`` (as listed, before shuffling). A sweep that needs the config to
+    expand (``glob(...)``) is left out.
     """
     import dataclasses
 
@@ -52,7 +52,7 @@ def sweep_reference(sweeps: Mapping[str, str] | None = None, overrides: Sequence
 
     parser = OverridesParser.create()
     items = [f"{k}={v}" for k, v in (sweeps or {}).items()] + list(overrides)
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     for item in items:
         try:
             override = parser.parse_override(item)
@@ -62,14 +62,20 @@ def sweep_reference(sweeps: Mapping[str, str] | None = None, overrides: Sequence
             continue
         value = override.value()
         if isinstance(value, (ChoiceSweep, RangeSweep)) and value.shuffle:
-            override._value = dataclasses.replace(value, shuffle=False)  # the first value as listed
+            override._value = dataclasses.replace(value, shuffle=False)  # as listed
         try:
-            first = next(iter(override.sweep_string_iterator()), None)
+            values = list(override.sweep_string_iterator())
         except HydraException:  # glob(): expanding it needs the config's group options
             continue
-        if first is not None:
-            out[override.get_key_element().lstrip("+~")] = first
+        if values:
+            out[override.get_key_element().lstrip("+~")] = values
     return out
+
+
+def sweep_reference(sweeps: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """The reference level of each swept key: the first value its sweep lists (:func:`swept_values`); a ``glob(...)``
+    sweep is left out, its reference is then the first job's value."""
+    return {key: values[0] for key, values in swept_values(sweeps, overrides).items()}
 
 
 def run_tags() -> dict[str, str]:
