@@ -134,3 +134,50 @@ def test_unknown_names_are_clear_errors() -> None:
         get_sampler("euler")
     with pytest.raises(ValueError, match="unknown noise schedule"):
         Schedule.named("sigmoid")
+
+
+def test_min_snr_weighting_equals_weighted_x0_loss() -> None:
+    """Min-SNR-gamma: for every prediction type the weighted loss equals min(SNR, gamma) x the x0 error (the paper's
+    definition), and gamma above every SNR gives back the SNR weighting of the simple x0 loss."""
+    from k3lab.diffusion.loss import diffusion_loss, min_snr_weight, to_epsilon
+    from k3lab.diffusion.schedule import Schedule
+
+    schedule = Schedule.cosine(1000)
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 50, 300, 600, 900, 999])
+    weight = torch.nn.Parameter(torch.tensor(0.7))
+    model = lambda x, tt: weight * x  # noqa: E731  (any model: the identity is not special)
+    a = schedule.alpha_bar(t, x0)
+    snr = (a / (1 - a)).flatten()
+    for prediction in ("epsilon", "v", "x0"):
+        gen = torch.Generator().manual_seed(1)
+        got = diffusion_loss(model, x0, schedule, prediction, generator=gen, t=t, min_snr_gamma=5.0)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = to_epsilon(prediction, model(x_t, t), x_t, a)
+        x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        per_sample = (x0_hat - x0).pow(2).flatten(1).mean(1)
+        expected = (per_sample * snr.clamp(max=5.0)).mean()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    w = min_snr_weight(a.flatten(), "epsilon", 5.0)
+    assert torch.all(w <= 1 + 1e-6) and w[0] < 0.01 and w[-1] == pytest.approx(1.0)  # easy steps down-weighted
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        min_snr_weight(a.flatten(), "v", 0.0)
+
+
+def test_cosine_decay_schedule() -> None:
+    """Warm-up to 1, then a half cosine to 0 at decay_steps, held after; no decay = constant 1."""
+    from k3lab.stages.common import cosine_decay, with_warmup
+
+    assert cosine_decay(0, 10, 110) == pytest.approx(0.1)
+    assert cosine_decay(9, 10, 110) == pytest.approx(1.0)
+    assert cosine_decay(60, 10, 110) == pytest.approx(0.5)
+    assert cosine_decay(110, 10, 110) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_decay(500, 10, 110) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_decay(500, 10, None) == 1.0
+    values = [cosine_decay(s, 10, 110) for s in range(10, 111)]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        with_warmup(opt, 10, 5)

@@ -80,8 +80,10 @@ def run_name(cfg: DictConfig) -> str | None:
     return None
 
 
-def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> FitResult:
-    """Validate, build data / stage / trainer from the config, fit and export."""
+def fit(
+    cfg: DictConfig, role: str | None = None, keep_open: bool = False, callbacks: list[Any] | None = None
+) -> FitResult:
+    """Validate, build data / stage / trainer from the config (plus ``callbacks``), fit and export."""
     validate(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
     if ckpt_path:
@@ -94,7 +96,7 @@ def fit(cfg: DictConfig, role: str | None = None, keep_open: bool = False) -> Fi
         if isinstance(lg, RunLogger):
             lg.keep_open = keep_open
     export = ExportModels(cfg, cfg.paths.checkpoint_dir, hydra_choices())
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [export, ResumeState()]
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [export, ResumeState(), *(callbacks or [])]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     extra = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}

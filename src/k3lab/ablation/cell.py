@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from k3lab.ablation.evaluate import evaluate
+from k3lab.ablation.curve import LearningCurve
+from k3lab.ablation.evaluate import evaluate, needs_reference_clip
 from k3lab.ablation.shared import precompute_part, reference_clip, train_part
 from k3lab.fitting import close_loggers, fit, hydra_choices, where_to_look
 from k3lab.tracking import find_mlflow_logger, log_image
@@ -60,11 +61,13 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
     root = str(ab.shared_dir)
     inherited = [*inherited_overrides(cell_overrides), f"task_name={cfg.task_name}"]
     common = [*inherited, *(ab.get("extra_overrides") or [])]
-    updates = {
-        "stage.first_stage.checkpoint": str(
-            train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent)
-        )
-    }
+    # no autoencoder (ablation.autoencoder: null): the cells diffuse in pixel space
+    autoencoder = (
+        str(train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent))
+        if ab.get("autoencoder")
+        else None
+    )
+    updates: dict = {"stage.first_stage.checkpoint": autoencoder}
     if uses_prior(cfg):
         clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent)
         prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
@@ -78,7 +81,7 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
             *inherited,
             f"model/text_encoder={text_encoder}",
             "stage=diffusion",
-            f"stage.first_stage.checkpoint={updates['stage.first_stage.checkpoint']}",
+            f"stage.first_stage.checkpoint={autoencoder if autoencoder else 'null'}",
         ]
         folder = precompute_part(f"precomputed_{text_encoder}", pc_overrides, root)
         updates |= {
@@ -87,6 +90,26 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
             "data.feature_keys": ["text.npy", "latent.npy"],
         }
     return updates
+
+
+def learning_curve(cfg: DictConfig, splits: dict[str, list[str]], settings: dict) -> list[LearningCurve]:
+    """The cell's learning-curve callback when ``ablation.curve.every_n_steps`` > 0 (else none)."""
+    curve = OmegaConf.select(cfg, "ablation.curve")
+    if curve is None or int(curve.get("every_n_steps") or 0) <= 0:
+        return []
+    from evaluation.prompts import load_scene_world
+
+    prompts = [p for p in load_scene_world(splits["test"]).prompts if (p.spec or {}).get("kind") == "single"]
+    prompts = prompts[: int(curve.num_prompts)]
+    return [
+        LearningCurve(
+            prompts,
+            int(curve.every_n_steps),
+            int(cfg.data.resolution),
+            settings,
+            Path(cfg.paths.output_dir) / "curve.csv",
+        )
+    ]
 
 
 def run_cell(cfg: DictConfig) -> dict[str, float]:
@@ -114,14 +137,18 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     updates = prepare_shared(cfg, text_encoder, overrides)
     settings = OmegaConf.to_container(cfg.ablation.evaluation, resolve=True)
     settings["sampling"] = OmegaConf.to_container(cfg.sampling, resolve=True)  # type: ignore[index]
-    ref_dir = reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
+    ref_dir = (
+        reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
+        if needs_reference_clip(settings)
+        else None
+    )
     with open_dict(cfg):
         for key, value in updates.items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         if not cfg.get("ckpt_path") and (Path(cfg.paths.checkpoint_dir) / "last.ckpt").is_file():
             cfg.ckpt_path = "last"  # a killed cell of a resumed sweep: continue its training and its MLflow run
     start = time.perf_counter()
-    result = fit(cfg, role="cell", keep_open=True)
+    result = fit(cfg, role="cell", keep_open=True, callbacks=learning_curve(cfg, splits, settings))
     fit_seconds = time.perf_counter() - start
     out_dir = Path(cfg.paths.output_dir)
     try:
@@ -142,7 +169,7 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams(
                 {f"shared/{k.split('.')[-2]}": v for k, v in updates.items() if k.endswith(".checkpoint")}
                 | {
-                    "shared/reference_clip": str(ref_dir),
+                    "shared/reference_clip": str(ref_dir or ""),
                     "shared/precomputed": str(OmegaConf.select(cfg, "data.source.root") or ""),
                 }
             )
@@ -163,11 +190,11 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     seen = {k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k.startswith("eval/seen/")}
     name = ",".join(o for o in overrides if not o.startswith("experiment=")) or "defaults"
     log.info(
-        "cell %s: seen %s; fid_clip %.2f, clip_score %.2f",
+        "cell %s: seen %s; fid_clip %s, clip_score %s",
         name,
         seen,
-        metrics["eval/fid_clip"],
-        metrics["eval/clip_score"],
+        round(metrics.get("eval/fid_clip", float("nan")), 2),
+        round(metrics.get("eval/clip_score", float("nan")), 2),
     )
     where_to_look(cfg, result.loggers)
     return {**result.metrics, **metrics}

@@ -83,12 +83,39 @@ def grid(records: Sequence[Any], count: int = 32) -> torch.Tensor:
     return torchvision.utils.make_grid(images, nrow=8, padding=2, pad_value=0.6)
 
 
+def seen_prompts(prompts: Sequence[Any], num_seen: int, num_single: int = 0) -> list[Any]:
+    """The first ``num_seen`` test prompts (every kind), then further single-object prompts until ``num_single`` of
+    them are in (single-object and colour accuracy are read on those; more prompts, a smaller binomial error)."""
+    chosen = list(prompts[:num_seen])
+    singles = sum(1 for p in chosen if (p.spec or {}).get("kind") == "single")
+    for p in prompts[num_seen:]:
+        if singles >= num_single:
+            break
+        if (p.spec or {}).get("kind") == "single":
+            chosen.append(p)
+            singles += 1
+    if singles < num_single:
+        raise ValueError(
+            f"ablation.evaluation.num_seen_single={num_single}: the test split holds only {singles} single-object "
+            "scenes; raise data.source.num_test (or the single kind's share, data.source.kind_weights)"
+        )
+    return chosen
+
+
+def needs_reference_clip(settings: dict[str, Any]) -> bool:
+    """Whether the metrics named in ``settings["metrics"]`` use the reference CLIP (FID features, CLIP score)."""
+    from evaluation import metrics as registry
+
+    names = list(settings.get("metrics") or ("compbench", "fid_clip", "clip_score"))
+    return bool({n for name in names for n in registry.get(name).needs} & {"reference_clip", "fid_reference"})
+
+
 def evaluate(
     generator: Any,
     splits: dict[str, list[str]],
     resolution: int,
     settings: dict[str, Any],
-    reference_clip_dir: str | Path,
+    reference_clip_dir: str | Path | None,
     out_dir: str | Path,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Sample the seen and held-out prompts into ``out_dir/{seen,heldout}`` (PNG + metadata.jsonl) and score them with
@@ -105,7 +132,9 @@ def evaluate(
     out_dir = Path(out_dir)
     n_seen, n_heldout = int(settings["num_seen"]), int(settings["num_heldout"])
     prompts = {
-        "seen": load_scene_world(splits["test"]).prompts[:n_seen],
+        "seen": seen_prompts(
+            load_scene_world(splits["test"]).prompts, n_seen, int(settings.get("num_seen_single") or 0)
+        ),
         "heldout": load_scene_world(splits["heldout"]).prompts[:n_heldout] if n_heldout else [],
     }
     records: dict[str, list[Any]] = {}

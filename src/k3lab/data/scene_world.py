@@ -49,6 +49,7 @@ class SceneWorld:
     shard_size: int = 1000
     supersample: int = 4
     max_objects: int = 4
+    object_scale: float = 1.0  # radii = SIZES x this (larger shapes: their corners and arms span more pixels)
     kind_weights: dict[str, float] = field(
         default_factory=lambda: {"single": 0.3, "relation": 0.3, "count": 0.2, "multi": 0.2}
     )
@@ -63,6 +64,8 @@ class SceneWorld:
                 problems.append(f"{name}={getattr(self, name)} (needs >= 0)")
         if int(self.shard_size) <= 0:
             problems.append(f"shard_size={self.shard_size} (needs > 0)")
+        if not 0.25 <= float(self.object_scale) <= 2.0:
+            problems.append(f"object_scale={self.object_scale} (needs 0.25..2)")
         if not 1 <= int(self.max_objects) <= 4:
             problems.append(f"max_objects={self.max_objects} (needs 1..4)")
         unknown = [k for k in self.kind_weights if k not in KINDS]
@@ -90,7 +93,7 @@ class SceneWorld:
             "max_objects": int(self.max_objects),
             "kind_weights": {k: float(v) for k, v in sorted(self.kind_weights.items())},
             "heldout_pairs": sorted([list(p) for p in self.heldout]),
-        }
+        } | ({"object_scale": float(self.object_scale)} if float(self.object_scale) != 1.0 else {})
 
     @property
     def directory(self) -> Path:
@@ -203,7 +206,7 @@ class SceneWorld:
         placed: list[SceneObject] = []
         margin = 1.5 / self.resolution
         for shape, color, size in attrs:
-            r = SIZES[size]
+            r = SIZES[size] * float(self.object_scale)
             e = r * EXTENT[shape]
             for _ in range(60):
                 x, y = (float(v) for v in rng.uniform(e + margin, 1 - e - margin, size=2))

@@ -43,8 +43,13 @@ def diffusion_loss(
     prediction: str = "epsilon",
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Simple MSE loss of DDPM (Ho et al. 2020, arXiv 2006.11239): t ~ U{0..T-1}, per-sample mean, then batch mean."""
+    """Simple MSE loss of DDPM (Ho et al. 2020, arXiv 2006.11239): t ~ U{0..T-1}, per-sample mean, then batch mean.
+
+    ``min_snr_gamma``: Min-SNR-gamma weighting (Hang et al. 2023, arXiv 2303.09556): each sample's loss is weighted so
+    that, as an x0 loss, its weight is min(SNR, gamma), i.e. min(SNR, gamma) / SNR for epsilon and
+    min(SNR, gamma) / (SNR + 1) for v; easy low-noise steps stop dominating the gradient. None = the simple loss."""
     b = x0.shape[0]
     if t is None:
         t = torch.randint(0, schedule.num_steps, (b,), device=x0.device, generator=generator)
@@ -52,4 +57,22 @@ def diffusion_loss(
     a = schedule.alpha_bar(t, x0)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     out = model(x_t, t)
-    return F.mse_loss(out.float(), target_for(prediction, x0, noise, a).float())
+    if min_snr_gamma is None:
+        return F.mse_loss(out.float(), target_for(prediction, x0, noise, a).float())
+    per_sample = (out.float() - target_for(prediction, x0, noise, a).float()).pow(2).flatten(1).mean(1)
+    return (per_sample * min_snr_weight(a.flatten(), prediction, float(min_snr_gamma))).mean()
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
+    """The Min-SNR-gamma factor on the loss of ``prediction`` for noise levels ``alpha_bar`` (see diffusion_loss)."""
+    if gamma <= 0:
+        raise ValueError(f"min_snr_gamma={gamma}: must be > 0")
+    snr = alpha_bar.float() / (1 - alpha_bar.float()).clamp(min=1e-12)
+    clipped = snr.clamp(max=gamma)
+    if prediction == "epsilon":
+        return clipped / snr.clamp(min=1e-12)
+    if prediction == "v":
+        return clipped / (snr + 1)
+    if prediction == "x0":
+        return clipped
+    raise ValueError(f"unknown prediction {prediction!r}: use one of {PREDICTIONS}")

@@ -3,6 +3,7 @@ gradient clipping by norm."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,10 +21,26 @@ def warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def with_warmup(optimizer: Optimizer, warmup_steps: int) -> dict[str, Any]:
-    """Lightning's ``configure_optimizers`` answer: ``optimizer`` with a per-step linear warm-up (:func:`warmup`)."""
+def cosine_decay(step: int, warmup_steps: int, decay_steps: int | None, final: float = 0.0) -> float:
+    """The warm-up factor, then (when ``decay_steps`` is set) a half cosine from 1 at the warm-up's end to ``final`` at
+    optimizer step ``decay_steps`` (held there after it)."""
+    factor = warmup(step, warmup_steps)
+    if not decay_steps or step < warmup_steps:
+        return factor
+    span = max(1, int(decay_steps) - max(0, warmup_steps))
+    progress = min(1.0, (step - max(0, warmup_steps)) / span)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def with_warmup(
+    optimizer: Optimizer, warmup_steps: int, decay_steps: int | None = None, final: float = 0.0
+) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer: ``optimizer`` with a per-step linear warm-up (:func:`warmup`) and,
+    when ``decay_steps`` is set, a cosine decay to ``final`` x the learning rate at that step (:func:`cosine_decay`)."""
     steps = int(warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step, steps))
+    if decay_steps is not None and int(decay_steps) <= steps:
+        raise ValueError(f"lr_decay_steps={decay_steps} must exceed warmup_steps={steps} (or be null: no decay)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_decay(step, steps, decay_steps, final))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

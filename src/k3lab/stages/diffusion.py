@@ -45,9 +45,11 @@ class DiffusionStage(L.LightningModule):
         encoder_dim: int | None = None,  # text-encoder width (default: text_encoder.dim)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
         warmup_steps: int = 1000,  # linear learning-rate warm-up (optimizer steps)
+        lr_decay_steps: int | None = None,  # cosine decay of the learning rate to 0 at this step (None = constant)
         schedule: str = "cosine",
         num_timesteps: int = 1000,
         prediction: str = "epsilon",  # epsilon | v
+        min_snr_gamma: float | None = None,  # Min-SNR-gamma loss weighting (None = the simple loss)
         caption_dropout: float = 0.1,  # p of training a caption as the null embedding (for CFG)
         ema_decay: float | None = 0.9999,
         grad_clip: float | None = 1.0,
@@ -166,7 +168,9 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
-        return with_warmup(self.optimizer_factory(params), self.hparams.warmup_steps)
+        return with_warmup(
+            self.optimizer_factory(params), self.hparams.warmup_steps, self.hparams.get("lr_decay_steps")
+        )
 
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -203,7 +207,13 @@ class DiffusionStage(L.LightningModule):
         drop = torch.rand(z.shape[0], device=z.device) < self.hparams.caption_dropout
         cond = self.arm.condition(batch, self.text_encoder, drop)
         extra = self.image_condition(batch, z, train=True)
-        loss = diffusion_loss(self.denoiser(self.unet, cond, extra), z, self.schedule, self.hparams.prediction)
+        loss = diffusion_loss(
+            self.denoiser(self.unet, cond, extra),
+            z,
+            self.schedule,
+            self.hparams.prediction,
+            min_snr_gamma=self.hparams.get("min_snr_gamma"),
+        )
         if not torch.isfinite(loss):
             keys = batch.get("key", [])[:4]
             raise NonFiniteLossError(
