@@ -177,7 +177,7 @@ def test_cosine_decay_schedule() -> None:
     assert cosine_decay(500, 10, 110) == pytest.approx(0.0, abs=1e-12)
     assert cosine_decay(500, 10, None) == 1.0
     values = [cosine_decay(s, 10, 110) for s in range(10, 111)]
-    assert all(b <= a for a, b in zip(values, values[1:]))
+    assert all(b <= a for a, b in zip(values, values[1:], strict=False))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="lr_decay_steps"):
         with_warmup(opt, 10, 5)

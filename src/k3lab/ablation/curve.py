@@ -57,7 +57,6 @@ class LearningCurve(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         from evaluation.compbench import score
-
         from k3lab.ablation.evaluate import sample_records
 
         was_training = pl_module.training
