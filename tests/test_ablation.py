@@ -25,6 +25,7 @@ TINY_CELL = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=4",
     "ablation.evaluation.num_seen=16",
+    "ablation.evaluation.num_seen_single=4",
     "ablation.evaluation.num_heldout=8",
     "ablation.evaluation.fid_reference=32",
     "sampling.steps=3",
