@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all lint format browser bench-autoencoder bench-text2image bench-unet bench-convert clean
+.PHONY: venv quickstart test test-all lint format browser bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -55,6 +55,9 @@ bench-text2image: $(STAMP)
 
 bench-unet: $(STAMP)
 	$(PY) benchmarks/unet_vs_diffusers.py
+
+bench-cell: $(STAMP)
+	$(PY) benchmarks/cell_unet.py
 
 bench-convert: $(STAMP)
 	$(PY) benchmarks/convert_memory.py

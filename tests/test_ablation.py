@@ -458,3 +458,50 @@ def test_sample_grids_carry_each_images_prompt() -> None:
     records = [ImageRecord(image, f"p{i}", f"prompt {i}") for i in range(10)]
     g = grid(records)
     assert g.shape[0] == 3 and g.shape[1] > 2 * (128 + 48) and g.shape[2] > 8 * 128  # 2 rows of 8 captioned tiles
+
+
+def test_seen_prompts_add_single_object_prompts_up_to_the_count() -> None:
+    from types import SimpleNamespace
+
+    from k3lab.ablation.evaluate import seen_prompts
+
+    kinds = ["relation", "single", "count", "single", "multi", "single", "single", "relation", "single"]
+    prompts = [SimpleNamespace(id=i, spec={"kind": k}) for i, k in enumerate(kinds)]
+    chosen = seen_prompts(prompts, 3, 4)
+    assert [p.id for p in chosen] == [0, 1, 2, 3, 5, 6]  # the first 3 of every kind, then singles until 4 are in
+    assert [p.id for p in seen_prompts(prompts, 3, 0)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="num_seen_single=9: the test split holds only 5"):
+        seen_prompts(prompts, 3, 9)
+
+
+def test_a_pixel_space_cell_logs_its_learning_curve(tmp_path: Path) -> None:
+    """ablation.autoencoder=null: the cell diffuses in pixel space (no autoencoder is trained); ablation.curve logs the
+    seen single-object and colour accuracy at every curve step, with training seconds that grow."""
+    import csv
+
+    k3lab(
+        [
+            "experiment=ablation_tiny",
+            *TINY_WORLD,
+            *TINY_CELL,
+            "data.source.resolution=32",
+            "ablation.autoencoder=null",
+            "model.unet.in_channels=3",
+            "model.unet.out_channels=3",
+            "stage.latent_scale=1.0",
+            "ablation.evaluation.metrics=[compbench]",
+            "ablation.curve.every_n_steps=2",
+            "ablation.curve.num_prompts=6",
+        ],
+        tmp_path,
+    )
+    run = next((tmp_path / "logs" / "ablation_tiny" / "runs").iterdir())
+    rows = list(csv.DictReader((run / "curve.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(int(r["num_prompts"]) == 6 for r in rows)
+    assert 0 < float(rows[0]["train_seconds"]) < float(rows[1]["train_seconds"])
+    assert all(0.0 <= float(r["single_object"]) <= 1.0 and 0.0 <= float(r["colors"]) <= 1.0 for r in rows)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "eval/seen/single_object" in metrics and "eval/fid_clip" not in metrics
+    shared = sorted(p.name.split("-")[0] for p in (tmp_path / "logs" / "shared").iterdir() if p.is_dir())
+    assert shared == ["precomputed_t5_tiny"]  # no autoencoder, and no reference CLIP without a metric that needs it

@@ -76,6 +76,9 @@ def test_choice_and_range_sweeps_give_effects(tmp_path: Path) -> None:
     )
     assert row["effect"] == pytest.approx((0.2 + 0.22 + 0.24) / 3) and row["ci95"] > 0
     assert "| model/prior | diffusion_mapping vs none | 0.220 ±" in report.text
+    # the seed-to-seed spread of each cell: 0.5, 0.6, 0.7 has SD 0.1; 0.30, 0.38, 0.46 has SD 0.08
+    assert "### Seed-to-seed standard deviation per cell" in report.text
+    assert "| diffusion_mapping | 0.100 |" in report.text and "| none | 0.080 |" in report.text
 
 
 def test_duplicated_finished_cell_newest_wins(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -133,3 +133,30 @@ def test_bad_generator_config_names_the_value(tmp_path: Path) -> None:
         SceneWorld(root=str(tmp_path), resolution=-4)
     with pytest.raises(ValueError, match=r"heldout_pairs entry \['purple', 'circle'\]"):
         SceneWorld(root=str(tmp_path), heldout_pairs=[["purple", "circle"]])
+
+
+def test_object_scale_draws_larger_shapes_and_keeps_other_worlds_keys(tmp_path: Path) -> None:
+    """object_scale multiplies every radius (the spec, the bbox and the pixels agree); the default keeps the cache key
+    of worlds written before the option existed; bad values name the option."""
+    counts = dict(num_train=40, num_val=0, num_test=0, num_heldout=0, kind_weights={"single": 1.0})
+    plain = SceneWorld(root=str(tmp_path / "a"), **counts)
+    large = SceneWorld(root=str(tmp_path / "b"), object_scale=1.5, **counts)
+    assert "object_scale" not in plain.spec() and large.spec()["object_scale"] == 1.5
+    assert plain.directory.name != large.directory.name
+    background = np.array([245, 245, 245])
+
+    def areas(world: SceneWorld) -> tuple[list[float], list[float]]:
+        radii, painted = [], []
+        for sample in read_split(world.build()["train"]):
+            meta = json.loads(sample["json"])
+            radii.append(meta["objects"][0]["radius"])
+            image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")).astype(int)
+            painted.append(float((np.abs(image - background).sum(-1) > 60).mean()))
+        return radii, painted
+
+    (r_plain, a_plain), (r_large, a_large) = areas(plain), areas(large)
+    assert set(np.round(r_large, 4)) == {round(0.09 * 1.5, 4), round(0.16 * 1.5, 4)}
+    assert set(np.round(r_plain, 4)) == {0.09, 0.16}
+    assert 1.8 < np.mean(a_large) / np.mean(a_plain) < 2.7  # area grows with the square of the scale (2.25)
+    with pytest.raises(ValueError, match=r"object_scale=5"):
+        SceneWorld(root=str(tmp_path), object_scale=5)

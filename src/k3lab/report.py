@@ -27,6 +27,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 PERF_METRICS: tuple[str, ...] = ("perf/train_samples_per_s",)
+# The main metrics whose seed-to-seed spread the report prints (the noise an effect must stand out from).
+SPREAD_METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/fid_clip")
 
 
 def default_metrics() -> tuple[str, ...]:
@@ -228,6 +230,7 @@ def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
         row["seeds"] = len(group)
         for m in [m for m in metrics if m in group]:
             row[m], row[f"{m} ci95"] = interval(group[m].tolist())
+            row[f"{m} sd"] = float(np.std(group[m].tolist(), ddof=1)) if len(group) > 1 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -286,6 +289,23 @@ def markdown(
             )
             + " |"
         )
+    spread = [m for m in SPREAD_METRICS if m in metrics]
+    if len(seeds) > 1 and spread:
+        lines += [
+            "",
+            "### Seed-to-seed standard deviation per cell (how large an effect must be to be seen)",
+            "",
+            "| " + " | ".join(names + [short(m) for m in spread]) + " |",
+            "|" + "---|" * (len(names) + len(spread)),
+        ]
+        for r in cell_table.to_dict("records"):
+            lines.append(
+                "| "
+                + " | ".join(
+                    [str(r[n]) for n in names] + [_fmt(r.get(f"{m} sd", float("nan")), float("nan")) for m in spread]
+                )
+                + " |"
+            )
     tasks = [m.removeprefix("eval/seen/") for m in metrics if m.startswith("eval/seen/")]
     baselines = [
         (label, prefix)

@@ -59,7 +59,12 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
     ab = cfg.ablation
     parent = run_tags().get(PARENT_TAG)
     root = str(ab.shared_dir)
-    inherited = [*inherited_overrides(cell_overrides), f"task_name={cfg.task_name}"]
+    data_choice = hydra_choices().get("data")  # the cell's world (e.g. scene_world_ablation), then its data overrides
+    inherited = [
+        *([f"data={data_choice}"] if data_choice else []),
+        *inherited_overrides(cell_overrides),
+        f"task_name={cfg.task_name}",
+    ]
     common = [*inherited, *(ab.get("extra_overrides") or [])]
     # no autoencoder (ablation.autoencoder: null): the cells diffuse in pixel space
     autoencoder = (

@@ -3,6 +3,7 @@ gradient clipping by norm."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,7 +40,12 @@ def with_warmup(
     when ``decay_steps`` is set, a cosine decay to ``final`` x the learning rate at that step (:func:`cosine_decay`)."""
     steps = int(warmup_steps)
     if decay_steps is not None and int(decay_steps) <= steps:
-        raise ValueError(f"lr_decay_steps={decay_steps} must exceed warmup_steps={steps} (or be null: no decay)")
+        logging.getLogger(__name__).warning(
+            "lr_decay_steps=%s does not exceed warmup_steps=%d (a run shorter than its warm-up): no decay",
+            decay_steps,
+            steps,
+        )
+        decay_steps = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_decay(step, steps, decay_steps, final))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
