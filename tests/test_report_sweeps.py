@@ -23,6 +23,8 @@ def test_reference_is_the_first_value_of_any_sweep_syntax() -> None:
     assert ref == {"model/prior": "none", "seed": "0", "x": "b", "y": "q", "model/unet/block": "resnet", "z": "0.002"}
     # a command-line sweep wins over the config's sweeper params, as in Hydra's basic sweeper
     assert sweep_reference({"a": "u,v"}, ["a=v,u"]) == {"a": "v"}
+    # ... and a single value on the command line stops the key being swept at all (the main job's block axis pinned)
+    assert sweep_reference({"a": "u,v", "seed": "0,1,2"}, ["a=u", "b=x,y"]) == {"seed": "0", "b": "x"}
 
 
 def _sweep(

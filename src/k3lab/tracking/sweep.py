@@ -58,7 +58,10 @@ def swept_values(sweeps: Mapping[str, str] | None = None, overrides: Sequence[st
             override = parser.parse_override(item)
         except HydraException:
             continue
-        if not override.is_sweep_override() or override.get_key_element().startswith("hydra"):
+        if override.get_key_element().startswith("hydra"):
+            continue
+        if not override.is_sweep_override():  # a single value on the command line: that key is not swept
+            out.pop(override.get_key_element().lstrip("+~"), None)
             continue
         value = override.value()
         if isinstance(value, (ChoiceSweep, RangeSweep)) and value.shuffle:
@@ -187,7 +190,11 @@ class MLflowSweepCallback(Callback):
         )
         reference = sweep_reference({k: str(v) for k, v in params.items()}, overrides)
         for key, value in {
-            **{f"sweep/{k}": str(v) for k, v in params.items()},
+            # every swept key, from the preset's sweeper params and the command line (which wins, as in Hydra)
+            **{
+                f"sweep/{k}": ",".join(v)
+                for k, v in swept_values({k: str(v) for k, v in params.items()}, overrides).items()
+            },
             "sweep/overrides": " ".join(overrides)[:6000],
             **{f"reference/{k}": v for k, v in reference.items()},
         }.items():
