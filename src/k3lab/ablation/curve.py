@@ -41,19 +41,21 @@ class LearningCurve(L.Callback):
         self.settings = settings
         self.out_file = Path(out_file)
         self.train_seconds = 0.0
-        self._since: float | None = None
+        self._start = 0.0
+        self._evaluating = 0.0  # seconds spent in this callback's evaluations (not training)
         self.rows: list[dict[str, float]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._since = time.perf_counter()
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._since is not None:
-            self.train_seconds += time.perf_counter() - self._since
-            self._since = None
         step = int(trainer.global_step)
         if step % self.every == 0 and trainer.is_global_zero:
+            # the training loop's wall time so far (data, steps, logging), without the curve's own evaluations
+            self.train_seconds = time.perf_counter() - self._start - self._evaluating
+            started = time.perf_counter()
             self.evaluate(trainer, pl_module, step)
+            self._evaluating += time.perf_counter() - started
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         from evaluation.compbench import score

@@ -188,15 +188,12 @@ class MLflowSweepCallback(Callback):
             run_name=f"sweep {sweep_dir.name}",
             tags={ROLE_TAG: "sweep", "k3lab.sweep_dir": str(sweep_dir), **process_tags()},
         )
-        reference = sweep_reference({k: str(v) for k, v in params.items()}, overrides)
+        # every swept key, from the preset's sweeper params and the command line (which wins, as in Hydra)
+        swept = swept_values({k: str(v) for k, v in params.items()}, overrides)
         for key, value in {
-            # every swept key, from the preset's sweeper params and the command line (which wins, as in Hydra)
-            **{
-                f"sweep/{k}": ",".join(v)
-                for k, v in swept_values({k: str(v) for k, v in params.items()}, overrides).items()
-            },
+            **{f"sweep/{k}": ",".join(v) for k, v in swept.items()},
             "sweep/overrides": " ".join(overrides)[:6000],
-            **{f"reference/{k}": v for k, v in reference.items()},
+            **{f"reference/{k}": v[0] for k, v in swept.items()},
         }.items():
             client.log_param(run.info.run_id, key, value)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +202,7 @@ class MLflowSweepCallback(Callback):
             "experiment_id": experiment_id,
             "experiment_name": name,
             "parent_run_id": run.info.run_id,
-            "reference": reference,
+            "reference": {k: v[0] for k, v in swept.items()},
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=1))
         log.info("MLflow parent run %s (experiment %r) for sweep %s", run.info.run_id, name, sweep_dir)
