@@ -184,3 +184,39 @@ def test_cosine_decay_schedule() -> None:
         opt.step()
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
+def test_cosine_decay_to_a_final_fraction_reaches_the_stage_optimizer(tmp_path) -> None:
+    """stage.lr_final: the cosine ends at that fraction of the rate (held after); out of [0, 1] is refused by name."""
+    from k3lab.stages.common import cosine_decay, with_warmup
+
+    assert cosine_decay(110, 10, 110, final=0.5) == pytest.approx(0.5)
+    assert cosine_decay(60, 10, 110, final=0.5) == pytest.approx(0.75)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = with_warmup(opt, 0, 10, final=0.25)["lr_scheduler"]["scheduler"]
+    for _ in range(30):
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="stage.lr_final=1.5"):
+        with_warmup(opt, 0, 10, final=1.5)
+
+
+def test_ema_update_matches_the_per_parameter_average() -> None:
+    """The multi-tensor EMA update equals lerp(ema, live, 1 - decay) per parameter, with the decay's warm-up."""
+    from k3lab.nn.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 4))
+    ema = EMA(model, decay=0.99)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for n in range(1, 30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        decay = min(0.99, (1 + n) / (10 + n))
+        expected = [e + (1 - decay) * (p.detach() - e) for e, p in zip(expected, model.parameters(), strict=True)]
+    for got, want in zip(ema.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(next(ema.module.parameters()), next(model.parameters()))

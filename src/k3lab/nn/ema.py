@@ -28,8 +28,11 @@ class EMA(nn.Module):
         self.num_updates += 1
         n = float(self.num_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        for ema_p, p in zip(self.module.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
+        averaged, live = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if len(averaged) != len(live):
+            raise ValueError(f"EMA.update: the model has {len(live)} parameters, its average {len(averaged)}")
+        # one multi-tensor kernel per dtype/device group instead of a Python loop over ~100 small tensors
+        torch._foreach_lerp_(averaged, live, 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

@@ -39,6 +39,10 @@ def with_warmup(
     """Lightning's ``configure_optimizers`` answer: ``optimizer`` with a per-step linear warm-up (:func:`warmup`) and,
     when ``decay_steps`` is set, a cosine decay to ``final`` x the learning rate at that step (:func:`cosine_decay`)."""
     steps = int(warmup_steps)
+    if not 0.0 <= float(final) <= 1.0:
+        raise ValueError(
+            f"stage.lr_final={final}: the fraction of the learning rate the decay ends at must be in [0, 1]"
+        )
     if decay_steps is not None and int(decay_steps) <= steps:
         logging.getLogger(__name__).warning(
             "lr_decay_steps=%s does not exceed warmup_steps=%d (a run shorter than its warm-up): no decay",

@@ -46,6 +46,7 @@ class DiffusionStage(L.LightningModule):
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
         warmup_steps: int = 1000,  # linear learning-rate warm-up (optimizer steps)
         lr_decay_steps: int | None = None,  # cosine decay of the learning rate to 0 at this step (None = constant)
+        lr_final: float = 0.0,  # the decay ends at this fraction of the learning rate (0: to zero)
         schedule: str = "cosine",
         num_timesteps: int = 1000,
         prediction: str = "epsilon",  # epsilon | v
@@ -169,7 +170,10 @@ class DiffusionStage(L.LightningModule):
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
         return with_warmup(
-            self.optimizer_factory(params), self.hparams.warmup_steps, self.hparams.get("lr_decay_steps")
+            self.optimizer_factory(params),
+            self.hparams.warmup_steps,
+            self.hparams.get("lr_decay_steps"),
+            float(self.hparams.get("lr_final") or 0.0),
         )
 
     def configure_gradient_clipping(
