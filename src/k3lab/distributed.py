@@ -1,0 +1,143 @@
+"""Sharded training helpers: the FSDP unit policy for the U-Net and a meta-device memory plan.
+
+``trainer=fsdp`` wraps every residual block and attention block of the U-Net as its own FSDP unit (and checkpoints
+activations by the same policy), so only one block's full parameters are gathered at a time. ``memory_plan`` says what
+that costs per GPU without allocating anything: the model is built on the meta device, its parameters counted, and one
+forward pass at the target latent size measures the activations autograd keeps (per block, to price checkpointing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from k3lab.nn.unet_blocks import AttentionBlock, ResidualBlock
+
+GIB = 1024**3
+
+# bytes per parameter under FSDP with bf16 compute and fp32 master weights, sharded over the ranks:
+# fp32 parameter + fp32 gradient + AdamW's two fp32 moments
+SHARDED_BYTES_PER_PARAM = 4 + 4 + 8
+
+
+def block_classes() -> set[type[nn.Module]]:
+    """The U-Net's FSDP units and activation-checkpointing units: every residual block (BigGAN-deep or ResBlock) and
+    every attention block."""
+    return {ResidualBlock, AttentionBlock, *ResidualBlock.__subclasses__()}
+
+
+def mixed_precision(param: str = "bfloat16", reduce: str = "float32", buffer: str = "float32") -> Any:
+    """FSDP's mixed-precision policy by dtype names (bf16 compute, fp32 gradient reduction by default)."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    def dtype(name: str) -> torch.dtype:
+        value = getattr(torch, name, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"FSDP mixed precision: {name!r} is not a torch dtype (e.g. bfloat16, float32)")
+        return value
+
+    return MixedPrecision(param_dtype=dtype(param), reduce_dtype=dtype(reduce), buffer_dtype=dtype(buffer))
+
+
+def units(model: nn.Module) -> Iterator[nn.Module]:
+    """The outermost modules of ``model`` that :func:`block_classes` makes FSDP units."""
+    classes = tuple(block_classes())
+    stack = list(model.children())
+    while stack:
+        module = stack.pop()
+        if isinstance(module, classes):
+            yield module
+        else:
+            stack.extend(module.children())
+
+
+@dataclass
+class Activations:
+    """Bytes autograd keeps for one sample's forward: all of it, and with every unit checkpointed."""
+
+    full: int
+    checkpointed: int
+
+
+def activation_bytes(
+    unet: nn.Module, latent: int, context_tokens: int, dtype: torch.dtype = torch.bfloat16
+) -> Activations:
+    """One sample's saved activations, measured by one forward pass on ``unet``'s device (the meta device: nothing
+    allocated; a real device gives the same count).
+
+    Checkpointed: everything saved outside the units, plus each unit's input, plus the largest unit's own saved
+    tensors (recomputed one unit at a time in backward)."""
+    unet = unet.to(dtype)
+    seen: dict[int, int] = {}
+    keep: list[torch.Tensor] = []  # ids stay unique while the tensors live
+
+    def weight(t: torch.Tensor) -> bool:  # a parameter or a view of one (a linear layer saves weight.t())
+        return (t.is_leaf and t.requires_grad) or (t._base is not None and t._base.is_leaf and t._base.requires_grad)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not weight(t) and id(t) not in seen:
+            seen[id(t)] = t.numel() * t.element_size()
+            keep.append(t)
+        return t
+
+    per_unit: list[tuple[int, int]] = []  # (input bytes, own saved bytes)
+    handles = []
+    for unit in units(unet):
+
+        def before(module: nn.Module, args: tuple) -> None:
+            module._k3_saved_before = sum(seen.values())  # type: ignore[attr-defined]
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            per_unit.append((x.numel() * x.element_size(), sum(seen.values()) - module._k3_saved_before))  # type: ignore[attr-defined]
+
+        handles += [unit.register_forward_pre_hook(before), unit.register_forward_hook(after)]
+    device = next(unet.parameters()).device
+    x = torch.randn(1, int(unet.in_channels), latent, latent, device=device, dtype=dtype)
+    t = torch.full((1,), 500, device=device, dtype=torch.long)
+    context = torch.randn(1, context_tokens, int(unet.context_dim), device=device, dtype=dtype)
+    mask = torch.ones(1, context_tokens, device=device, dtype=torch.bool)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet.train()(x, t, context, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    full = sum(seen.values())
+    inside = sum(own for _, own in per_unit)
+    checkpointed = full - inside + sum(inp for inp, _ in per_unit) + max((own for _, own in per_unit), default=0)
+    return Activations(full=full, checkpointed=checkpointed)
+
+
+@dataclass
+class MemoryRow:
+    gpus: int
+    sharded_gib: float  # fp32 parameters + gradients + AdamW moments, this rank's shard
+    gathered_gib: float  # bf16 parameters of the two largest units (the one computing and the one prefetched)
+    static_gib: float
+    batch_per_gpu: int  # the largest batch whose checkpointed activations fit beside the static memory
+
+
+def memory_plan(
+    unet: nn.Module,
+    gpus: Sequence[int] = (1, 8, 64),
+    latent: int = 64,
+    context_tokens: int = 128,
+    gpu_gib: float = 80.0,
+    reserve_gib: float = 6.0,  # CUDA context, allocator fragmentation, workspace
+) -> tuple[int, Activations, list[MemoryRow]]:
+    """Per-GPU memory of FSDP training of ``unet`` (on the meta device) for each GPU count; see the module docstring."""
+    params = sum(p.numel() for p in unet.parameters())
+    sizes = sorted((sum(p.numel() for p in u.parameters()) for u in units(unet)), reverse=True)
+    gathered = 2 * sum(sizes[:2])  # bf16
+    act = activation_bytes(unet, latent, context_tokens)
+    rows = []
+    for n in gpus:
+        sharded = params * SHARDED_BYTES_PER_PARAM / n
+        static = sharded + gathered
+        free = (gpu_gib - reserve_gib) * GIB - static
+        rows.append(MemoryRow(n, sharded / GIB, gathered / GIB, static / GIB, max(0, int(free // act.checkpointed))))
+    return params, act, rows
