@@ -213,3 +213,40 @@ def test_the_in_memory_path_yields_the_same_batches_as_the_shard_path(bad_shard:
             assert len(opened) == len(urls)  # the shard path re-read every shard; the in-memory one none
             opened.clear()
     assert sum(sum(b["skipped"].values()) for b in a) >= 5  # bad samples and the truncated shard, counted each pass
+
+
+def test_several_ranks_train_on_disjoint_shards_in_endless_streams_and_read_evaluation_splits_whole(
+    tmp_path: Path,
+) -> None:
+    """With 2 ranks: each pass the shards are reshuffled and split, disjoint between the ranks; a rank's stream plays
+    pass after pass (it never runs dry before the other); the first pass equals the single-pass stream; the val split is read whole by
+    both; too few shards or no step budget are refused by name."""
+    from types import SimpleNamespace
+
+    urls = [str(write_shard(tmp_path / f"s-{i:03d}.tar", good(f"{i}0") + good(f"{i}1"))) for i in range(4)]
+    val = str(write_shard(tmp_path / "v-000.tar", good("v0") + good("v1") + good("v2")))
+
+    def module(rank: int, max_steps: int = 100, num_workers: int = 0) -> ShardDataModule:
+        dm = ShardDataModule(shards={"train": urls, "val": val}, resolution=32, batch_size=2, min_image_size=32,
+                             seed=3, shuffle_buffer=2, num_workers=num_workers)  # fmt: skip
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, max_steps=max_steps)  # type: ignore[assignment]
+        dm.setup("fit")
+        return dm
+
+    ranks = [module(0), module(1)]
+    keys = []
+    for dm in ranks:
+        stream = iter(dm.train_dataloader())
+        batches = [next(stream) for _ in range(7)]  # 14 samples from 4: three and a half passes, no StopIteration
+        keys.append([k for b in batches for k in b["key"]])
+        assert [b["key"] for b in dm.val_dataloader()] == [[f"v-000.tar/v{i}" for i in range(2)], ["v-000.tar/v2"]]
+    for start in (0, 4, 8):  # pass by pass (shards reshuffled, then split): the ranks' shards are disjoint, 2 each
+        mine = [{k.split("/")[0] for k in ks[start : start + 4]} for ks in keys]
+        assert len(mine[0]) == len(mine[1]) == 2 and not mine[0] & mine[1]
+    assert len({tuple(keys[0][i : i + 4]) for i in (0, 4, 8)}) > 1  # a new order each pass
+    single = ShardDataset(urls, 32, min_image_size=32, seed=3, shuffle_buffer=2, rank=0, world_size=2)
+    assert [s["key"] for s in single] == keys[0][:4]  # pass 0 of the endless stream = epoch 0's stream
+    with pytest.raises(ValueError, match="give at least 6 shards"):
+        module(0, num_workers=3)
+    with pytest.raises(ValueError, match="trainer.max_steps=-1"):
+        module(0, max_steps=-1)

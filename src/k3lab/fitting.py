@@ -99,7 +99,10 @@ def fit(
     callbacks = _instantiate_all(cfg.get("callbacks")) + [export, ResumeState(), *(callbacks or [])]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    extra = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    extra: dict[str, Any] = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    if cfg.trainer.get("strategy") == "ddp" and getattr(stage, "ddp_unused_parameters", False):
+        # e.g. the autoencoder: its discriminator takes no gradient before disc_start
+        extra["strategy"] = "ddp_find_unused_parameters_true"
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
     if trainer.is_global_zero:
         log_run_metadata(

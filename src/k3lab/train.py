@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import hydra
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from k3lab.config import CONF_DIR
@@ -22,7 +23,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "python -m k3lab.ablation -m experiment=<preset> [overrides]"
         )
     result = fit(cfg)
-    where_to_look(cfg, result.loggers)
+    if rank_zero_only.rank == 0:  # the other ranks (trainer=ddp) have no run to point at
+        where_to_look(cfg, result.loggers)
     return result.metrics
 
 

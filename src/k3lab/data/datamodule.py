@@ -139,8 +139,21 @@ class ShardDataModule(L.LightningDataModule):
         urls = self.split_urls()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:
+            self.check_multi_rank(urls.get("train", []), world)
+            train_urls = urls.get("train", [])
+            log.info(
+                "data: rank %d of %d trains on %d of %d training shards (endless stream)",
+                rank,
+                world,
+                len(train_urls[rank::world]),
+                len(train_urls),
+            )
         for split, items in urls.items():
             train = split == "train"
+            # several ranks: each trains on its own shards, in one endless stream (no rank runs dry before another,
+            # which would leave the others waiting in a gradient all-reduce); evaluation splits are read whole by
+            # every rank (the same batches, so every rank logs the same validation figures)
             self.datasets[split] = ShardDataset(
                 items,
                 self.resolution,
@@ -152,10 +165,27 @@ class ShardDataModule(L.LightningDataModule):
                 shuffle=train,
                 shuffle_buffer=self.shuffle_buffer if train else 0,
                 seed=self.seed,
-                rank=rank,
-                world_size=world,
+                rank=rank if train else 0,
+                world_size=world if train else 1,
                 feature_keys=self.feature_keys,
                 in_memory=self.in_memory and train,
+                endless=train and world > 1,
+            )
+
+    def check_multi_rank(self, train_urls: list[str], world: int) -> None:
+        """With several ranks: enough training shards for every rank and loader worker, and a step budget (the
+        training stream is endless)."""
+        readers = world * max(1, int(self.num_workers))
+        if len(train_urls) < readers:
+            raise ValueError(
+                f"data: {len(train_urls)} training shard(s) for {world} rank(s) x {max(1, int(self.num_workers))} "
+                f"loader worker(s): give at least {readers} shards (each reader needs its own)"
+            )
+        max_steps = int(getattr(self.trainer, "max_steps", -1) or -1)
+        if max_steps <= 0:
+            raise ValueError(
+                f"trainer.max_steps={max_steps}: with {world} ranks the training stream is endless (every rank must take "
+                "the same number of steps); set trainer.max_steps"
             )
 
     def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:

@@ -164,6 +164,7 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         feature_keys: Sequence[str] = (),  # precomputed members to read (``text.npy``, ``latent.npy``)
         in_memory: bool = False,  # keep decoded samples after the first pass (small datasets: no re-reading)
+        endless: bool = False,  # one iterator plays pass after pass (epoch, epoch + 1, ...): every rank always has data
     ) -> None:
         super().__init__()
         unknown = [k for k in feature_keys if k not in FEATURES]
@@ -181,6 +182,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.in_memory = in_memory
+        self.endless = endless
         self._cache: dict[str, list[tuple[dict[str, Any] | None, Counter[str]]]] = {}
         self.skip: list[int] = []  # samples each worker's stream drops from its start (exact resume)
         self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
@@ -188,11 +190,12 @@ class ShardDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def my_urls(self, worker: int = 0, num_workers: int = 1) -> list[str]:
-        """This rank's and worker's shards for the current epoch."""
+    def my_urls(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[str]:
+        """This rank's and worker's shards for ``epoch`` (default: the current one)."""
         urls = list(self.urls)
+        epoch = self.epoch if epoch is None else epoch
         if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch]).shuffle(urls)
+            np.random.default_rng([self.seed, epoch]).shuffle(urls)
         return urls[self.rank :: self.world_size][worker::num_workers]
 
     def decode(self, raw: dict[str, Any], shard: str, skipped: Counter[str]) -> dict[str, Any] | None:
@@ -256,11 +259,31 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (worker + self.worker_offset) % num_workers
-        stream = self._iterate(
-            self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        stream = (
+            self._passes(worker, num_workers, self.epoch)
+            if self.endless
+            else self._iterate(
+                self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            )
         )
         skip = self.skip[worker] if worker < len(self.skip) else 0
         return itertools.islice(stream, skip, None) if skip else stream
+
+    def _passes(self, worker: int, num_workers: int, epoch: int) -> Iterator[dict[str, Any]]:
+        """Pass after pass, each shuffled as its epoch's would be (``endless``: with several ranks every rank must
+        take the same number of steps, so none may run out of data first)."""
+        while True:
+            urls = self.my_urls(worker, num_workers, epoch)
+            count = 0
+            for sample in self._iterate(urls, np.random.default_rng([self.seed, epoch, self.rank, worker])):
+                count += 1
+                yield sample
+            if count == 0:
+                raise RuntimeError(
+                    f"rank {self.rank}, loader worker {worker}: a whole pass over its {len(urls)} shard(s) gave no "
+                    f"usable sample (epoch {epoch}; {len(self.urls)} shard(s) in all for {self.world_size} rank(s))"
+                )
+            epoch += 1
 
     def _read(self, url: str) -> Iterator[tuple[dict[str, Any] | None, Counter[str]]]:
         """A shard's decoded samples (None for a skipped one) with the skips counted on the way; with ``in_memory``

@@ -47,6 +47,7 @@ class AutoencoderStage(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.ddp_unused_parameters = True  # the discriminator is idle before disc_start (trainer=ddp finds them)
         self.save_hyperparameters(ignore=["autoencoder", "discriminator", "optimizer", "disc_optimizer"])
         self.autoencoder = autoencoder
         self.discriminator = discriminator

@@ -259,6 +259,8 @@ class DiffusionStage(L.LightningModule):
         prompts = list(self.hparams.val_prompts)
         if not prompts or self.text_encoder is None or self.trainer.sanity_checking or not self.arm.can_sample:
             return
+        if not self.trainer.is_global_zero:  # one grid per validation, from rank 0 (no collectives in sampling)
+            return
         res = int(self.hparams.resolution or 0)
         if not res:
             return
