@@ -219,8 +219,8 @@ def test_several_ranks_train_on_disjoint_shards_in_endless_streams_and_read_eval
     tmp_path: Path,
 ) -> None:
     """With 2 ranks: each pass the shards are reshuffled and split, disjoint between the ranks; a rank's stream plays
-    pass after pass (it never runs dry before the other); the first pass equals the single-pass stream; the val split is read whole by
-    both; too few shards or no step budget are refused by name."""
+    pass after pass (it never runs dry before the other); the first pass equals the single-pass stream; the val
+    split is read whole by both; too few shards or no step budget are refused by name."""
     from types import SimpleNamespace
 
     urls = [str(write_shard(tmp_path / f"s-{i:03d}.tar", good(f"{i}0") + good(f"{i}1"))) for i in range(4)]

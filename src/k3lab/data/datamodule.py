@@ -184,8 +184,8 @@ class ShardDataModule(L.LightningDataModule):
         max_steps = int(getattr(self.trainer, "max_steps", -1) or -1)
         if max_steps <= 0:
             raise ValueError(
-                f"trainer.max_steps={max_steps}: with {world} ranks the training stream is endless (every rank must take "
-                "the same number of steps); set trainer.max_steps"
+                f"trainer.max_steps={max_steps}: with {world} ranks the training stream is endless (every rank must "
+                "take the same number of steps); set trainer.max_steps"
             )
 
     def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:
