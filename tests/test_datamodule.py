@@ -250,3 +250,45 @@ def test_several_ranks_train_on_disjoint_shards_in_endless_streams_and_read_eval
         module(0, num_workers=3)
     with pytest.raises(ValueError, match="trainer.max_steps=-1"):
         module(0, max_steps=-1)
+
+
+def test_precomputed_latents_train_without_decoding_their_images(tmp_path: Path) -> None:
+    """data.decode_images=false: the same batches (keys, latents, text, skip counts) as with decoding, image None; a
+    too-small image is still skipped by its header; without latents the option is refused by name."""
+
+    def npy(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        return buf.getvalue()
+
+    def sample(key: str, size: tuple[int, int] = (64, 64)) -> list[tuple[str, bytes]]:
+        rng = np.random.default_rng(int(key))
+        return [(f"{key}.png", png(size)), (f"{key}.txt", b"a red square"),
+                (f"{key}.text.npy", npy(rng.standard_normal((3, 8)).astype(np.float32))),
+                (f"{key}.latent.npy", npy(rng.standard_normal((4, 8, 8)).astype(np.float32)))]  # fmt: skip
+
+    urls = [
+        str(
+            write_shard(
+                tmp_path / f"p-{i:03d}.tar", sum((sample(f"{i}{j}") for j in range(3)), sample(f"{i}9", (20, 20)))
+            )
+        )
+        for i in range(1, 3)
+    ]
+
+    def batches(decode: bool) -> list:
+        dm = ShardDataModule(shards={"train": urls}, resolution=32, batch_size=2, seed=1, shuffle_buffer=3,
+                             feature_keys=["text.npy", "latent.npy"], decode_images=decode, in_memory=True)  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return [b for _ in range(2) for b in loader]  # two passes: the in-memory replay too
+
+    with_images, without = batches(True), batches(False)
+    assert len(with_images) == len(without) == 6
+    for a, b in zip(with_images, without, strict=True):
+        assert a["image"] is not None and b["image"] is None
+        assert a["key"] == b["key"] and a["skipped"] == b["skipped"]
+        assert torch.equal(a["latent"], b["latent"]) and torch.equal(a["text_embedding"], b["text_embedding"])
+    assert sum(b["skipped"].get("image_too_small", 0) for b in without) == 4  # 2 shards x 2 passes
+    with pytest.raises(ValueError, match="decode_images=false needs precomputed latents"):
+        ShardDataModule(shards={"train": urls}, feature_keys=["text.npy"], decode_images=False)

@@ -93,6 +93,8 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
             "data.resolution": int(cfg.data.resolution),
             "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
             "data.feature_keys": ["text.npy", "latent.npy"],
+            # the text arm trains on latents alone: no image decoding (the mapping arm embeds the images with CLIP)
+            "data.decode_images": not (autoencoder and not uses_prior(cfg)),
         }
     return updates
 

@@ -11,7 +11,8 @@ import torch
 class Batch(TypedDict):
     """One training/validation batch.
 
-    image:    [B, 3, H, W] float in [-1, 1] at the configured resolution.
+    image:    [B, 3, H, W] float in [-1, 1] at the configured resolution (None with ``data.decode_images=false``:
+              precomputed latents train without their images).
     caption:  B captions (stripped, non-empty).
     key:      B sample keys (``<shard name>/<key>``), to trace any sample back to its shard.
     metadata: B parsed ``key.json`` dicts (``{}`` when a sample has none; scene world: the scene spec).
@@ -22,7 +23,7 @@ class Batch(TypedDict):
     latent:         [B, C, h, w] frozen first-stage latents (unscaled).
     """
 
-    image: torch.Tensor
+    image: torch.Tensor | None
     caption: list[str]
     key: list[str]
     metadata: list[dict[str, Any]]
@@ -48,7 +49,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     if samples and "latent" in samples[0]:
         extra["latent"] = torch.stack([s["latent"] for s in samples])
     return Batch(  # type: ignore[typeddict-item]
-        image=torch.stack([s["image"] for s in samples]),
+        image=torch.stack([s["image"] for s in samples]) if samples and samples[0]["image"] is not None else None,
         caption=[s["caption"] for s in samples],
         key=[s["key"] for s in samples],
         metadata=[s["metadata"] for s in samples],

@@ -96,6 +96,7 @@ class ShardDataModule(L.LightningDataModule):
         test_split: str = "test",
         feature_keys: Sequence[str] = (),  # precomputed members (text.npy, latent.npy), see k3lab.precompute
         in_memory: bool = False,  # training split: keep decoded samples after the first pass instead of re-reading
+        decode_images: bool = True,  # training split: False = headers checked, image=None (precomputed latents)
     ) -> None:
         super().__init__()
         if shards is None and source is None:
@@ -116,6 +117,12 @@ class ShardDataModule(L.LightningDataModule):
         self.val_split, self.test_split = val_split, test_split
         self.feature_keys = list(feature_keys)
         self.in_memory = bool(in_memory)
+        self.decode_images = bool(decode_images)
+        if not self.decode_images and "latent.npy" not in self.feature_keys:
+            raise ValueError(
+                "data.decode_images=false needs precomputed latents (data.feature_keys with latent.npy): "
+                "without them the stage trains on the images"
+            )
         self.datasets: dict[str, ShardDataset] = {}
 
     def prepare_data(self) -> None:
@@ -170,6 +177,7 @@ class ShardDataModule(L.LightningDataModule):
                 feature_keys=self.feature_keys,
                 in_memory=self.in_memory and train,
                 endless=train and world > 1,
+                decode_images=self.decode_images or not train,
             )
 
     def check_multi_rank(self, train_urls: list[str], world: int) -> None:

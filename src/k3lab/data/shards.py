@@ -165,6 +165,7 @@ class ShardDataset(IterableDataset):
         feature_keys: Sequence[str] = (),  # precomputed members to read (``text.npy``, ``latent.npy``)
         in_memory: bool = False,  # keep decoded samples after the first pass (small datasets: no re-reading)
         endless: bool = False,  # one iterator plays pass after pass (epoch, epoch + 1, ...): every rank always has data
+        decode_images: bool = True,  # False: check each image's header only, samples carry image=None (precomputed)
     ) -> None:
         super().__init__()
         unknown = [k for k in feature_keys if k not in FEATURES]
@@ -183,6 +184,7 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.in_memory = in_memory
         self.endless = endless
+        self.decode_images = decode_images
         self._cache: dict[str, list[tuple[dict[str, Any] | None, Counter[str]]]] = {}
         self.skip: list[int] = []  # samples each worker's stream drops from its start (exact resume)
         self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
@@ -218,7 +220,7 @@ class ShardDataset(IterableDataset):
                     size = probe.size
                 if min(size) < self.min_image_size:
                     reason = "image_too_small"
-                else:
+                elif self.decode_images:
                     image = load_image(image_bytes, self.resolution)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 reason = "undecodable_image"
@@ -291,7 +293,7 @@ class ShardDataset(IterableDataset):
         cached = self._cache.get(url)
         if cached is not None:
             for sample, reasons in cached:
-                if sample is not None:
+                if sample is not None and sample["image"] is not None:
                     sample = dict(sample, image=sample["image"].float().div(127.5).sub(1.0))
                 yield sample, reasons
             return
@@ -300,7 +302,11 @@ class ShardDataset(IterableDataset):
         for raw in iter_tar_samples(url, reasons):
             sample = self.decode(raw, url, reasons)
             if self.in_memory:
-                stored = None if sample is None else dict(sample, image=_to_uint8(sample["image"]))
+                stored = (
+                    None
+                    if sample is None
+                    else dict(sample, image=None if sample["image"] is None else _to_uint8(sample["image"]))
+                )
                 kept.append((stored, Counter(reasons)))
             yield sample, Counter(reasons)
             reasons.clear()  # (the reader keeps counting into this same object)
