@@ -84,15 +84,16 @@ def activation_bytes(
         return t
 
     per_unit: list[tuple[int, int]] = []  # (input bytes, own saved bytes)
+    started: dict[nn.Module, int] = {}  # saved bytes when each unit's forward began
     handles = []
     for unit in units(unet):
 
         def before(module: nn.Module, args: tuple) -> None:
-            module._k3_saved_before = sum(seen.values())  # type: ignore[attr-defined]
+            started[module] = sum(seen.values())
 
         def after(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0]
-            per_unit.append((x.numel() * x.element_size(), sum(seen.values()) - module._k3_saved_before))  # type: ignore[attr-defined]
+            per_unit.append((x.numel() * x.element_size(), sum(seen.values()) - started.pop(module)))
 
         handles += [unit.register_forward_pre_hook(before), unit.register_forward_hook(after)]
     device = next(unet.parameters()).device
