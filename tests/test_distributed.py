@@ -64,6 +64,7 @@ def _sharded_step(rank: int, world: int, init: str, out: str) -> None:
 
     from k3lab.distributed import shard_unet
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         unet = shard_unet(small_unet())
@@ -74,6 +75,8 @@ def _sharded_step(rank: int, world: int, init: str, out: str) -> None:
         sharded = sum(1 for p in unet.parameters() if p.to_local().numel() < p.numel())
         if rank == 0:
             torch.save({"grads": grads, "sharded": sharded}, out)
+        # both ranks leave together: a rank tearing gloo down while its peer is still working can abort the process
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
