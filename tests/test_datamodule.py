@@ -292,3 +292,104 @@ def test_precomputed_latents_train_without_decoding_their_images(tmp_path: Path)
     assert sum(b["skipped"].get("image_too_small", 0) for b in without) == 4  # 2 shards x 2 passes
     with pytest.raises(ValueError, match="decode_images=false needs precomputed latents"):
         ShardDataModule(shards={"train": urls}, feature_keys=["text.npy"], decode_images=False)
+
+
+def mixed_shard(path: Path) -> tuple[Path, dict[str, str]]:
+    """A shard of wide, tall and square images (plus a corrupt one); returns it and each key's expected bucket."""
+    sizes = {"wide": (96, 48), "tall": (40, 80), "square": (50, 50), "nearly_wide": (70, 40)}
+    expected = {"wide": "16x32", "tall": "32x16", "square": "24x24", "nearly_wide": "16x32"}
+    members, want = [], {}
+    for i in range(24):
+        kind = list(sizes)[i % 4]
+        key = f"{i:03d}"
+        members += [(f"{key}.png", png(sizes[kind])), (f"{key}.txt", kind.encode())]
+        want[f"{path.name}/{key}"] = expected[kind]
+    members += [("099.png", b"\x89PNG broken"), ("099.txt", b"corrupt")]
+    return write_shard(path, members), want
+
+
+def test_aspect_buckets_give_one_shape_per_batch_chosen_per_sample_and_counted(tmp_path: Path) -> None:
+    from k3lab.callbacks import DataQuality
+    from k3lab.data.shards import aspect_buckets
+
+    assert aspect_buckets(24, [2.0, 1.0, 0.5], 8) == [(32, 16), (24, 24), (16, 32)]
+    shard, want = mixed_shard(tmp_path / "mixed-000.tar")
+    dm = ShardDataModule(
+        shards={"train": str(shard), "val": str(shard)},
+        resolution=24,
+        batch_size=3,
+        min_image_size=16,
+        shuffle_buffer=8,
+        aspect_buckets={"ratios": [0.5, 1.0, 2.0], "multiple": 8},
+    )
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    # 24 good samples: 12 wide (incl. 70x40, nearer 2:1 than 1:1), 6 tall, 6 square -> 8 full batches, nothing left
+    assert sum(len(b["caption"]) for b in batches) == 24
+    seen = set()
+    for b in batches:
+        h, w = map(int, b["bucket"].split("x"))
+        assert b["image"].shape == (3, 3, h, w)
+        assert all(want[k] == b["bucket"] for k in b["key"])
+        seen.update(b["key"])
+    assert seen == set(want)
+    assert sum(b["skipped"].get("undecodable_image", 0) for b in batches) == 1
+    # a 2:1 image in the 2:1 bucket is resized whole (both ends kept); in a square bucket its middle is kept
+    img = Image.new("RGB", (96, 48), (255, 0, 0))
+    img.paste((0, 0, 255), (48, 0, 96, 48))
+    img.paste((0, 255, 0), (0, 0, 8, 48))  # a green strip at the left end
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    whole, square = load_image(buf.getvalue(), (16, 32)), load_image(buf.getvalue(), 24)
+    assert whole.shape == (3, 16, 32) and whole[1, 8, 0] > 0.9 and whole[2, 8, -1] > 0.9
+    assert square.shape == (3, 24, 24) and square[1, 12, 0] < -0.9 and square[0, 12, 0] > 0.9
+    # evaluation splits stay square at the resolution
+    val = next(iter(dm.val_dataloader()))
+    assert val["image"].shape[-2:] == (24, 24) and "bucket" not in val
+
+    class Trainer:
+        loggers: list = []
+        global_step = 0
+
+    quality = DataQuality()
+    for b in batches:
+        quality.on_train_batch_start(Trainer(), None, b, 0)  # type: ignore[arg-type]
+    assert dict(quality.buckets["train"]) == {"16x32": 12, "32x16": 6, "24x24": 6}
+
+
+def test_a_resumed_bucketed_pass_replays_the_same_batches(tmp_path: Path) -> None:
+    shard, _ = mixed_shard(tmp_path / "mixed-000.tar")
+
+    def loader():
+        dm = ShardDataModule(
+            shards={"train": str(shard)},
+            resolution=24,
+            batch_size=3,
+            min_image_size=16,
+            aspect_buckets={"ratios": [0.5, 1.0, 2.0], "multiple": 8},
+        )
+        dm.setup()
+        return dm.train_dataloader()
+
+    full = [b["key"] for b in loader()]
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 0, "batches": 3})
+    assert [b["key"] for b in resumed] == full[3:]
+
+
+def test_bad_bucket_configs_are_refused_by_name(tmp_path: Path) -> None:
+    shard, _ = mixed_shard(tmp_path / "mixed-000.tar")
+    for buckets, match in (
+        ({"ratios": [0.0, 1.0], "multiple": 8}, "ratios"),
+        ({"ratios": [1.0], "multiple": 64}, "multiple"),
+        ({"ratio": [1.0]}, "unknown key"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ShardDataModule(shards={"train": str(shard)}, resolution=24, aspect_buckets=buckets)
+    with pytest.raises(ValueError, match="precomputed latents"):
+        ShardDataModule(
+            shards={"train": str(shard)},
+            resolution=24,
+            feature_keys=["latent.npy"],
+            aspect_buckets={"ratios": [1.0], "multiple": 8},
+        )

@@ -362,3 +362,37 @@ def test_precomputed_embeddings_and_latents_replace_the_encoders(
     calls = []
     stage.first_stage.encode = lambda x: calls.append(1) or x  # would be called without precomputed latents
     assert torch.isfinite(stage.training_step(batch, 0)) and not calls
+
+
+def test_trains_on_aspect_buckets_of_mixed_sizes(t2i_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    """Wide, tall and square images: every training batch one bucket shape through the U-Net, the samples per
+    bucket logged as data metrics; a bucket the U-Net cannot take is refused by name before the first step."""
+    import csv
+
+    from test_datamodule import mixed_shard
+
+    shard, want = mixed_shard(tmp_path / "mixed-000.tar")
+    common = [
+        "data=webdataset",
+        f"data.shards.train={shard}",
+        f"data.shards.val={shard}",
+        "data.num_workers=0",
+        "data.min_image_size=16",
+        "data.image_key=png",
+        "data.batch_size=3",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+    ]
+    cfg = t2i_cfg(*common, "+data.aspect_buckets={ratios: [0.5, 1.0, 2.0], multiple: 8}", scene_world=False)
+    train(cfg)
+    rows = list(csv.DictReader(open(next(Path(cfg.paths.output_dir).rglob("metrics.csv")))))
+    last = {k: v for row in rows for k, v in row.items() if v}
+    buckets = {k.removeprefix("data/train_bucket_"): float(v) for k, v in last.items() if "train_bucket" in k}
+    assert set(buckets) == {"8x24", "16x16", "24x8"} and sum(buckets.values()) == 24  # 8 steps x 3, one pass
+    assert buckets == {"8x24": 12.0, "16x16": 6.0, "24x8": 6.0}
+    assert 0 < float(last["val/loss"]) < float("inf")  # validation (square 16 px) ran after bucketed training
+    bad = t2i_cfg(
+        *common, "+data.aspect_buckets={ratios: [2.0], multiple: 2}", root=tmp_path / "bad", scene_world=False
+    )
+    with pytest.raises(ValueError, match=r"data.aspect_buckets: bucket 12x22"):
+        train(bad)

@@ -42,17 +42,24 @@ class ExportModels(L.Callback):
 
 
 class DataQuality(L.Callback):
-    """Sums the per-batch ``skipped`` counts and logs the running totals as ``data/skipped_<reason>``."""
+    """Sums the per-batch ``skipped`` counts and logs the running totals as ``data/<split>_skipped_<reason>``; with
+    aspect buckets, the samples trained per bucket as ``data/<split>_bucket_<height>x<width>``."""
 
     def __init__(self) -> None:
         self.totals: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
+        self.buckets: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
 
     def _update(self, trainer: L.Trainer, batch: Any, split: str) -> None:
-        skipped = batch.get("skipped") if isinstance(batch, dict) else None
-        if not skipped:
+        if not isinstance(batch, dict):
             return
-        self.totals[split].update(skipped)
+        skipped, bucket = batch.get("skipped"), batch.get("bucket")
+        if bucket:
+            self.buckets[split][bucket] += len(batch["caption"])
+        if not skipped and not bucket:
+            return
+        self.totals[split].update(skipped or {})
         metrics = {f"data/{split}_skipped_{k}": float(v) for k, v in self.totals[split].items()}
+        metrics.update({f"data/{split}_bucket_{k}": float(v) for k, v in self.buckets[split].items()})
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
@@ -70,3 +77,6 @@ class DataQuality(L.Callback):
         for split, counts in self.totals.items():
             if counts:
                 log.warning("%s samples skipped: %s", split, dict(counts))
+        for split, counts in self.buckets.items():
+            if counts:
+                log.info("%s samples per aspect bucket: %s", split, dict(counts))

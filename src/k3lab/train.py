@@ -22,6 +22,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "this config is an ablation preset (it has an `ablation` node): run it with "
             "python -m k3lab.ablation -m experiment=<preset> [overrides]"
         )
+    if cfg.get("progressive"):
+        raise ValueError(
+            "this config is a progressive chain (it has a `progressive` node): run it with "
+            "python -m k3lab.progressive experiment=<preset> [overrides]"
+        )
     result = fit(cfg)
     if rank_zero_only.rank == 0:  # the other ranks (trainer=ddp) have no run to point at
         where_to_look(cfg, result.loggers)

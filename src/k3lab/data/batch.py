@@ -21,6 +21,8 @@ class Batch(TypedDict):
     text_embedding: [B, L, D] frozen text-encoder outputs, zero-padded to the longest caption + 1.
     text_mask:      [B, L] bool, True for real tokens.
     latent:         [B, C, h, w] frozen first-stage latents (unscaled).
+    With ``data.aspect_buckets`` (training split) every batch is one bucket:
+    bucket:         its shape, ``"<height>x<width>"`` (the images are [B, 3, height, width]).
     """
 
     image: torch.Tensor | None
@@ -31,6 +33,7 @@ class Batch(TypedDict):
     text_embedding: NotRequired[torch.Tensor]
     text_mask: NotRequired[torch.Tensor]
     latent: NotRequired[torch.Tensor]
+    bucket: NotRequired[str]
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
@@ -38,7 +41,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     skipped: Counter[str] = Counter()
     for s in samples:
         skipped.update(s.get("skipped", {}))
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict[str, Any] = {}
     if samples and "text_embedding" in samples[0]:
         embs = [s["text_embedding"] for s in samples]
         length = min(max(e.shape[0] for e in embs) + 1, 128)  # + one masked pad, as the encoder path gives
@@ -46,6 +49,11 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
             [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs]
         )
         extra["text_mask"] = torch.stack([torch.arange(length) < e.shape[0] for e in embs])
+    if samples and "bucket" in samples[0]:
+        shapes = {s["bucket"] for s in samples}
+        if len(shapes) > 1:
+            raise ValueError(f"a batch mixes aspect buckets {sorted(shapes)}: bucketed datasets yield whole batches")
+        extra["bucket"] = samples[0]["bucket"]
     if samples and "latent" in samples[0]:
         extra["latent"] = torch.stack([s["latent"] for s in samples])
     return Batch(  # type: ignore[typeddict-item]

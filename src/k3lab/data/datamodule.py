@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from k3lab.data.batch import collate
 from k3lab.data.shards import ShardDataset, expand_urls, missing_local_shards
+from k3lab.data.shards import aspect_buckets as bucket_shapes_for
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class ShardDataModule(L.LightningDataModule):
         feature_keys: Sequence[str] = (),  # precomputed members (text.npy, latent.npy), see k3lab.precompute
         in_memory: bool = False,  # training split: keep decoded samples after the first pass instead of re-reading
         decode_images: bool = True,  # training split: False = headers checked, image=None (precomputed latents)
+        aspect_buckets: Mapping[str, Any] | None = None,  # training split: {ratios: [w/h, ...], multiple: px}
     ) -> None:
         super().__init__()
         if shards is None and source is None:
@@ -123,6 +125,20 @@ class ShardDataModule(L.LightningDataModule):
                 "data.decode_images=false needs precomputed latents (data.feature_keys with latent.npy): "
                 "without them the stage trains on the images"
             )
+        self.bucket_shapes: list[tuple[int, int]] | None = None
+        if aspect_buckets:
+            unknown = sorted(set(aspect_buckets) - {"ratios", "multiple"})
+            if unknown:
+                raise ValueError(f"data.aspect_buckets: unknown key(s) {unknown} (known: ratios, multiple)")
+            if "latent.npy" in self.feature_keys:
+                raise ValueError(
+                    "data.aspect_buckets with precomputed latents (data.feature_keys has latent.npy): the latents "
+                    "were written square at one resolution; train bucketed stages from the images"
+                )
+            self.bucket_shapes = bucket_shapes_for(
+                self.resolution, list(aspect_buckets.get("ratios") or []), int(aspect_buckets.get("multiple", 64))
+            )
+            log.info("data: aspect buckets (height x width) %s", [f"{h}x{w}" for h, w in self.bucket_shapes])
         self.datasets: dict[str, ShardDataset] = {}
 
     def prepare_data(self) -> None:
@@ -178,6 +194,8 @@ class ShardDataModule(L.LightningDataModule):
                 in_memory=self.in_memory and train,
                 endless=train and world > 1,
                 decode_images=self.decode_images or not train,
+                buckets=self.bucket_shapes if train else None,
+                batch_size=self.batch_size if train else 0,
             )
 
     def check_multi_rank(self, train_urls: list[str], world: int) -> None:
@@ -199,12 +217,13 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, drop_last: bool) -> DataLoader:
         if split not in self.datasets:
             raise KeyError(f"data: no '{split}' split (have {sorted(self.datasets)})")
+        bucketed = self.datasets[split].buckets is not None  # the dataset yields whole one-bucket batches
         return EpochLoader(
             self.datasets[split],
-            batch_size=batch_size,
+            batch_size=None if bucketed else batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
-            drop_last=drop_last,
+            drop_last=drop_last and not bucketed,
             pin_memory=False,
         )
 

@@ -117,21 +117,48 @@ def iter_tar_samples(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]
         yield current
 
 
-def load_image(data: bytes, resolution: int) -> torch.Tensor:
-    """Decode, convert to RGB, resize the shorter side to ``resolution`` and centre-crop. Output in [-1, 1]."""
+def aspect_buckets(resolution: int, ratios: Sequence[float], multiple: int) -> list[tuple[int, int]]:
+    """(height, width) buckets of about ``resolution``² pixels, one per aspect ratio (width / height), both sides
+    multiples of ``multiple`` (duplicates after rounding dropped), ordered by aspect ratio."""
+    if int(multiple) <= 0 or int(resolution) < int(multiple):
+        raise ValueError(
+            f"data.aspect_buckets.multiple={multiple}: must be positive and at most data.resolution={resolution}"
+        )
+    bad = [r for r in ratios if not float(r) > 0]
+    if bad or not len(ratios):
+        raise ValueError(f"data.aspect_buckets.ratios={list(ratios)}: give positive width/height ratios")
+    shapes: list[tuple[int, int]] = []
+    for ratio in sorted(float(r) for r in ratios):
+        h = max(multiple, round(resolution / ratio**0.5 / multiple) * multiple)
+        w = max(multiple, round(resolution * ratio**0.5 / multiple) * multiple)
+        if (h, w) not in shapes:
+            shapes.append((h, w))
+    return shapes
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's in log scale (least cropped)."""
+    aspect = np.log(width / height)
+    return min(buckets, key=lambda hw: abs(np.log(hw[1] / hw[0]) - aspect))
+
+
+def load_image(data: bytes, resolution: int | tuple[int, int]) -> torch.Tensor:
+    """Decode, convert to RGB, resize to cover ``resolution`` (a square side, or (height, width)) and centre-crop.
+    Output in [-1, 1]."""
     img = Image.open(io.BytesIO(data))
     img = img.convert("RGB")
+    th, tw = (resolution, resolution) if isinstance(resolution, int) else resolution
     w, h = img.size
-    scale = resolution / min(w, h)
+    scale = max(tw / w, th / h)
     if scale != 1.0:
         img = img.resize(
-            (max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+            (max(tw, round(w * scale)), max(th, round(h * scale))),
             Image.Resampling.BICUBIC,
             reducing_gap=None,
         )
     w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top = (w - tw) // 2, (h - th) // 2
+    img = img.crop((left, top, left + tw, top + th))
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     return arr.float().div(127.5).sub(1.0)
 
@@ -146,6 +173,9 @@ class ShardDataset(IterableDataset):
 
     Shards are shuffled per epoch with ``seed``, then split by node (rank) and by loader worker;
     samples pass through a shuffle buffer seeded by (seed, epoch, rank, worker).
+    With ``buckets`` ((height, width) shapes) each image goes to the bucket nearest its aspect ratio and the dataset
+    yields whole batches of ``batch_size`` samples of one bucket (a loader with ``batch_size=None``); the samples left
+    in unfilled buckets when a finite stream ends are dropped and logged.
     """
 
     def __init__(
@@ -166,8 +196,16 @@ class ShardDataset(IterableDataset):
         in_memory: bool = False,  # keep decoded samples after the first pass (small datasets: no re-reading)
         endless: bool = False,  # one iterator plays pass after pass (epoch, epoch + 1, ...): every rank always has data
         decode_images: bool = True,  # False: check each image's header only, samples carry image=None (precomputed)
+        buckets: Sequence[Sequence[int]] | None = None,  # (height, width) shapes: aspect-ratio bucketing
+        batch_size: int = 0,  # with buckets: the size of the one-bucket batches this dataset yields
     ) -> None:
         super().__init__()
+        self.buckets = [(int(h), int(w)) for h, w in buckets] if buckets else None
+        if self.buckets and int(batch_size) <= 0:
+            raise ValueError("ShardDataset: buckets need the batch size (each yielded batch is one bucket)")
+        if self.buckets and not decode_images:
+            raise ValueError("aspect buckets need decoded images (precomputed latents are square)")
+        self.batch_size = int(batch_size)
         unknown = [k for k in feature_keys if k not in FEATURES]
         if unknown:
             raise ValueError(f"data.feature_keys: unknown {unknown} (known: {sorted(FEATURES)})")
@@ -218,10 +256,11 @@ class ShardDataset(IterableDataset):
             try:
                 with Image.open(io.BytesIO(image_bytes)) as probe:
                     size = probe.size
+                target = nearest_bucket(*size, self.buckets) if self.buckets else self.resolution
                 if min(size) < self.min_image_size:
                     reason = "image_too_small"
                 elif self.decode_images:
-                    image = load_image(image_bytes, self.resolution)
+                    image = load_image(image_bytes, target)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 reason = "undecodable_image"
                 log.debug("%s: %s", key, e)
@@ -238,6 +277,8 @@ class ShardDataset(IterableDataset):
                 metadata = {}
         text = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
         sample = {"image": image, "caption": text, "key": key, "metadata": metadata}
+        if self.buckets:
+            sample["bucket"] = "{}x{}".format(*target)  # type: ignore[str-format]
         for member in self.feature_keys:
             if member not in raw:
                 reason = "missing_features"
@@ -268,8 +309,26 @@ class ShardDataset(IterableDataset):
                 self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             )
         )
-        skip = self.skip[worker] if worker < len(self.skip) else 0
+        skip = self.skip[worker] if worker < len(self.skip) else 0  # with buckets: whole batches
+        if self.buckets:
+            stream = self._batches(stream)  # type: ignore[assignment]
         return itertools.islice(stream, skip, None) if skip else stream
+
+    def _batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """Samples grouped into batches of one bucket each, in the order the buckets fill."""
+        pending: dict[str, list[dict[str, Any]]] = {}
+        for sample in samples:
+            group = pending.setdefault(sample["bucket"], [])
+            group.append(sample)
+            if len(group) == self.batch_size:
+                yield pending.pop(sample["bucket"])
+        left = {bucket: len(g) for bucket, g in pending.items() if g}
+        if left:
+            log.info(
+                "aspect buckets: %d sample(s) left in unfilled batches at the end of the pass: %s",
+                sum(left.values()),
+                left,
+            )
 
     def _passes(self, worker: int, num_workers: int, epoch: int) -> Iterator[dict[str, Any]]:
         """Pass after pass, each shuffled as its epoch's would be (``endless``: with several ranks every rank must

@@ -19,7 +19,7 @@ from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.editing import expand_input_channels, is_inpainting, unet_input
-from k3lab.generate import Generator, check_resolution
+from k3lab.generate import Generator, check_resolution, latent_size
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_encoder import frozen_text_encoder
@@ -180,6 +180,16 @@ class DiffusionStage(L.LightningModule):
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
         clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
+
+    def on_fit_start(self) -> None:
+        """Every aspect bucket of the data must fit the first stage's and U-Net's downsampling (a clear error before
+        the first step, naming the bucket)."""
+        shapes = getattr(getattr(self.trainer, "datamodule", None), "bucket_shapes", None) or []
+        for shape in shapes:
+            try:
+                latent_size(shape, self.first_stage, self.unet)
+            except ValueError as e:
+                raise ValueError(f"data.aspect_buckets: bucket {shape[0]}x{shape[1]} (height x width): {e}") from e
 
     # ------------------------------------------------------------------ inputs
     def latents(self, batch: Batch) -> torch.Tensor:
