@@ -117,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=["float32", "bfloat16", "float16"],
         help="override the encoder's dtype",
     )
+    p.add_argument(
+        "--unet-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the U-Net's autocast dtype (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "default", "reduce-overhead", "max-autotune"],
+        help="regional torch.compile of the U-Net blocks (reduce-overhead adds CUDA graphs); pays off over many steps",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -153,6 +165,9 @@ def sample(args: argparse.Namespace) -> int:
     generator, cfg = load_generator(
         args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype
     )
+    generator.unet_dtype = args.unet_dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    if args.compile != "off":
+        generator.compile_unet(None if args.compile == "default" else args.compile)
     resolution = int(args.resolution or cfg.data.resolution)
     edit = editing_inputs(args, resolution)
     for key, value in sampling_defaults(cfg).items():
@@ -205,6 +220,7 @@ def sample(args: argparse.Namespace) -> int:
                     "steps": args.steps,
                     "x0_threshold": generator.x0_threshold,
                     "guidance": args.guidance,
+                    "unet_dtype": generator.unet_dtype,
                     "resolution": resolution if edit["image"] is None else list(edit["image"].shape[-2:]),
                     "checkpoint": str(Path(args.checkpoint).resolve()),
                     **({"negative": negatives[b][batch.index((row, seed))]} if negatives[b] is not None else {}),
