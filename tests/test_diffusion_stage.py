@@ -396,3 +396,25 @@ def test_trains_on_aspect_buckets_of_mixed_sizes(t2i_cfg: Callable[..., DictConf
     )
     with pytest.raises(ValueError, match=r"data.aspect_buckets: bucket 12x22"):
         train(bad)
+
+
+def test_gpu_speed_switches_resolve_by_device_and_reach_the_optimizer(t2i_cfg: Callable[..., DictConfig]) -> None:
+    from k3lab.distributed import units
+    from k3lab.stages.diffusion import switch_on
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (
+        switch_on("auto", cuda) and not switch_on("auto", cpu) and switch_on(True, cpu) and not switch_on(False, cuda)
+    )
+    assert not instantiate(t2i_cfg().stage).configure_optimizers()["optimizer"].defaults["fused"]  # auto, on CPU
+    stage = instantiate(t2i_cfg("stage.fused_optimizer=true").stage)
+    assert stage.configure_optimizers()["optimizer"].defaults["fused"] is True
+    told = instantiate(t2i_cfg("stage.fused_optimizer=true", "+stage.optimizer.fused=false").stage)
+    assert not told.configure_optimizers()["optimizer"].defaults["fused"]  # an explicit optimizer value wins
+    with pytest.raises(Exception, match="stage.compile_blocks='maybe'"):  # (hydra wraps the ValueError)
+        instantiate(t2i_cfg("stage.compile_blocks=maybe").stage)
+    before = {k: v.clone() for k, v in stage.unet.state_dict().items()}
+    stage.compile_blocks()
+    blocks = list(units(stage.unet))
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert stage.unet.state_dict().keys() == before.keys()  # checkpoints and exports keep their names

@@ -33,6 +33,18 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN/inf training loss; the message names the step and the batch's sample keys."""
 
 
+def switch_on(value: bool | str, device: torch.device) -> bool:
+    """A speed switch's value: true / false, or auto = on when training on a CUDA device."""
+    return value is True or (value == "auto" and torch.device(device).type == "cuda")
+
+
+def accepts_fused(factory: Callable[..., Optimizer]) -> bool:
+    """Whether the optimizer factory has a fused kernel and was not told explicitly whether to use it."""
+    target = getattr(factory, "func", factory)
+    explicit = "fused" in (getattr(factory, "keywords", None) or {})
+    return not explicit and target in (torch.optim.AdamW, torch.optim.Adam)
+
+
 class DiffusionStage(L.LightningModule):
     """Epsilon/v-prediction training with uniform t, caption dropout to the null embedding, EMA, AdamW with
     linear warm-up; validation reports the loss at fixed timesteps and samples ``val_prompts`` into a grid."""
@@ -71,8 +83,13 @@ class DiffusionStage(L.LightningModule):
         image_tokens: int = 10,  # mapping-prior arm: context tokens made from the image embedding
         prior_steps: int = 25,
         prior_guidance: float = 3.0,
+        compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
+        fused_optimizer: bool | str = "auto",  # the optimizer's fused kernel (AdamW/Adam); auto = on a CUDA device
     ) -> None:
         super().__init__()
+        for name, value in (("compile_blocks", compile_blocks), ("fused_optimizer", fused_optimizer)):
+            if value not in (True, False, "auto"):
+                raise ValueError(f"stage.{name}={value!r}: use true, false or auto")
         val_prompts = [str(p) for p in val_prompts]
         if any(not isinstance(p, str) for p in val_prompts):
             raise ValueError("stage.val_prompts must be a list of strings (quote prompts that contain ': ')")
@@ -169,8 +186,11 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
+        factory = self.optimizer_factory
+        if switch_on(self.hparams.get("fused_optimizer", False), self.device) and accepts_fused(factory):
+            factory = partial(factory, fused=True)
         return with_warmup(
-            self.optimizer_factory(params),
+            factory(params),
             self.hparams.warmup_steps,
             self.hparams.get("lr_decay_steps"),
             float(self.hparams.get("lr_final") or 0.0),
@@ -182,14 +202,26 @@ class DiffusionStage(L.LightningModule):
         clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
 
     def on_fit_start(self) -> None:
-        """Every aspect bucket of the data must fit the first stage's and U-Net's downsampling (a clear error before
-        the first step, naming the bucket)."""
+        """The GPU switches (``compile_blocks``); every aspect bucket of the data must fit the first stage's and
+        U-Net's downsampling (a clear error before the first step, naming the bucket)."""
+        if switch_on(self.hparams.get("compile_blocks", False), self.device):
+            self.compile_blocks()
         shapes = getattr(getattr(self.trainer, "datamodule", None), "bucket_shapes", None) or []
         for shape in shapes:
             try:
                 latent_size(shape, self.first_stage, self.unet)
             except ValueError as e:
                 raise ValueError(f"data.aspect_buckets: bucket {shape[0]}x{shape[1]} (height x width): {e}") from e
+
+    def compile_blocks(self) -> None:
+        """Regional ``torch.compile``: each U-Net residual and attention block on its own (short compiles, one graph
+        shared by identical blocks); the state dict keeps its names."""
+        from k3lab.distributed import units
+
+        blocks = list(units(self.unet))
+        for unit in blocks:
+            unit.compile()
+        log.info("compiled %d U-Net blocks (stage.compile_blocks)", len(blocks))
 
     # ------------------------------------------------------------------ inputs
     def latents(self, batch: Batch) -> torch.Tensor:
