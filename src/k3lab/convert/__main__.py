@@ -1,4 +1,4 @@
-"""Convert Kandinsky 3 weights: ``python -m k3lab.convert {official,diffusers,to-diffusers} ...``.
+"""Convert Kandinsky 3 weights: ``python -m k3lab.convert {official,diffusers,to-diffusers,consolidate} ...``.
 
     python -m k3lab.convert official weights/kandinsky3.pt [--projection weights/flan_ul2_encoder/projection.pt] \\
         --movq weights/kandinsky-3/movq --text-encoder weights/flan-ul2 --out weights/k3-converted
@@ -6,6 +6,7 @@
     python -m k3lab.convert diffusers weights/kandinsky-3 [--variant fp16] --out weights/k3-converted
     python -m k3lab.convert to-diffusers logs/text2image_tiny/runs/<time>/checkpoints --out exported/ \\
         [--text-encoder DIR]
+    python -m k3lab.convert consolidate logs/<task>/runs/<time>/checkpoints/last.ckpt   # trainer=fsdp's sharded folder
 
 The first two write a k3lab folder (config.yaml + unet / text_conditioning / latent_scale safetensors, movq/)
 that ``python -m k3lab.sample`` samples and ``stage.init_weights`` fine-tunes from; the last writes a
@@ -62,11 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("checkpoint")
     e.add_argument("--text-encoder", help="local T5-family folder to include (default: the run's own)")
     e.add_argument("--out", required=True)
+    c = sub.add_parser("consolidate", help="a sharded checkpoint folder (trainer=fsdp) -> one Lightning .ckpt")
+    c.add_argument("checkpoint", help="the folder, e.g. <run>/checkpoints/last.ckpt/")
+    c.add_argument("--out", default=None, help="default: <name>.consolidated.ckpt beside it (with the run's config)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         convert(args)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:  # one line naming the problem, no traceback
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        CheckpointError,
+        ValueError,
+    ) as e:  # one line naming the problem, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -89,6 +98,11 @@ def check_inpainting(path: str, kwargs: dict, inpainting: bool) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """The command's work (see :func:`main`)."""
+    if args.command == "consolidate":
+        from k3lab.convert.consolidate import consolidate
+
+        log.info("wrote %s", consolidate(args.checkpoint, args.out))
+        return
     out = Path(args.out).resolve()
     if args.command == "official":
         unet, cond, kwargs = read_official(Path(args.checkpoint), Path(args.projection) if args.projection else None)
