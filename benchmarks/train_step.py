@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from k3lab.config import compose
-from k3lab.distributed import units
+from k3lab.distributed import compile_blocks, units
 from k3lab.nn.ema import EMA
 
 try:
@@ -79,8 +79,7 @@ def prepare(unet: torch.nn.Module, on: set[str]) -> torch.nn.Module:
         blocks = {type(u) for u in units(unet)}
         apply_activation_checkpointing(unet, checkpoint_wrapper, check_fn=lambda m: type(m) in blocks)
     if "compile" in on:
-        for unit in list(units(unet)):
-            unit.compile()
+        compile_blocks(unet)
     return unet
 
 

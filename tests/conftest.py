@@ -53,6 +53,16 @@ SMALL_WORLD = [
 ]
 
 
+# A diffusion run shrunk for CPU tests: CSV logging, small batches, one validation batch, no bars
+QUICK_DIFFUSION = [
+    "logger=csv",
+    "data.batch_size=8",
+    "data.val_batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.limit_val_batches=1",
+]
+
 # experiment=text2image_tiny in pixel space at 16 px, shrunk for CPU tests (with SMALL_WORLD and the paths)
 T2I_PIXEL_16 = [
     "experiment=text2image_tiny",
@@ -61,12 +71,7 @@ T2I_PIXEL_16 = [
     "model.unet.out_channels=3",
     "stage.latent_scale=1.0",
     "data.resolution=16",
-    "logger=csv",
-    "data.batch_size=8",
-    "data.val_batch_size=16",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.limit_val_batches=1",
+    *QUICK_DIFFUSION,
 ]
 
 

@@ -14,19 +14,9 @@ from k3lab.checkpoint import load_state_dict
 from k3lab.config import ConfigError
 from k3lab.progressive import CHAIN_FILE, run_chain, stage_configs
 
-from conftest import SMALL_WORLD, compose_config
+from conftest import QUICK_DIFFUSION, SMALL_WORLD, compose_config
 
-QUICK = [
-    *SMALL_WORLD,
-    "logger=csv",
-    "data.batch_size=8",
-    "data.val_batch_size=16",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.limit_val_batches=1",
-    "stage.val_prompts=[a red circle]",
-    "stage.sample_steps=2",
-]
+QUICK = [*SMALL_WORLD, *QUICK_DIFFUSION, "stage.val_prompts=[a red circle]", "stage.sample_steps=2"]
 
 
 def tiny_chain(root: Path, data_root: Path):

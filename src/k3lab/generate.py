@@ -82,10 +82,9 @@ class Generator:
     def compile_unet(self, mode: str | None = None) -> None:
         """Regional ``torch.compile``: each residual and attention block compiled on its own (short compiles; the
         identical blocks reuse one graph). ``mode="reduce-overhead"`` adds CUDA graphs on a GPU."""
-        from k3lab.distributed import units
+        from k3lab.distributed import compile_blocks
 
-        for unit in list(units(self.unet)):
-            unit.compile(mode=mode)
+        compile_blocks(self.unet, mode)
 
     @classmethod
     def from_stage(cls, stage: Any) -> Generator:
@@ -212,8 +211,6 @@ class Generator:
 
     def model_fn(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         """eps for x_t; ``cond`` is the arm's condition, followed by the inpainting channels for an inpainting U-Net."""
-        if self.unet_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unet_dtype={self.unet_dtype!r}: use float32, bfloat16 or float16")
         with torch.autocast(
             torch.device(self.device).type, getattr(torch, self.unet_dtype), enabled=self.unet_dtype != "float32"
         ):
@@ -284,6 +281,8 @@ class Generator:
         (strength 0 returns its reconstruction, strength 1 is text-to-image from the same noise)."""
         if cond[0].shape[0] != len(seeds):
             raise ValueError(f"{cond[0].shape[0]} prompts but {len(seeds)} seeds")
+        if self.unet_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unet_dtype={self.unet_dtype!r}: use float32, bfloat16 or float16")
         if blend not in BLENDS:
             raise ValueError(f"blend={blend!r}: use one of {list(BLENDS)}")
         if image is not None:

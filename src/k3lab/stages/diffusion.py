@@ -216,12 +216,9 @@ class DiffusionStage(L.LightningModule):
     def compile_blocks(self) -> None:
         """Regional ``torch.compile``: each U-Net residual and attention block on its own (short compiles, one graph
         shared by identical blocks); the state dict keeps its names."""
-        from k3lab.distributed import units
+        from k3lab.distributed import compile_blocks
 
-        blocks = list(units(self.unet))
-        for unit in blocks:
-            unit.compile()
-        log.info("compiled %d U-Net blocks (stage.compile_blocks)", len(blocks))
+        log.info("compiled %d U-Net blocks (stage.compile_blocks)", compile_blocks(self.unet))
 
     # ------------------------------------------------------------------ inputs
     def latents(self, batch: Batch) -> torch.Tensor:
