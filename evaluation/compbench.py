@@ -82,15 +82,22 @@ def check(spec: dict[str, Any], dets: list[Detection]) -> dict[str, bool]:
     return out
 
 
-def score(items: Iterable[tuple[np.ndarray, dict[str, Any]]], group_key: str = "split") -> dict[str, Any]:
+def score(
+    items: Iterable[tuple[np.ndarray, dict[str, Any]]],
+    group_key: str = "split",
+    per_image: list[dict[str, bool]] | None = None,
+) -> dict[str, Any]:
     """Per-task accuracy, overall score (mean of task accuracies) and the same per group (e.g. seen / heldout).
 
-    ``items``: (RGB uint8 image, scene spec) pairs.
+    ``items``: (RGB uint8 image, scene spec) pairs. ``per_image``: a list that receives each image's task -> pass
+    (the paired analysis of ablations compares them prompt by prompt).
     """
     totals: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     n = 0
     for image, spec in items:
         result = check(spec, detect(image))
+        if per_image is not None:
+            per_image.append(result)
         group = str(spec.get(group_key, "all"))
         for task, ok in result.items():
             totals["all"][task].append(ok)

@@ -29,6 +29,8 @@ class EvalInputs:
     reference_clip: Any = None
     fid_reference: Callable[[Any], np.ndarray] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # filled by metrics that score single images: split -> score name -> one value per sample (NaN: not applicable)
+    per_image: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,12 @@ def _compbench(inputs: EvalInputs) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for split, records in inputs.samples.items():
-        out |= _flat(split, compbench.score((r.image, r.spec) for r in records))
+        results: list[dict[str, bool]] = []
+        out |= _flat(split, compbench.score(((r.image, r.spec) for r in records), per_image=results))
+        tasks = sorted({t for r in results for t in r})
+        scores = inputs.per_image.setdefault(split, {})
+        for task in tasks:
+            scores[task] = [float(r[task]) if task in r else float("nan") for r in results]
     seen = inputs.samples.get("seen", [])
     real = inputs.real[: len(seen)] if seen else inputs.real
     if real:
@@ -135,9 +142,9 @@ def _clip_score(inputs: EvalInputs) -> dict[str, float]:
 
     seen = inputs.samples["seen"]
     real = inputs.real[: len(seen)]
-    out = {
-        "clip_score": clip_score(inputs.reference_clip, [r.image for r in seen], [r.prompt for r in seen])["clip_score"]
-    }
+    result = clip_score(inputs.reference_clip, [r.image for r in seen], [r.prompt for r in seen])
+    inputs.per_image.setdefault("seen", {})["clip_score"] = [float(v) for v in result["per_image"]]
+    out = {"clip_score": result["clip_score"]}
     if real:
         out["clip_score_real"] = clip_score(inputs.reference_clip, [r.image for r in real], [r.prompt for r in real])[
             "clip_score"

@@ -107,6 +107,9 @@ def test_packaging_lists_every_package_and_ships_the_configs(tmp_path: Path) -> 
         "evaluation",
         "k3lab.conf",
     }
+    found |= {
+        ".".join(p.parent.relative_to(SRC.parent).parts) for p in (SRC.parent / "hydra_plugins").rglob("__init__.py")
+    }
     assert listed == found
     subprocess.run(
         [

@@ -133,8 +133,11 @@ class PriorArm(ConditioningArm):
         self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
     ) -> Cond:
         device = self._device()
-        with torch.no_grad():
-            emb = self.clip.embed_images(batch["image"].to(device)).float()
+        if "image_embedding" in batch:  # precomputed (python -m k3lab.precompute precompute.image_embeddings=true)
+            emb = batch["image_embedding"].to(device).float()
+        else:
+            with torch.no_grad():
+                emb = self.clip.embed_images(batch["image"].to(device)).float()
         if drop is not None:
             emb = self.conditioning.replace_with_negative(emb, drop.to(device))
         return self.conditioning(emb)

@@ -76,19 +76,26 @@ def _flush(out_dir: Path, name: str, samples: list[dict[str, Any]]) -> None:
 
 @torch.no_grad()
 def _encode(
-    batch: list[tuple[dict[str, Any], dict[str, Any]]], encoder: Any, first_stage: Any, device: torch.device
+    batch: list[tuple[dict[str, Any], dict[str, Any]]],
+    encoder: Any,
+    first_stage: Any,
+    device: torch.device,
+    clip: Any = None,
 ) -> list[dict[str, Any]]:
-    """Output samples: the raw members plus ``text.npy`` (real tokens only) and optionally ``latent.npy``."""
+    """Output samples: the raw members plus ``text.npy`` (real tokens only) and optionally ``latent.npy`` and
+    ``clip_image.npy`` (the frozen conditioning CLIP's image embedding, for the mapping-prior arm)."""
     hidden, mask = encoder.encode([s["caption"] for _, s in batch])
-    latents = (
-        first_stage.encode(torch.stack([s["image"] for _, s in batch]).to(device)) if first_stage is not None else None
-    )
+    images = torch.stack([s["image"] for _, s in batch]).to(device) if first_stage is not None or clip else None
+    latents = first_stage.encode(images) if first_stage is not None else None
+    embeddings = clip.embed_images(images).float() if clip is not None else None
     out = []
     for i, (raw, _) in enumerate(batch):
         sample = {k: v for k, v in raw.items() if not k.endswith(".npy")}
         sample["text.npy"] = _npy(hidden[i, : int(mask[i].sum())].float().cpu().numpy())
         if latents is not None:
             sample["latent.npy"] = _npy(latents[i].float().cpu().numpy())
+        if embeddings is not None:
+            sample["clip_image.npy"] = _npy(embeddings[i].cpu().numpy())
         out.append(sample)
     return out
 
@@ -103,6 +110,14 @@ def precompute(cfg: DictConfig) -> Path:
     splits = datamodule.split_urls()
     encoder = instantiate(cfg.model.text_encoder.encoder)
     first_stage = instantiate(cfg.stage.first_stage) if pc.latents else None
+    clip = None
+    if pc.get("image_embeddings"):
+        if OmegaConf.select(cfg, "mapping.clip") is None:
+            raise ValueError(
+                "precompute.image_embeddings=true embeds the images with the mapping arm's CLIP: add "
+                "model/prior=diffusion_mapping mapping.clip.checkpoint=<clip.safetensors>"
+            )
+        clip = instantiate(cfg.mapping.clip).to(torch.device(pc.device))
     device = torch.device(pc.device)
     encoder.to(device)
     if first_stage is not None:
@@ -121,6 +136,7 @@ def precompute(cfg: DictConfig) -> Path:
         "text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True),
         "latents": bool(pc.latents),
         "first_stage": OmegaConf.select(cfg, "stage.first_stage.checkpoint"),
+        "image_embeddings": OmegaConf.select(cfg, "mapping.clip.checkpoint") if clip is not None else None,
         "resolution": datamodule.resolution,
         "shards": {},
         "counts": {},
@@ -142,7 +158,7 @@ def precompute(cfg: DictConfig) -> Path:
                 raw = dict(raw, __key__=f"{Path(url).stem}_{raw['__key__']}")
                 pending.append((raw, sample))
                 if len(pending) == pc.batch_size:
-                    shard.extend(_encode(pending, encoder, first_stage, device))
+                    shard.extend(_encode(pending, encoder, first_stage, device, clip))
                     pending = []
                 while len(shard) >= pc.shard_size:
                     names.append(f"{split}-{len(names):05d}.tar")
@@ -150,7 +166,7 @@ def precompute(cfg: DictConfig) -> Path:
                     count += pc.shard_size
                     del shard[: pc.shard_size]
         if pending:
-            shard.extend(_encode(pending, encoder, first_stage, device))
+            shard.extend(_encode(pending, encoder, first_stage, device, clip))
         if shard:
             names.append(f"{split}-{len(names):05d}.tar")
             _flush(out_dir, names[-1], shard)

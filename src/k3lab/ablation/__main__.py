@@ -7,6 +7,7 @@ report (``python -m k3lab.report``)."""
 from __future__ import annotations
 
 import hydra
+from hydra_plugins.k3lab_sweeper import register
 from omegaconf import DictConfig
 
 from k3lab.ablation.cell import run_cell
@@ -20,6 +21,8 @@ def main(cfg: DictConfig) -> float | None:
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 
+
+register()  # hydra/sweeper=fractional (the main job's half fraction), also under an editable install
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from k3lab.ablation.compute import StepFlops
 from k3lab.ablation.curve import LearningCurve
 from k3lab.ablation.evaluate import evaluate, needs_reference_clip
 from k3lab.ablation.shared import precompute_part, reference_clip, train_part
@@ -29,6 +31,13 @@ log = logging.getLogger(__name__)
 
 
 CELL_DONE = "cell_done.json"  # written after the cell's run is closed FINISHED
+EVAL_SEED_STRIDE = 1_000_003  # evaluation sample i of a cell with seed s starts from noise seed base + s x stride + i
+
+
+def evaluation_seed(base: int, seed: int) -> int:
+    """The first sampling seed of a cell's evaluation: the same for every cell of one training seed (their samples
+    pair up prompt by prompt: common random numbers), different across training seeds (independent replicates)."""
+    return int(base) + EVAL_SEED_STRIDE * int(seed)
 
 
 def finished_cell(out_dir: Path) -> dict | None:
@@ -66,19 +75,20 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         f"task_name={cfg.task_name}",
     ]
     common = [*inherited, *(ab.get("extra_overrides") or [])]
+    threads = ab.get("part_threads")
     # no autoencoder (ablation.autoencoder: null): the cells diffuse in pixel space
     autoencoder = (
-        str(train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent))
+        str(train_part("autoencoder", [*ab.autoencoder, *common], root, "autoencoder.safetensors", parent, threads))
         if ab.get("autoencoder")
         else None
     )
     updates: dict = {"stage.first_stage.checkpoint": autoencoder}
     if uses_prior(cfg):
-        clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent)
+        clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent, threads)
         prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
         updates["mapping.clip.checkpoint"] = str(clip)
         updates["mapping.prior.checkpoint"] = str(
-            train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent)
+            train_part(f"prior_{text_encoder}", prior_overrides, root, "prior.safetensors", parent, threads)
         )
     # the frozen encoders' outputs, once per text encoder: training steps then skip both encoders
     if ab.get("precompute"):
@@ -88,13 +98,21 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
             "stage=diffusion",
             f"stage.first_stage.checkpoint={autoencoder if autoencoder else 'null'}",
         ]
-        folder = precompute_part(f"precomputed_{text_encoder}", pc_overrides, root)
+        name, features = f"precomputed_{text_encoder}", ["text.npy", "latent.npy"]
+        if uses_prior(cfg):  # the mapping arm's CLIP image embeddings too: its cells then skip the CLIP as well
+            pc_overrides += [
+                "model/prior=diffusion_mapping",
+                f"mapping.clip.checkpoint={updates['mapping.clip.checkpoint']}",
+                "precompute.image_embeddings=true",
+            ]
+            name, features = f"{name}_clip", [*features, "clip_image.npy"]
+        folder = precompute_part(name, pc_overrides, root, threads)
         updates |= {
             "data.resolution": int(cfg.data.resolution),
             "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
-            "data.feature_keys": ["text.npy", "latent.npy"],
-            # the text arm trains on latents alone: no image decoding (the mapping arm embeds the images with CLIP)
-            "data.decode_images": not (autoencoder and not uses_prior(cfg)),
+            "data.feature_keys": features,
+            # latents (and CLIP image embeddings) precomputed: no image decoding in training
+            "data.decode_images": not autoencoder,
         }
     return updates
 
@@ -119,6 +137,22 @@ def learning_curve(cfg: DictConfig, splits: dict[str, list[str]], settings: dict
     ]
 
 
+def job_threads(setting: int | str | None) -> int | None:
+    """``ablation.threads``: an int, or ``auto`` = this machine's cores / the launcher's parallel jobs (joblib's
+    ``n_jobs``; 1 for the sequential launcher); None leaves torch's default."""
+    if setting is None:
+        return None
+    if setting != "auto":
+        if int(setting) < 1:
+            raise ValueError(f"ablation.threads={setting}: a positive number of threads, auto or null")
+        return int(setting)
+    n_jobs = 1
+    if HydraConfig.initialized():
+        n_jobs = int(OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1) or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, n_jobs))
+
+
 def run_cell(cfg: DictConfig) -> dict[str, float]:
     """Shared parts (trained once), the diffusion stage, the evaluation: one MLflow child run; returns every metric."""
     if not cfg.get("ablation"):
@@ -134,6 +168,9 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
             done["run_id"],
         )
         return done["metrics"]
+    threads = job_threads(OmegaConf.select(cfg, "ablation.threads"))
+    if threads is not None:
+        torch.set_num_threads(threads)
     text_encoder = hydra_choices().get("model/text_encoder")
     if not text_encoder:
         raise ValueError(
@@ -144,6 +181,7 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     updates = prepare_shared(cfg, text_encoder, overrides)
     settings = OmegaConf.to_container(cfg.ablation.evaluation, resolve=True)
     settings["sampling"] = OmegaConf.to_container(cfg.sampling, resolve=True)  # type: ignore[index]
+    settings["seed"] = evaluation_seed(int(settings.get("seed", 0)), int(cfg.seed))  # type: ignore[call-overload]
     ref_dir = (
         reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
         if needs_reference_clip(settings)
@@ -155,7 +193,8 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
         if not cfg.get("ckpt_path") and (Path(cfg.paths.checkpoint_dir) / "last.ckpt").is_file():
             cfg.ckpt_path = "last"  # a killed cell of a resumed sweep: continue its training and its MLflow run
     start = time.perf_counter()
-    result = fit(cfg, role="cell", keep_open=True, callbacks=learning_curve(cfg, splits, settings))
+    flops = StepFlops()
+    result = fit(cfg, role="cell", keep_open=True, callbacks=[flops, *learning_curve(cfg, splits, settings)])
     fit_seconds = time.perf_counter() - start
     out_dir = Path(cfg.paths.output_dir)
     try:
@@ -170,7 +209,13 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
             "perf/fit_seconds": fit_seconds,
             "perf/eval_seconds": time.perf_counter() - start,
             "perf/train_samples_per_s": step * int(cfg.data.batch_size) / fit_seconds,
+            "perf/threads": float(torch.get_num_threads()),
         }
+        if flops.flops_per_step is not None:  # (a cell resumed after its last step runs no step to count)
+            metrics |= {
+                "perf/flops_per_step": float(flops.flops_per_step),
+                "perf/train_flops": float(flops.flops_per_step) * step,
+            }
         for lg in result.loggers:
             lg.log_metrics(metrics, step=step)
             lg.log_hyperparams(

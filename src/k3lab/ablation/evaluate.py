@@ -157,4 +157,35 @@ def evaluate(
         )
 
     inputs = registry.EvalInputs(records, real, clip, fid_reference if clip is not None else None, settings)
-    return registry.compute(names, inputs), {name: grid(r) for name, r in records.items()}
+    metrics = registry.compute(names, inputs)
+    write_per_prompt(records, inputs.per_image, out_dir / PER_PROMPT)
+    return metrics, {name: grid(r) for name, r in records.items()}
+
+
+PER_PROMPT = "per_prompt.csv"  # one row per evaluation sample: the paired analysis reads it (k3lab.ablation.paired)
+
+
+def write_per_prompt(
+    records: dict[str, list[Any]], per_image: dict[str, dict[str, list[float]]], path: str | Path
+) -> Path:
+    """``split, index, prompt_id, kind, seed`` and every per-image score the metrics left (compbench tasks as 0/1,
+    empty where a task does not apply; the CLIP score) for each sample: cells of one seed share prompts and sampling
+    seeds, so their rows pair up by (split, prompt_id)."""
+    import csv
+    import math
+
+    names = sorted({name for scores in per_image.values() for name in scores})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "index", "prompt_id", "kind", "seed", *names])
+        for split, recs in records.items():
+            scores = per_image.get(split, {})
+            for i, r in enumerate(recs):
+                values = [scores[n][i] if n in scores and i < len(scores[n]) else float("nan") for n in names]
+                writer.writerow(
+                    [split, i, r.prompt_id, (r.spec or {}).get("kind", ""), r.seed]
+                    + ["" if math.isnan(v) else f"{v:.6g}" for v in values]
+                )
+    return path

@@ -92,6 +92,7 @@ def run_part(
     expected: str,
     parent_run_id: str | None = None,
     folder_overrides: Sequence[str] = ("hydra.run.dir={out}",),
+    threads: int | None = None,
 ) -> Path:
     """Run ``python -m <module> <overrides>`` once into the part's keyed folder; returns ``folder/expected``."""
     key = config_key(compose_part(overrides))
@@ -99,6 +100,9 @@ def run_part(
 
     def build(out: Path) -> None:
         env = dict(os.environ)
+        if threads is not None:  # e.g. all cores, where a parallel launcher gave each job one thread
+            count = threads if threads > 0 else (os.cpu_count() or 1)
+            env.update({v: str(count) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
         if parent_run_id:
             env.update(K3LAB_PARENT_RUN_ID=parent_run_id, K3LAB_RUN_ROLE="shared")
         cmd = [sys.executable, "-m", module, *overrides, *(o.format(out=out) for o in folder_overrides)]
@@ -114,13 +118,18 @@ def run_part(
 
 
 def train_part(
-    name: str, overrides: Sequence[str], shared_dir: str | Path, export: str, parent_run_id: str | None = None
+    name: str,
+    overrides: Sequence[str],
+    shared_dir: str | Path,
+    export: str,
+    parent_run_id: str | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Train one part with ``python -m k3lab.train <overrides>`` into its keyed folder (once); returns its export."""
-    return run_part(name, "k3lab.train", overrides, shared_dir, f"checkpoints/{export}", parent_run_id)
+    return run_part(name, "k3lab.train", overrides, shared_dir, f"checkpoints/{export}", parent_run_id, threads=threads)
 
 
-def precompute_part(name: str, overrides: Sequence[str], shared_dir: str | Path) -> Path:
+def precompute_part(name: str, overrides: Sequence[str], shared_dir: str | Path, threads: int | None = None) -> Path:
     """Text embeddings and latents of every split, written once by ``python -m k3lab.precompute``; returns the
     folder."""
     path = run_part(
@@ -131,6 +140,7 @@ def precompute_part(name: str, overrides: Sequence[str], shared_dir: str | Path)
         "manifest.json",
         None,
         ("hydra.run.dir={out}", "precompute.output_dir={out}"),
+        threads,
     )
     return path.parent
 

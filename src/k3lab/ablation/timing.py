@@ -30,12 +30,19 @@ def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
 
 
 def count_jobs(config: DictConfig) -> int:
-    """The number of jobs a multirun launches (the product of its swept values' counts)."""
+    """The number of jobs a multirun launches (the product of its swept values' counts; of a half fraction, half)."""
+    from k3lab.ablation.design import fraction_from
     from k3lab.tracking.sweep import swept_values
 
     params = config.hydra.sweeper.get("params")
     sweeps = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params is not None else {}).items()}
-    return math.prod(len(v) for v in swept_values(sweeps, list(config.hydra.overrides.task)).values())
+    values = swept_values(sweeps, list(config.hydra.overrides.task))
+    spec = config.hydra.sweeper.get("fraction")
+    pinned = [o.partition("=")[0].lstrip("+~") for o in config.hydra.overrides.task if "," not in o]
+    design = fraction_from(OmegaConf.to_container(spec) if spec is not None else None, values, pinned)
+    if design is None:
+        return math.prod(len(v) for v in values.values())
+    return len(design.runs()) * math.prod(len(v) for k, v in values.items() if k not in design.factors)
 
 
 def estimate_minutes(reference: dict[str, float], jobs: int, gflops: float) -> float:

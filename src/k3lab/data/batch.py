@@ -21,6 +21,7 @@ class Batch(TypedDict):
     text_embedding: [B, L, D] frozen text-encoder outputs, zero-padded to the longest caption + 1.
     text_mask:      [B, L] bool, True for real tokens.
     latent:         [B, C, h, w] frozen first-stage latents (unscaled).
+    image_embedding: [B, E] the mapping arm's frozen CLIP image embedding (``precompute.image_embeddings``).
     With ``data.aspect_buckets`` (training split) every batch is one bucket:
     bucket:         its shape, ``"<height>x<width>"`` (the images are [B, 3, height, width]).
     """
@@ -33,6 +34,7 @@ class Batch(TypedDict):
     text_embedding: NotRequired[torch.Tensor]
     text_mask: NotRequired[torch.Tensor]
     latent: NotRequired[torch.Tensor]
+    image_embedding: NotRequired[torch.Tensor]
     bucket: NotRequired[str]
 
 
@@ -56,6 +58,8 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         extra["bucket"] = samples[0]["bucket"]
     if samples and "latent" in samples[0]:
         extra["latent"] = torch.stack([s["latent"] for s in samples])
+    if samples and "image_embedding" in samples[0]:
+        extra["image_embedding"] = torch.stack([s["image_embedding"] for s in samples])
     return Batch(  # type: ignore[typeddict-item]
         image=torch.stack([s["image"] for s in samples]) if samples and samples[0]["image"] is not None else None,
         caption=[s["caption"] for s in samples],

@@ -30,7 +30,11 @@ SKIP_REASONS = (
     "corrupt_shard",
     "unreadable_shard",
 )
-FEATURES = {"text.npy": "text_embedding", "latent.npy": "latent"}  # precomputed members -> sample keys
+FEATURES = {
+    "text.npy": "text_embedding",
+    "latent.npy": "latent",
+    "clip_image.npy": "image_embedding",
+}  # precomputed members -> sample keys
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -85,6 +86,7 @@ class DiffusionStage(L.LightningModule):
         prior_guidance: float = 3.0,
         compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
         fused_optimizer: bool | str = "auto",  # the optimizer's fused kernel (AdamW/Adam); auto = on a CUDA device
+        noise_seed: int | None = None,  # common random numbers: step s draws t, noise, dropout from (seed, s, rank)
     ) -> None:
         super().__init__()
         for name, value in (("compile_blocks", compile_blocks), ("fused_optimizer", fused_optimizer)):
@@ -245,9 +247,23 @@ class DiffusionStage(L.LightningModule):
         return lambda x, t: unet(unet_input(x, extra), t, *cond)
 
     # ------------------------------------------------------------------ steps
+    def step_generator(self, device: torch.device) -> torch.Generator | None:
+        """The random stream of this optimizer step when ``noise_seed`` is set, else None (the global stream).
+
+        Seeded by (noise_seed, step, rank) alone, so two runs that differ only in an ablated choice (block, text
+        encoder, prior) draw the same timesteps, noise and caption dropout at every step (common random numbers for a
+        paired comparison), and a resumed run draws what the uninterrupted one would have."""
+        seed = self.hparams.get("noise_seed")
+        if seed is None:
+            return None
+        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
+        state = np.random.SeedSequence([int(seed), int(self.global_step), rank]).generate_state(2, np.uint64)[0]
+        return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         z = self.latents(batch)
-        drop = torch.rand(z.shape[0], device=z.device) < self.hparams.caption_dropout
+        gen = self.step_generator(z.device)
+        drop = torch.rand(z.shape[0], device=z.device, generator=gen) < self.hparams.caption_dropout
         cond = self.arm.condition(batch, self.text_encoder, drop)
         extra = self.image_condition(batch, z, train=True)
         loss = diffusion_loss(
@@ -255,6 +271,7 @@ class DiffusionStage(L.LightningModule):
             z,
             self.schedule,
             self.hparams.prediction,
+            generator=gen,
             min_snr_gamma=self.hparams.get("min_snr_gamma"),
         )
         if not torch.isfinite(loss):

@@ -1,0 +1,50 @@
+"""What a cell's training cost: FLOPs per optimizer step counted by ``torch.utils.flop_counter`` on the run's own
+first step (forward and backward of everything the step runs: conditioning and U-Net), so arms that differ in cost
+can be compared at equal compute as well as at equal steps."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import lightning as L
+from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    """FLOPs (multiply-add = 2) of the matrix products, convolutions and attention ``step()`` runs, forward and
+    backward (torch's flop counter; elementwise work is not counted, as in MFU)."""
+    with FlopCounterMode(display=False) as mode:
+        step()
+    return int(mode.get_total_flops())
+
+
+class StepFlops(L.Callback):
+    """Counts the first optimizer step of the run (forward + backward, before the optimizer) and logs
+    ``perf/flops_per_step``; ``flops_per_step`` holds it for the cell's totals and learning curve."""
+
+    def __init__(self) -> None:
+        self.flops_per_step: int | None = None
+        self._mode: FlopCounterMode | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.flops_per_step is None and self._mode is None:
+            self._mode = FlopCounterMode(display=False)
+            self._mode.__enter__()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._mode is None:
+            return
+        self._mode.__exit__(None, None, None)
+        self.flops_per_step = int(self._mode.get_total_flops())
+        self._mode = None
+        for lg in trainer.loggers:
+            lg.log_metrics({"perf/flops_per_step": float(self.flops_per_step)}, step=int(trainer.global_step))
+        log.info("training FLOPs per optimizer step: %.3g (torch.utils.flop_counter)", self.flops_per_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._mode is not None:  # a run that stopped inside its first step
+            self._mode.__exit__(None, None, None)
+            self._mode = None
