@@ -36,7 +36,7 @@ TINY_CELL = [
 ]
 SWEEP = [
     "-m",
-    "experiment=ablation_tiny",
+    "experiment=ablation_block",
     "model/prior=none,diffusion_mapping",
     "model/unet/block=biggan_deep",
     "seed=0",
@@ -58,7 +58,7 @@ def k3lab(
 
 
 def sweeps(root: Path) -> list[Path]:
-    return sorted((root / "logs" / "ablation_tiny" / "multiruns").glob("*/mlflow_sweep.json"))
+    return sorted((root / "logs" / "ablation_block" / "multiruns").glob("*/mlflow_sweep.json"))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,17 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
             assert key in m and math.isfinite(m[key]), key
         assert m["eval/real/overall"] == 1.0  # the detector reads every real test image correctly
         assert m["eval/chance/colors"] < 0.5  # a prompt-ignoring image rarely has the right coloured shape
+        assert m["perf/flops_per_step"] > 1e6 and m["perf/train_flops"] == m["perf/flops_per_step"] * 4
+    # the two cells of seed 0 sampled every evaluation prompt from the same noise seed (paired), and wrote its scores
+    import csv
+
+    tables = [
+        list(csv.DictReader((Path(r.data.params["output_dir"]) / "eval" / "per_prompt.csv").open()))
+        for r in by_prior.values()
+    ]
+    assert len(tables[0]) == len(tables[1]) > 0
+    assert [(r["prompt_id"], r["seed"]) for r in tables[0]] == [(r["prompt_id"], r["seed"]) for r in tables[1]]
+    assert {"single_object", "colors", "clip_score"} <= set(tables[0][0])
         assert 0 <= m["eval/seen/overall"] <= 1 and m["eval/fid_clip"] >= 0
         out = Path(run.data.params["output_dir"])
         assert (
@@ -432,7 +443,7 @@ def test_the_sweep_starts_with_the_machine_rate_and_its_expected_duration(caplog
             "ablation": {"reference_time": reference},
         }
     )  # fmt: skip
-    assert count_jobs(config) == 12  # 2 blocks x 2 priors x 3 seeds
+    assert count_jobs(config) == 12  # a half fraction of 2 text encoders x 2 blocks x 2 priors (4 runs) x 3 seeds
     # on the reference machine the estimate is the measured time; on a machine half as fast, twice that
     measured = (reference["shared_seconds"] + 4 * reference["cell_seconds"]) / 60
     assert estimate_minutes(reference, 4, reference["gflops"]) == pytest.approx(measured)
@@ -481,7 +492,7 @@ def test_a_pixel_space_cell_logs_its_learning_curve(tmp_path: Path) -> None:
 
     k3lab(
         [
-            "experiment=ablation_tiny",
+            "experiment=ablation_block",
             *TINY_WORLD,
             *TINY_CELL,
             "data.source.resolution=32",
@@ -495,7 +506,7 @@ def test_a_pixel_space_cell_logs_its_learning_curve(tmp_path: Path) -> None:
         ],
         tmp_path,
     )
-    run = next((tmp_path / "logs" / "ablation_tiny" / "runs").iterdir())
+    run = next((tmp_path / "logs" / "ablation_block" / "runs").iterdir())
     rows = list(csv.DictReader((run / "curve.csv").open()))
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(int(r["num_prompts"]) == 6 for r in rows)

@@ -26,7 +26,10 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-PERF_METRICS: tuple[str, ...] = ("perf/train_samples_per_s",)
+from k3lab.ablation import views
+from k3lab.ablation.views import contrast
+
+PERF_METRICS: tuple[str, ...] = ("perf/train_samples_per_s", "perf/train_flops")
 # The main metrics whose seed-to-seed spread the report prints (the noise an effect must stand out from).
 SPREAD_METRICS: tuple[str, ...] = ("eval/seen/single_object", "eval/seen/colors", "eval/seen/overall", "eval/fid_clip")
 
@@ -179,8 +182,10 @@ def effects(
     and 95% half-width over seeds.
 
     Within a seed, the effect is the mean over the other axes' cells of metric(level) - metric(reference);
-    cells missing on either side are left out (a failed run does not bias the difference). A reference that is not
-    among the axis's levels falls back to the first level, and the row's ``reference`` says which was used."""
+    cells missing on either side are left out (a failed run does not bias the difference). In a fractional design no
+    two cells of a seed differ in one axis alone: the effect is then the contrast, mean of the cells at the level minus
+    mean of the cells at the reference (:mod:`k3lab.ablation.design`). A reference that is not among the axis's
+    levels falls back to the first level, and the row's ``reference`` says which was used."""
     runs = mark_superseded(runs) if "superseded_by" not in runs else runs
     runs = usable(runs)
     out = []
@@ -204,6 +209,10 @@ def effects(
                     )
                     if len(diffs):
                         per_seed.append(float(diffs.mean()))
+                    elif fractional(runs, ax):
+                        value = contrast(group[metric], group[axis].astype(str), str(level), str(ref))
+                        if not math.isnan(value):
+                            per_seed.append(value)
                 mean, half = interval(per_seed)
                 out.append(
                     {
@@ -217,6 +226,41 @@ def effects(
                     }
                 )
     return pd.DataFrame(out)
+
+
+def fractional(runs: pd.DataFrame, ax: Sequence[str]) -> bool:
+    """Whether the cells of a seed cover fewer level combinations than the axes' full product."""
+    full = math.prod(runs[a].nunique() for a in ax)
+    per_seed = runs.groupby("seed")[list(ax)].apply(lambda g: len(g.drop_duplicates())).max()
+    return bool(per_seed < full)
+
+
+def design_of(runs: pd.DataFrame, reference: dict[str, str] | None = None) -> str:
+    """The design the cells form, in words: a full factorial, or the half fraction they match (with its aliases)."""
+    from k3lab.ablation.design import HalfFraction
+
+    runs = usable(runs)
+    ax = axes(runs)
+    if not ax:
+        return "One cell (no axis varies)."
+    levels = {}
+    for a in ax:
+        values = [str(v) for v in dict.fromkeys(runs[a])]
+        ref = (reference or {}).get(a.removeprefix(OVERRIDE_PREFIX))
+        levels[a.removeprefix(OVERRIDE_PREFIX)] = [ref, *[v for v in values if v != ref]] if ref in values else values
+    if not fractional(runs, ax):
+        sizes = " x ".join(str(len(v)) for v in levels.values())
+        return f"Full factorial ({sizes}) in every seed: every main effect and interaction is estimable."
+    if all(len(v) == 2 for v in levels.values()):
+        combos = runs[ax].astype(str).drop_duplicates()
+        for sign in (-1, 1):
+            design = HalfFraction(tuple(levels), levels, sign)
+            if all(design.keeps(dict(zip(levels, row, strict=True))) for row in combos.itertuples(index=False)):
+                return design.describe()
+    return (
+        "An incomplete design: effects are contrasts of level means and may be confounded with the other axes "
+        "(check which combinations ran)."
+    )
 
 
 def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
@@ -436,6 +480,9 @@ class Report:
     text: str
     info: dict[str, Any]  # tracking_uri, experiment_id, parent_run_id, sweep_dir, reference (axis -> first swept value)
     files: dict[str, Path] = field(default_factory=dict)
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)  # k3lab.ablation.views.paired_effects
+    power: pd.DataFrame = field(default_factory=pd.DataFrame)  # views.power_table
+    equal_compute: pd.DataFrame = field(default_factory=pd.DataFrame)  # views.equal_compute
 
     def summary(self) -> str:
         where = [
@@ -451,11 +498,107 @@ class Report:
 
 
 def analyse(source: str, tracking_uri: str | None = None, metrics: Sequence[str] | None = None) -> Report:
-    """The sweep's runs, effects (reference level = the first value of each swept axis) and cells; writes nothing."""
+    """The sweep's runs, effects (reference level = the first value of each swept axis), cells, paired effects, power
+    and the equal-compute view; writes nothing."""
     runs, info = load_runs(source, tracking_uri)
     metrics = list(metrics or default_metrics())
-    effect_table, cell_table = effects(runs, metrics, info.get("reference")), cells(runs, metrics)
-    return Report(runs, effect_table, cell_table, markdown(runs, effect_table, cell_table, metrics), info)
+    reference = info.get("reference")
+    effect_table, cell_table = effects(runs, metrics, reference), cells(runs, metrics)
+    finished = usable(runs)
+    paired = views.paired_effects(finished, reference) if "output_dir" in finished else pd.DataFrame()
+    power = views.power_table(paired, int(finished["seed"].nunique())) if len(paired) else pd.DataFrame()
+    compute = views.equal_compute(finished, reference) if "output_dir" in finished else pd.DataFrame()
+    text = markdown(runs, effect_table, cell_table, metrics)
+    text += design_markdown(runs, effect_table, paired, power, compute, reference)
+    return Report(runs, effect_table, cell_table, text, info, paired=paired, power=power, equal_compute=compute)
+
+
+def design_markdown(
+    runs: pd.DataFrame,
+    effect_table: pd.DataFrame,
+    paired: pd.DataFrame,
+    power: pd.DataFrame,
+    compute: pd.DataFrame,
+    reference: dict[str, str] | None = None,
+) -> str:
+    """The design, the paired effects, the power of the design and the equal-compute view, in markdown."""
+    lines = ["", "### Design", "", design_of(runs, reference)]
+    if len(paired):
+        seed_level = {
+            (r.axis, r.level, r.metric): (r.effect, r.ci95) for r in effect_table.itertuples()
+        } if len(effect_table) else {}  # fmt: skip
+        lines += [
+            "",
+            "### Paired effects (prompt by prompt within seeds: cells of a seed share data order, diffusion noise and "
+            "sampling noise)",
+            "",
+            "Method: per seed, the mean over prompts of (mean score of the level's cells - mean of the reference's "
+            "cells) on the same prompt and sampling seed, with its sampling variance var/n; over seeds, a "
+            "DerSimonian-Laird random-effects mean with the Hartung-Knapp-Sidik-Jonkman 95% interval (t, seeds - 1 "
+            "df). tau: the between-seed SD of the effect (training randomness); pairing: the within-seed variance an "
+            "unpaired design (independent sampling noise per cell) would have, over the paired one.",
+            "",
+            "| axis | level vs reference | metric | seed-level | paired | resolved | prompts x seeds | tau | "
+            "pairing (variance ratio) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in paired.itertuples():
+            mean, half = seed_level.get((r.axis, r.level, r.metric), (float("nan"), float("nan")))
+            lines.append(
+                f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {_fmt(mean, half)} | "
+                f"{_fmt(r.effect, r.ci95)} | {'yes' if views.resolved(r.effect, r.ci95) else 'no'} | "
+                f"{r.prompts} x {r.seeds} | {_fmt(math.sqrt(r.tau2) if r.tau2 == r.tau2 else float('nan'), float('nan'))}"
+                f" | {views.ratio(r.v_unpaired, r.v_paired):.2f} |"
+            )
+    if len(power):
+        lines += [
+            "",
+            "### Power of this design (two-sided t-test over seeds, alpha 0.05, power 0.8)",
+            "",
+            "| metric | seed-level SD of an effect | of which tau | of which prompts | prompts per seed | seeds | "
+            "minimum detectable effect | interval width paired / unpaired |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in power.itertuples():
+            lines.append(
+                f"| {short(r.metric)} | {r.sigma_e:.4g} | {r.tau:.4g} | {r.prompt_sd:.4g} | {r.prompts} | {r.seeds} | "
+                f"{r.mde80:.4g} | {r.pairing_width_ratio:.2f} |"
+            )
+        plan = views.resolve_plan(paired, power)
+        if len(plan):
+            lines += [
+                "",
+                "Effects whose paired interval includes 0: what would resolve an effect of the observed size "
+                "(80% power): seeds at today's prompts, or prompts per seed at today's seeds (inf: more prompts "
+                "cannot, the between-seed variance alone is too large).",
+                "",
+                "| axis | level | metric | observed | seeds needed | prompts per seed needed |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in plan.itertuples():
+                seeds_needed = str(r.seeds_needed) if r.seeds_needed > 0 else "> 10,000"
+                lines.append(
+                    f"| {r.axis} | {r.level} | {short(r.metric)} | {r.effect:+.4g} | {seeds_needed} | "
+                    f"{r.prompts_needed:.0f} |"
+                )
+    if len(compute):
+        lines += [
+            "",
+            "### Equal steps vs equal training FLOPs (learning curves; FLOPs from torch.utils.flop_counter)",
+            "",
+            "Within a seed each cell is read off its curve at the FLOPs the seed's cheapest cell spent in all (linear "
+            "interpolation) and at the last common step; mean ± 95% t-interval over seeds.",
+            "",
+            "| axis | level vs reference | metric | FLOPs per step ratio | equal steps | equal FLOPs | sign flips |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in compute.itertuples():
+            lines.append(
+                f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {r.flops_ratio:.2f} | "
+                f"{_fmt(r.equal_steps, r.equal_steps_ci95)} | {_fmt(r.equal_flops, r.equal_flops_ci95)} | "
+                f"{'**yes**' if r.sign_flip else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def build_report(
@@ -509,11 +652,77 @@ class ReportCallback(Callback):
         print(report.summary(), flush=True)
 
 
+def plan_text(answer: dict[str, Any]) -> str:
+    """``--plan`` in words."""
+    seeds = answer["seeds_needed"]
+    need = f"{seeds} seeds" if seeds > 0 else "more than 10,000 seeds"
+    return (
+        f"To see an effect of {answer['delta']:g} on {short(answer['metric'])} with 80% power (two-sided t-test over "
+        f"seeds, alpha 0.05), this design needs {need} (seed-level SD of an effect {answer['sigma_e']:.4g}, measured "
+        f"on this sweep); with its {answer['seeds_now']} seeds the power is {answer['power_now']:.2f}.\n"
+    )
+
+
+def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = None) -> str:
+    """Two sweeps of one design side by side (``--compare``): every effect with its interval in each (paired where
+    per-prompt scores exist, else seed-level) and whether it replicated."""
+    reports = [analyse(s, tracking_uri) for s in (source_a, source_b)]
+    tables = []
+    for report in reports:
+        table = report.effects[["axis", "level", "metric", "effect", "ci95"]].copy()
+        table["method"] = "seed-level"
+        if len(report.paired):
+            keyed = report.paired.set_index(["axis", "level", "metric"])
+            for i, r in table.iterrows():
+                key = (r["axis"], r["level"], r["metric"])
+                if key in keyed.index:
+                    table.loc[i, ["effect", "ci95"]] = keyed.loc[key, ["effect", "ci95"]].to_numpy()
+                    table.loc[i, "method"] = "paired"
+        tables.append(table)
+    merged = views.compare(tables[0], tables[1])
+    seeds = [sorted(r.runs["seed"].unique().tolist()) for r in reports]
+    lines = [
+        f"## Replication: A = {source_a} (seeds {seeds[0]}) vs B = {source_b} (seeds {seeds[1]})",
+        "",
+        "Each effect with its 95% interval (paired where the cells left per-prompt scores, else seed-level); "
+        "replicated = resolved in both with the same sign; one only = resolved in one sweep alone (not a finding); "
+        "contradicted = resolved in both with opposite signs.",
+        "",
+        "| axis | level | metric | A | B | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in merged.itertuples():
+        mark = {"replicated": "**replicated**", "one only": "one only (!)", "contradicted": "**contradicted**"}
+        lines.append(
+            f"| {r.axis} | {r.level} | {short(r.metric)} | {_fmt(r.effect_a, r.ci95_a)} | {_fmt(r.effect_b, r.ci95_b)} "
+            f"| {mark.get(r.verdict, r.verdict)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m k3lab.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("source", help="a sweep folder (with mlflow_sweep.json) or an MLflow parent run id")
+    p.add_argument(
+        "source", nargs="?", default=None, help="a sweep folder (with mlflow_sweep.json) or an MLflow parent run id"
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("SWEEP_A", "SWEEP_B"),
+        default=None,
+        help="two runs of one design (another machine, another seed set) side by side: each effect's paired interval "
+        "in both, marked replicated / one only / contradicted / neither",
+    )
+    p.add_argument(
+        "--plan",
+        type=float,
+        default=None,
+        metavar="DELTA",
+        help="how many seeds this design needs to see an effect of DELTA (80%% power) on --plan-metric",
+    )
+    p.add_argument("--plan-metric", default="eval/seen/single_object", help="the metric --plan is about")
     p.add_argument(
         "--tracking-uri", default=None, help="default: the sweep's, $MLFLOW_TRACKING_URI, or <project>/logs/mlflow.db"
     )
@@ -523,7 +732,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print the effects as JSON instead of the markdown")
     args = p.parse_args(argv)
+    if (args.source is None) == (args.compare is None):
+        p.error("give one sweep (source) or --compare SWEEP_A SWEEP_B")
     try:
+        if args.compare:
+            text = compare_markdown(*args.compare, tracking_uri=args.tracking_uri)
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "compare.md").write_text(text)
+            print(text)
+            return 0
+        if args.plan is not None:
+            report = analyse(args.source, args.tracking_uri, args.metric or None)
+            if not len(report.power):
+                raise ValueError(f"{args.source}: no per-prompt scores (eval/per_prompt.csv) to plan from")
+            answer = views.plan(report.power, args.plan, args.plan_metric)
+            print(json.dumps(answer, indent=1) if args.json else plan_text(answer))
+            return 0
         report = build_report(args.source, args.tracking_uri, args.out, args.metric or None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

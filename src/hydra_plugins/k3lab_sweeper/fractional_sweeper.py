@@ -26,13 +26,12 @@ class FractionalSweeper(BasicSweeper):
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:  # type: ignore[override]
         """The basic sweeper's batches, less the jobs outside the fraction (batches re-cut to ``max_batch_size``)."""
-        levels = {
-            o.get_key_element(): list(o.sweep_string_iterator())
-            for o in overrides
-            if o.is_sweep_override() and o.is_discrete_sweep()
-        }
-        pinned = [o.get_key_element() for o in overrides if not o.is_sweep_override()]
-        design = fraction_from(self.fraction, levels, pinned)
+        swept: dict[str, list[str] | None] = {}  # the last override of a key wins, as in the basic sweeper
+        for o in overrides:
+            discrete = o.is_sweep_override() and o.is_discrete_sweep()
+            swept[o.get_key_element()] = list(o.sweep_string_iterator()) if discrete else None
+        levels = {k: v for k, v in swept.items() if v is not None}
+        design = fraction_from(self.fraction, levels, [k for k, v in swept.items() if v is None])
         batches = BasicSweeper.split_arguments(overrides, None)
         jobs = batches[0] if batches else []
         if design is not None:

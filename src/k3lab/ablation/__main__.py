@@ -7,9 +7,9 @@ report (``python -m k3lab.report``)."""
 from __future__ import annotations
 
 import hydra
-from hydra_plugins.k3lab_sweeper import register
 from omegaconf import DictConfig
 
+from hydra_plugins.k3lab_sweeper import register
 from k3lab.ablation.cell import run_cell
 from k3lab.config import CONF_DIR
 

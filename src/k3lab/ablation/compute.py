@@ -8,15 +8,44 @@ import logging
 from typing import Any, Callable
 
 import lightning as L
+import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
 
+def _cpu_attention(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter has no formula for the CPU flash-attention kernels that SDPA dispatches to on CPU: the same as its
+# other SDPA kernels (Q K^T and P V forward; four products backward)
+CPU_ATTENTION = {
+    op: formula
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_attention_backward),
+    )
+    if (op := getattr(torch.ops.aten, name, None)) is not None
+}
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """torch's flop counter, with the CPU attention kernels counted."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+
+
 def count_flops(step: Callable[[], Any]) -> int:
     """FLOPs (multiply-add = 2) of the matrix products, convolutions and attention ``step()`` runs, forward and
     backward (torch's flop counter; elementwise work is not counted, as in MFU)."""
-    with FlopCounterMode(display=False) as mode:
+    with flop_counter_mode() as mode:
         step()
     return int(mode.get_total_flops())
 
@@ -31,7 +60,7 @@ class StepFlops(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.flops_per_step is None and self._mode is None:
-            self._mode = FlopCounterMode(display=False)
+            self._mode = flop_counter_mode()
             self._mode.__enter__()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

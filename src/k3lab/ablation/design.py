@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HalfFraction:
-    """A 2^(k-1) half fraction over ``factors`` (config keys), each with exactly two levels; ``sign`` of I = sign * ABC..."""
+    """A 2^(k-1) half fraction over ``factors`` (config keys) of two levels each; I = ``sign`` x the product."""
 
     factors: tuple[str, ...]
     levels: Mapping[str, Sequence[str]]
