@@ -119,6 +119,13 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
         assert m["eval/real/overall"] == 1.0  # the detector reads every real test image correctly
         assert m["eval/chance/colors"] < 0.5  # a prompt-ignoring image rarely has the right coloured shape
         assert m["perf/flops_per_step"] > 1e6 and m["perf/train_flops"] == m["perf/flops_per_step"] * 4
+        assert 0 <= m["eval/seen/overall"] <= 1 and m["eval/fid_clip"] >= 0
+        out = Path(run.data.params["output_dir"])
+        assert (
+            len(list((out / "eval" / "seen").glob("*.png"))) == 16
+            and (out / "eval" / "seen" / "metadata.jsonl").is_file()
+        )
+        assert json.loads((out / "metrics.json").read_text())["eval/seen/overall"] == m["eval/seen/overall"]
     # the two cells of seed 0 sampled every evaluation prompt from the same noise seed (paired), and wrote its scores
     import csv
 
@@ -129,13 +136,6 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
     assert len(tables[0]) == len(tables[1]) > 0
     assert [(r["prompt_id"], r["seed"]) for r in tables[0]] == [(r["prompt_id"], r["seed"]) for r in tables[1]]
     assert {"single_object", "colors", "clip_score"} <= set(tables[0][0])
-        assert 0 <= m["eval/seen/overall"] <= 1 and m["eval/fid_clip"] >= 0
-        out = Path(run.data.params["output_dir"])
-        assert (
-            len(list((out / "eval" / "seen").glob("*.png"))) == 16
-            and (out / "eval" / "seen" / "metadata.jsonl").is_file()
-        )
-        assert json.loads((out / "metrics.json").read_text())["eval/seen/overall"] == m["eval/seen/overall"]
     # the mapping arm's cell used the shared prior; the text arm's did not
     assert (
         "shared/prior" in by_prior["diffusion_mapping"].data.params
@@ -146,7 +146,15 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
 def test_shared_parts_are_trained_once_for_all_jobs_and_sweeps(sweep: dict) -> None:
     shared = sweep["root"] / "logs" / "shared"
     done = sorted(p.parent.name.rsplit("-", 1)[0] for p in shared.glob("*/DONE.json"))
-    assert done == ["autoencoder", "clip", "precomputed_t5_tiny", "prior_t5_tiny", "reference_clip"]
+    # (the mapping arm's precomputed shards also hold its CLIP's image embeddings: a part of their own)
+    assert done == [
+        "autoencoder",
+        "clip",
+        "precomputed_t5_tiny",
+        "precomputed_t5_tiny_clip",
+        "prior_t5_tiny",
+        "reference_clip",
+    ]
     client, info = client_for(sweep["dirs"][0])
     trained = client.search_runs([info["experiment_id"]], filter_string="tags.`k3lab.role` = 'shared'")
     assert len(trained) == 3  # autoencoder, CLIP, prior (as MLflow runs), under the first sweep's parent only

@@ -55,13 +55,12 @@ def test_fraction_specs_fail_by_name_and_a_pinned_factor_lifts_the_fraction() ->
 
 
 def test_the_sweeper_launches_the_fraction_crossed_with_seeds_and_the_estimate_counts_it() -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from hydra_plugins.k3lab_sweeper.fractional_sweeper import FractionalSweeper
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     from k3lab.ablation.timing import count_jobs
     from k3lab.config import CONF_DIR
 
@@ -271,8 +270,13 @@ def fractional_runs(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2), noise: f
             folder = tmp_path / f"s{seed}_{job}"
             (folder / "eval").mkdir(parents=True)
             pd.DataFrame(
-                {"split": "seen", "prompt_id": [f"p{i}" for i in range(400)], "single_object": scores,
-                 "colors": scores, "clip_score": 20 + 10 * scores}  # fmt: skip
+                {
+                    "split": "seen",
+                    "prompt_id": [f"p{i}" for i in range(400)],
+                    "single_object": scores,
+                    "colors": scores,
+                    "clip_score": 20 + 10 * scores,
+                }  # fmt: skip
             ).to_csv(folder / "eval" / "per_prompt.csv", index=False)
             cost = 2.0e9 if run["model/unet/block"] == "resnet" else 1.0e9
             steps = np.array([500, 1000, 1500])
@@ -280,10 +284,18 @@ def fractional_runs(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2), noise: f
                 {"step": steps, "single_object": 0.3 + steps / 1500 * (0.3 + shift), "colors": 0.2 + steps / 5000}
             ).to_csv(folder / "curve.csv", index=False)
             rows.append(
-                {"run_id": f"r{seed}{job}", "status": "FINISHED", "job": job, "seed": seed, "output_dir": str(folder),
-                 **{f"override/{k}": v for k, v in run.items()}, "eval/seen/single_object": float(scores.mean()),
-                 "eval/seen/colors": float(scores.mean()), "eval/clip_score": float(20 + 10 * scores.mean()),
-                 "perf/flops_per_step": cost}  # fmt: skip
+                {
+                    "run_id": f"r{seed}{job}",
+                    "status": "FINISHED",
+                    "job": job,
+                    "seed": seed,
+                    "output_dir": str(folder),
+                    **{f"override/{k}": v for k, v in run.items()},
+                    "eval/seen/single_object": float(scores.mean()),
+                    "eval/seen/colors": float(scores.mean()),
+                    "eval/clip_score": float(20 + 10 * scores.mean()),
+                    "perf/flops_per_step": cost,
+                }  # fmt: skip
             )
     return pd.DataFrame(rows)
 
@@ -347,61 +359,66 @@ def test_report_cli_plans_and_compares(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def test_flops_per_step_of_the_cell_unet_match_a_hand_count() -> None:
-    """torch's flop counter on one training step of the main job's U-Net equals a count built by hand from every
-    convolution, linear layer and attention product the forward runs (backward = 2 x forward for weighted layers,
-    less the input gradient of the first convolution, whose input needs none) within 1%."""
+def hand_count(unet: torch.nn.Module, inputs: tuple) -> float:
+    """Training-step FLOPs of ``unet`` counted by hand from one forward with hooks: every convolution (transposed
+    ones by input elements) and linear layer as 2 x multiply-adds, with backward = weight gradient (= forward) plus
+    input gradient (= forward) where the layer's input needs one; attention as Q K^T and P V, backward 2 x forward."""
+    weighted: list[float] = []
+    needs_input_grad: list[bool] = []
+    attention: list[float] = []
+
+    def conv_hook(m, inp, out):
+        if isinstance(m, torch.nn.ConvTranspose2d):  # every input element meets the kernel once per output map
+            weighted.append(2 * inp[0].numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size))
+        else:
+            weighted.append(2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
+        needs_input_grad.append(bool(inp[0].requires_grad))
+
+    def linear_hook(m, inp, out):
+        weighted.append(2 * out.numel() * m.in_features)
+        needs_input_grad.append(bool(inp[0].requires_grad))
+
+    hooks = [
+        m.register_forward_hook(linear_hook if isinstance(m, torch.nn.Linear) else conv_hook)
+        for m in unet.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))
+    ]
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, *args, **kwargs):
+        attention.append(2 * 2 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3])  # QK^T, PV
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    try:
+        unet(*inputs)  # with autograd on: which inputs need a gradient
+    finally:
+        patch.undo()
+        for h in hooks:
+            h.remove()
+    assert len(attention) > 0 and any(not g for g in needs_input_grad)
+    return sum(f * (2 + g) for f, g in zip(weighted, needs_input_grad, strict=True)) + 3 * sum(attention)
+
+
+@pytest.mark.parametrize("block", ["biggan_deep", "resnet"])
+def test_flops_per_step_of_the_cell_unet_match_a_hand_count(block: str) -> None:
+    """torch's flop counter (with the CPU attention kernels k3lab adds) on one training step of the main job's U-Net
+    equals the hand count within 1%."""
     from hydra.utils import instantiate
 
     from k3lab.ablation.compute import count_flops
     from k3lab.config import compose
 
-    for block in ("biggan_deep", "resnet"):
-        cfg = compose(["experiment=ablation_tiny", f"model/unet/block={block}"])
-        unet = instantiate(cfg.model.unet)
-        b, tokens = 4, 12
-        x = torch.randn(b, 4, 16, 16)
-        t = torch.randint(0, 1000, (b,))
-        ctx = torch.randn(b, tokens, int(cfg.model.unet.context_dim))
-        mask = torch.ones(b, tokens, dtype=torch.bool)
-
-        weighted: list[float] = []  # forward FLOPs of each conv / linear, and whether its input needs a gradient
-        needs_input_grad: list[bool] = []
-        attention: list[float] = []
-
-        def conv_hook(m, inp, out):
-            if isinstance(m, torch.nn.ConvTranspose2d):  # every input element meets the kernel once per output map
-                weighted.append(2 * inp[0].numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size))
-            else:
-                weighted.append(2 * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size))
-            needs_input_grad.append(bool(inp[0].requires_grad))
-
-        def linear_hook(m, inp, out):
-            weighted.append(2 * out.numel() * m.in_features)
-            needs_input_grad.append(bool(inp[0].requires_grad))
-
-        hooks = [
-            m.register_forward_hook(linear_hook if isinstance(m, torch.nn.Linear) else conv_hook)
-            for m in unet.modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))
-        ]
-        real_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def counting_sdpa(q, k, v, *args, **kwargs):
-            attention.append(2 * 2 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3])  # QK^T, PV
-            return real_sdpa(q, k, v, *args, **kwargs)
-
-        monkeypatch_sdpa = pytest.MonkeyPatch()
-        monkeypatch_sdpa.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
-        try:
-            unet(x, t, ctx, mask)  # with autograd on: which inputs need a gradient
-        finally:
-            monkeypatch_sdpa.undo()
-            for h in hooks:
-                h.remove()
-        # backward: weight gradient (= forward) always, input gradient (= forward) where the input needs one;
-        # attention backward is four products (dV, dP, dQ, dK) = 2 x forward
-        hand = sum(f * (2 + g) for f, g in zip(weighted, needs_input_grad, strict=True)) + 3 * sum(attention)
-        assert len(attention) > 0 and any(not g for g in needs_input_grad)
-        counted = count_flops(lambda: torch.nn.functional.mse_loss(unet(x, t, ctx, mask), x).backward())
-        assert counted == pytest.approx(hand, rel=0.01), (block, counted, hand)
+    cfg = compose(["experiment=ablation_tiny", f"model/unet/block={block}"])
+    unet = instantiate(cfg.model.unet)
+    b, tokens = 4, 12
+    inputs = (
+        torch.randn(b, 4, 16, 16),
+        torch.randint(0, 1000, (b,)),
+        torch.randn(b, tokens, int(cfg.model.unet.context_dim)),
+        torch.ones(b, tokens, dtype=torch.bool),
+    )
+    hand = hand_count(unet, inputs)
+    counted = count_flops(lambda: torch.nn.functional.mse_loss(unet(*inputs), inputs[0]).backward())
+    assert counted == pytest.approx(hand, rel=0.01), (counted, hand)

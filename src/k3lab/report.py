@@ -547,8 +547,8 @@ def design_markdown(
             lines.append(
                 f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {_fmt(mean, half)} | "
                 f"{_fmt(r.effect, r.ci95)} | {'yes' if views.resolved(r.effect, r.ci95) else 'no'} | "
-                f"{r.prompts} x {r.seeds} | {_fmt(math.sqrt(r.tau2) if r.tau2 == r.tau2 else float('nan'), float('nan'))}"
-                f" | {views.ratio(r.v_unpaired, r.v_paired):.2f} |"
+                f"{r.prompts} x {r.seeds} | {_fmt(math.sqrt(r.tau2) if r.tau2 >= 0 else float('nan'), float('nan'))} | "
+                f"{views.ratio(r.v_unpaired, r.v_paired):.2f} |"
             )
     if len(power):
         lines += [

@@ -194,7 +194,9 @@ def equal_compute(
                     usable = [i for i in seed_runs.index if curves[i] is not None and len(curves[i])]
                     if len(usable) != len(seed_runs):
                         continue
-                    flops = {i: curves[i]["step"].to_numpy(float) * float(runs.at[i, "perf/flops_per_step"]) for i in usable}
+                    flops = {
+                        i: curves[i]["step"].to_numpy(float) * float(runs.at[i, "perf/flops_per_step"]) for i in usable
+                    }
                     budget = min(f[-1] for f in flops.values())
                     last_step = min(float(curves[i]["step"].iloc[-1]) for i in usable)
                     read_flops = pd.Series(
@@ -262,7 +264,8 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     (resolved in both, same sign), one only (resolved in one sweep), contradicted (resolved in both, opposite signs)
     or neither."""
     keys = ["axis", "level", "metric"]
-    merged = a[[*keys, "effect", "ci95"]].merge(b[[*keys, "effect", "ci95"]], on=keys, how="outer", suffixes=("_a", "_b"))
+    columns = [*keys, "effect", "ci95"]
+    merged = a[columns].merge(b[columns], on=keys, how="outer", suffixes=("_a", "_b"))
     verdicts = []
     for r in merged.itertuples():
         ra, rb = resolved(r.effect_a, r.ci95_a), resolved(r.effect_b, r.ci95_b)
