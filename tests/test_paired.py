@@ -94,6 +94,9 @@ def test_the_sweeper_launches_the_fraction_crossed_with_seeds_and_the_estimate_c
     assert count_jobs(config) == 16
     config.hydra.overrides.task = ["experiment=ablation_tiny", "model/prior=none"]
     assert count_jobs(config) == 12  # the fraction lifted: 2 encoders x 2 blocks x 3 seeds
+    config.hydra.sweeper.fraction = None  # hydra.sweeper.fraction=null: the full factorial
+    config.hydra.overrides.task = ["experiment=ablation_tiny"]
+    assert count_jobs(config) == 24
 
 
 # ----------------------------------------------------------------------------- pairing (common random numbers)

@@ -211,7 +211,7 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
             "perf/train_samples_per_s": step * int(cfg.data.batch_size) / fit_seconds,
             "perf/threads": float(torch.get_num_threads()),
         }
-        if flops.flops_per_step is not None:  # (a cell resumed after its last step runs no step to count)
+        if flops.flops_per_step is not None:  # (restored from the checkpoint in a resumed cell)
             metrics |= {
                 "perf/flops_per_step": float(flops.flops_per_step),
                 "perf/train_flops": float(flops.flops_per_step) * step,

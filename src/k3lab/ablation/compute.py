@@ -51,15 +51,24 @@ def count_flops(step: Callable[[], Any]) -> int:
 
 
 class StepFlops(L.Callback):
-    """Counts the first optimizer step of the run (forward + backward, before the optimizer) and logs
-    ``perf/flops_per_step``; ``flops_per_step`` holds it for the cell's totals and learning curve."""
+    """Counts optimizer step 0 of the run (forward + backward, before the optimizer) and logs
+    ``perf/flops_per_step``; ``flops_per_step`` holds it for the cell's totals and learning curve.
+
+    The count travels in the checkpoint: a resumed run never counts again, so no step after step 0 runs under the
+    counter's dispatch mode (whose kernels can differ in the last bits) and a resume stays bit-exact."""
 
     def __init__(self) -> None:
         self.flops_per_step: int | None = None
         self._mode: FlopCounterMode | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops_per_step": self.flops_per_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flops_per_step = state_dict.get("flops_per_step")
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.flops_per_step is None and self._mode is None:
+        if self.flops_per_step is None and self._mode is None and int(trainer.global_step) == 0:
             self._mode = flop_counter_mode()
             self._mode.__enter__()
 
