@@ -27,7 +27,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from k3lab.ablation import views
-from k3lab.ablation.views import contrast
+from k3lab.ablation.views import OVERRIDE_PREFIX, contrast, interval
+from k3lab.ablation.views import factor_axes as axes
 
 PERF_METRICS: tuple[str, ...] = ("perf/train_samples_per_s", "perf/train_flops")
 # The main metrics whose seed-to-seed spread the report prints (the noise an effect must stand out from).
@@ -49,7 +50,6 @@ def lower_is_better(metric: str) -> bool:
 
 
 METRICS = default_metrics()  # the built-in metrics' headline keys; analyse() re-reads the registry for added ones
-OVERRIDE_PREFIX = "override/"
 REFERENCE_PREFIX = "reference/"
 
 log = logging.getLogger(__name__)
@@ -156,23 +156,6 @@ def usable(runs: pd.DataFrame) -> pd.DataFrame:
     if "superseded_by" in runs:
         runs = runs[runs["superseded_by"].fillna("") == ""]
     return runs
-
-
-def axes(runs: pd.DataFrame) -> list[str]:
-    """The override columns that take more than one value across the cells."""
-    return [c for c in runs.columns if c.startswith(OVERRIDE_PREFIX) and runs[c].nunique(dropna=False) > 1]
-
-
-def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the two-sided t-interval); half-width NaN with fewer than two values."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def effects(

@@ -213,8 +213,8 @@ def equal_compute(
                     at_steps.append(contrast(read_steps, levels, level, ref))
                 if not at_flops:
                     continue
-                flops_mean, flops_half = _t_interval(at_flops)
-                steps_mean, steps_half = _t_interval(at_steps)
+                flops_mean, flops_half = interval(at_flops)
+                steps_mean, steps_half = interval(at_steps)
                 cost = runs.groupby(runs[axis].astype(str))["perf/flops_per_step"].mean()
                 out.append(
                     {
@@ -245,13 +245,16 @@ def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
     return float(np.interp(x, xs, ys))
 
 
-def _t_interval(values: Sequence[float]) -> tuple[float, float]:
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided t-interval); half-width NaN with fewer than two values."""
     from scipy import stats
 
-    v = np.asarray([x for x in values if not math.isnan(x)], float)
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
     if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def resolved(effect: float, half: float) -> bool:
