@@ -22,8 +22,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from k3lab.config import compose
 from k3lab.nn.movq import count_parameters
+from k3lab.run.config import compose
 
 from _report import report
 

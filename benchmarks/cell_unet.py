@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from k3lab.config import compose
+from k3lab.run.config import compose
 
 from _report import matmul_gflops, report
 

@@ -31,8 +31,8 @@ import torch
 
 from k3lab.convert.formats import OFFICIAL_UNET, diffusers_unet_config, read_safetensors_folder
 from k3lab.convert.keymaps import PROJECTION_DIFFUSERS
+from k3lab.io.safetensors_io import LazyState, write_safetensors
 from k3lab.nn.unet import KandinskyUNet
-from k3lab.safetensors_io import LazyState, write_safetensors
 
 from _report import matmul_gflops, report
 

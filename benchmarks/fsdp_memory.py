@@ -4,7 +4,7 @@
     python benchmarks/fsdp_memory.py --unet small --latent 32 --gpus 1 2 4
 
 For 1, 8 and 64 GPUs: this rank's shard of fp32 parameters + gradients + AdamW moments, the bf16 parameters of the two
-largest FSDP units (one computing, one prefetched; ``k3lab.distributed.block_classes``), and the largest batch whose
+largest FSDP units (one computing, one prefetched; ``k3lab.nn.sharding.block_classes``), and the largest batch whose
 activations fit in the rest of an 80 GiB GPU with per-block activation checkpointing (activations measured by one
 meta-device forward pass in bf16). Text embeddings are assumed precomputed (``python -m k3lab.precompute``): a frozen
 Flan-UL2 encoder on the same GPU would add ~16 GiB of bf16 weights.
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from k3lab.config import compose
-from k3lab.distributed import GIB, memory_plan
+from k3lab.nn.sharding import GIB, memory_plan
+from k3lab.run.config import compose
 
 try:
     from _report import report

@@ -32,7 +32,7 @@ def build_pipeline(root: Path, width: int, text_dim: int) -> Path:
 
     from k3lab.convert.formats import diffusers_movq_config
     from k3lab.data.scene_captions import caption_vocabulary
-    from k3lab.nn.tiny_text import build_tiny_t5
+    from k3lab.nn.tiny_t5 import build_tiny_t5
 
     t5 = build_tiny_t5(root / "t5", caption_vocabulary(), d_model=text_dim, d_ff=2 * text_dim)
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def main() -> None:
     import diffusers
 
     from k3lab.convert.__main__ import main as convert
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=32, help="first level width (official: 384)")

@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from hydra.utils import instantiate
 
-from k3lab.config import compose
 from k3lab.nn.first_stage import FrozenMoVQ
+from k3lab.run.config import compose
 
 from _report import report
 

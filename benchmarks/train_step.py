@@ -29,9 +29,9 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from k3lab.config import compose
-from k3lab.distributed import compile_blocks, units
 from k3lab.nn.ema import EMA
+from k3lab.nn.sharding import compile_blocks, units
+from k3lab.run.config import compose
 
 try:
     from _report import matmul_gflops, report

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 from omegaconf import DictConfig
 
-from k3lab.config import compose
+from k3lab.run.config import compose
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -163,7 +163,7 @@ def test_shared_parts_are_trained_once_for_all_jobs_and_sweeps(sweep: dict) -> N
 
 
 def test_rerun_reproduces_metrics_exactly_and_leaves_the_first_sweep_intact(sweep: dict) -> None:
-    from k3lab.report import load_runs
+    from k3lab.ablation.report import load_runs
 
     first, _ = load_runs(str(sweep["dirs"][0]))
     second, _ = load_runs(str(sweep["dirs"][1]))
@@ -184,7 +184,7 @@ def test_a_fresh_root_reproduces_the_cell_and_another_seed_differs(
 ) -> None:
     """The same cell and seed give the same metrics with every shared part retrained from scratch in an empty root
     (nothing reused from the first sweep); seed 1 gives other metrics (the test could fail)."""
-    from k3lab.report import load_runs
+    from k3lab.ablation.report import load_runs
 
     root = tmp_path_factory.mktemp("fresh_root")
     args = [a for a in SWEEP if not a.startswith(("model/prior=", "seed="))] + ["model/prior=none", "seed=0,1"]
@@ -206,7 +206,7 @@ def test_a_killed_sweep_resumes_into_its_folder_without_retraining_finished_cell
     import signal
     import time
 
-    from k3lab.report import analyse, default_metrics, load_runs
+    from k3lab.ablation.report import analyse, default_metrics, load_runs
     from k3lab.tracking.sweep import children
 
     root, sweep_dir = sweep["root"], sweep["root"] / "resumed_sweep"
@@ -262,7 +262,7 @@ def test_report_builds_the_table_from_the_runs(sweep: dict) -> None:
         "| model/prior | diffusion_mapping vs none |" in text
         and (sweep_dir / "rebuilt" / "report.png").stat().st_size > 1000
     )
-    from k3lab.report import analyse
+    from k3lab.ablation.report import analyse
 
     report = analyse(str(sweep_dir))
     runs = report.runs.set_index("override/model/prior")
@@ -294,7 +294,7 @@ def test_report_by_parent_run_id_and_bad_source(sweep: dict, tmp_path: Path, cap
 def test_effects_and_intervals_over_seeds() -> None:
     import pandas as pd
 
-    from k3lab.report import effects, interval
+    from k3lab.ablation.report import effects, interval
 
     rows = []
     for seed, (a0, a1, b0, b1) in enumerate([(0.5, 0.7, 0.4, 0.8), (0.6, 0.6, 0.5, 0.9), (0.4, 0.8, 0.3, 0.5)]):
@@ -415,7 +415,7 @@ def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
 def test_launcher_and_trainer_configs_compose() -> None:
     from hydra import compose, initialize_config_dir
 
-    from k3lab.config import CONF_DIR
+    from k3lab.run.config import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(
@@ -437,7 +437,7 @@ def test_the_sweep_starts_with_the_machine_rate_and_its_expected_duration(caplog
     from omegaconf import OmegaConf
 
     from k3lab.ablation.timing import TimeEstimateCallback, count_jobs, estimate_minutes
-    from k3lab.config import compose
+    from k3lab.run.config import compose
 
     preset = compose(["experiment=ablation_tiny"])
     reference = OmegaConf.to_container(preset.ablation.reference_time)

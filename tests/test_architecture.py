@@ -1,5 +1,6 @@
 """The package's shape, checked from the source (every import statement, at module level or inside a function):
-no import cycle, ``k3lab.nn`` pure torch, and ``evaluation`` free of k3lab (see also test_evaluation_package)."""
+no import cycle, the layer order of docs/architecture.md, entry points alone at the package root and imported by
+nobody, ``k3lab.nn`` pure torch, and ``evaluation`` free of k3lab (see also test_evaluation_package)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "k3lab"
+# docs/architecture.md: a package may import its own modules and those of packages in lower layers, never higher or
+# sideways; the modules at the package root are entry points (python -m k3lab.<name>) that nothing imports.
+LAYERS = (
+    ("nn",),
+    ("diffusion",),
+    ("io",),
+    ("data",),
+    ("inference",),
+    ("tracking",),
+    ("stages",),
+    ("run",),
+    ("convert", "ablation"),
+)
+ENTRY_POINTS = {"train", "sample", "precompute", "report", "edit_bench", "progressive", "mapping"}
 FRAMEWORKS = ("hydra", "omegaconf", "lightning", "pytorch_lightning", "mlflow")
 
 
@@ -82,12 +97,80 @@ def test_nn_is_pure_torch() -> None:
         assert not frameworks, f"{m} reaches {frameworks}"
 
 
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that breaks the layer order: upward or sideways between packages, or of an entry point."""
+    rank = {p: i for i, layer in enumerate(LAYERS) for p in layer}
+    bad = []
+    for module, deps in sorted(graph.items()):
+        parts = module.split(".")
+        own = parts[1] if len(parts) > 2 or parts[-1] in rank else None
+        for dep in sorted(deps):
+            dep_parts = dep.split(".")
+            if dep == "k3lab":
+                continue
+            if len(dep_parts) == 2 and dep_parts[1] not in rank:
+                bad.append(f"{module} imports the entry point {dep}")
+            elif own is not None and dep_parts[1] != own and rank[dep_parts[1]] >= rank[own]:
+                bad.append(f"{module} ({own}, layer {rank[own]}) imports {dep} (layer {rank[dep_parts[1]]})")
+    return bad
+
+
+def test_layer_order_and_entry_points() -> None:
+    """The root holds only the entry points (plus ``__init__``), every package sits in a layer, and no import (module
+    level or function-local) goes up a layer, sideways, or into an entry point."""
+    graph, _ = imports()
+    root = {p.stem for p in SRC.glob("*.py")} - {"__init__"}
+    assert root == ENTRY_POINTS
+    packages = {p.parent.name for p in SRC.glob("*/__init__.py")} - {"conf"}
+    assert packages == {p for layer in LAYERS for p in layer}
+    assert not layer_violations(graph)
+
+
+def test_layer_check_catches_what_it_forbids() -> None:
+    """Planted violations (an upward import, a sideways one, an entry point imported) are each reported."""
+    graph = {
+        "k3lab.nn.unet": {"k3lab.stages.diffusion"},
+        "k3lab.convert.formats": {"k3lab.ablation.views"},
+        "k3lab.inference.sample_job": {"k3lab.sample"},
+        "k3lab.sample": {"k3lab.inference.sample_job", "k3lab.run.config"},
+        "k3lab.stages.diffusion": {"k3lab.nn.unet", "k3lab.inference.generator"},
+    }
+    bad = layer_violations(graph)
+    assert len(bad) == 3 and all(any(m in b for b in bad) for m in ("nn.unet", "convert.formats", "the entry point"))
+
+
+def test_hydra_targets_are_library_code_and_old_ones_still_resolve() -> None:
+    """Every ``_target_`` in conf/ names an object that exists outside the entry points, and each module an older
+    config may name (``MOVED_MODULES``) maps onto a module that exists."""
+    import importlib
+    import re
+
+    from k3lab.io.checkpoint import MOVED_MODULES, MOVED_TARGETS, moved_target
+
+    conf = SRC.parents[1] / "conf"
+    targets = set()
+    for f in conf.rglob("*.yaml"):
+        targets |= set(re.findall(r"_target_:\s*([\w.]+)", f.read_text()))
+    assert len(targets) > 20
+    for target in sorted(targets):
+        module, _, name = target.rpartition(".")
+        assert module.split(".")[1] not in ENTRY_POINTS, target
+        assert hasattr(importlib.import_module(module), name), target
+    for new in MOVED_MODULES.values():
+        importlib.import_module(new)
+    for old in ("k3lab.checkpoint.load_frozen", "k3lab.report.ReportCallback", "k3lab.text_encoders.tiny_t5"):
+        module, _, name = moved_target(old).rpartition(".")
+        assert hasattr(importlib.import_module(module), name), old
+    assert moved_target("k3lab.nn.unet.KandinskyUNet") == "k3lab.nn.unet.KandinskyUNet"
+    assert set(MOVED_TARGETS.values()) <= {moved_target(t) for t in MOVED_TARGETS}
+
+
 def test_the_scan_sees_what_it_forbids(tmp_path: Path) -> None:
     """The checks above would fail on the cycle and the leak they forbid (the scanner is not blind)."""
     graph, external = imports()
     assert "k3lab.tracking.sweep" in closure(graph, "k3lab.report")  # report reads tracking ...
     assert "k3lab.report" not in closure(graph, "k3lab.tracking.sweep")  # ... never the other way
-    assert "omegaconf" in external["k3lab.checkpoint"] and "k3lab.checkpoint" not in closure(
+    assert "omegaconf" in external["k3lab.io.checkpoint"] and "k3lab.io.checkpoint" not in closure(
         graph, "k3lab.nn.first_stage"
     )
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from k3lab.checkpoint import CheckpointError, export_model, load_model, load_state_dict, load_weights, save_config
+from k3lab.io.checkpoint import CheckpointError, export_model, load_model, load_state_dict, load_weights, save_config
 from k3lab.nn.movq import MoVQ
 
 TINY = dict(_target_="k3lab.nn.movq.MoVQ", ch=16, ch_mult=[1, 2], num_res_blocks=1, n_embed=8, num_groups=8)

@@ -10,8 +10,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from k3lab.config import CONF_DIR, ConfigError, validate
 from k3lab.nn.movq import count_parameters
+from k3lab.run.config import CONF_DIR, ConfigError, validate
 
 from conftest import compose_config
 
@@ -151,7 +151,7 @@ def test_resume_from_truncated_or_missing_checkpoint_is_refused(tmp_path: Path) 
 
 
 def test_non_numeric_optimizer_values_are_named(tmp_path: Path) -> None:
-    from k3lab.config import ConfigError, validate
+    from k3lab.run.config import ConfigError, validate
 
     cfg = compose_config(["stage.optimizer.lr=abc", "stage.optimizer.betas=[0.9,x]"], tmp_path)
     with pytest.raises(ConfigError, match=r"stage\.optimizer\.lr='abc': must be a number") as info:

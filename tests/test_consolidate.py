@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from k3lab.checkpoint import CheckpointError
 from k3lab.convert.__main__ import main as convert_main
 from k3lab.convert.consolidate import META_FILE, consolidate, read_sharded
+from k3lab.io.checkpoint import CheckpointError
 
 from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
 
@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_sharded_checkpoint_consolidates_to_the_full_one_and_samples(trained: Path) -> None:
-    from k3lab.generate import Generator
+    from k3lab.inference.loading import load_generator
 
     full = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=True)
     # FSDP's optimizer state is keyed by parameter name (FSDP.optim_state_dict), not by index
@@ -60,8 +60,8 @@ def test_a_sharded_checkpoint_consolidates_to_the_full_one_and_samples(trained: 
         assert torch.equal(got["state_dict"][k], v), k
     some = names[0]
     assert torch.equal(got["optimizer_states"][0]["state"][some]["exp_avg"], optim["state"][some]["exp_avg"])
-    a, _ = Generator.from_export(trained / "last.ckpt")
-    b, _ = Generator.from_export(out)
+    a, _ = load_generator(trained / "last.ckpt")
+    b, _ = load_generator(out)
     for (k, v), w in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
     assert convert_main(["consolidate", str(sharded)]) == 2  # never overwrites

@@ -11,7 +11,6 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only parity peer (pip install -e '.[test]')")
 
-from k3lab.checkpoint import CheckpointError  # noqa: E402
 from k3lab.convert.formats import (  # noqa: E402
     OFFICIAL_UNET,
     diffusers_movq_config,
@@ -21,6 +20,7 @@ from k3lab.convert.formats import (  # noqa: E402
     movq_state_to_diffusers,
     unet_state_to_diffusers,
 )
+from k3lab.io.checkpoint import CheckpointError  # noqa: E402
 from k3lab.nn.text_conditioning import TextConditioning  # noqa: E402
 from k3lab.nn.unet import KandinskyUNet  # noqa: E402
 
@@ -398,7 +398,7 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import AutoTokenizer, T5EncoderModel
 
     from k3lab.data.scene_captions import caption_vocabulary
-    from k3lab.nn.tiny_text import build_tiny_t5
+    from k3lab.nn.tiny_t5 import build_tiny_t5
 
     root = tmp_path_factory.mktemp("pipe")
     t5 = build_tiny_t5(root / "t5", caption_vocabulary())
@@ -446,7 +446,7 @@ def test_diffusers_pipeline_to_k3lab_sample_and_back(
     tiny_pipeline: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from k3lab.convert.__main__ import main as convert
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
     from k3lab.sample import main as sample
 
     convert(["diffusers", str(tiny_pipeline), "--out", str(tmp_path / "k3")])
@@ -506,7 +506,7 @@ def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path
     from k3lab.convert.__main__ import main as convert
     from k3lab.convert.formats import load_official
     from k3lab.convert.k3lab_io import copy_text_encoder, write_k3lab, write_movq
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
 
     kwargs = dict(tiny_official_kwargs(), context_dim=48)
     torch.manual_seed(0)
@@ -533,7 +533,7 @@ def test_official_inpainting_checkpoint_converts_strictly_and_inpaints(tiny_pipe
     from k3lab.convert.__main__ import check_inpainting
     from k3lab.convert.formats import read_official
     from k3lab.convert.k3lab_io import copy_text_encoder, write_k3lab, write_movq
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
 
     kwargs = dict(tiny_official_kwargs(), context_dim=48, in_channels=9)
     torch.manual_seed(0)

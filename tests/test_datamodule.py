@@ -309,8 +309,8 @@ def mixed_shard(path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_aspect_buckets_give_one_shape_per_batch_chosen_per_sample_and_counted(tmp_path: Path) -> None:
-    from k3lab.callbacks import DataQuality
     from k3lab.data.shards import aspect_buckets
+    from k3lab.run.callbacks import DataQuality
 
     assert aspect_buckets(24, [2.0, 1.0, 0.5], 8) == [(32, 16), (24, 24), (16, 32)]
     shard, want = mixed_shard(tmp_path / "mixed-000.tar")

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
-from k3lab.checkpoint import CheckpointError
-from k3lab.generate import load_generator
+from k3lab.inference.loading import load_generator
+from k3lab.io.checkpoint import CheckpointError
 from k3lab.train import train
 
 from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
@@ -263,7 +263,7 @@ def test_sample_cli_writes_images_and_metadata(
 def test_checkpoint_of_another_stage_or_preset_is_refused(
     trained: DictConfig, tmp_path: Path, t2i_cfg: Callable[..., DictConfig]
 ) -> None:
-    from k3lab.checkpoint import load_first_stage
+    from k3lab.io.checkpoint import load_first_stage
 
     first = Path(trained.stage.first_stage.checkpoint)
     with pytest.raises(CheckpointError, match=r"autoencoder stage .*the diffusion stage's checkpoint is needed"):
@@ -320,7 +320,7 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_checkpoints(
         train(cfg)
     ckpt = Path(cfg.paths.checkpoint_dir)
     assert (ckpt / "step0000002.ckpt").is_file() and (ckpt / "on_exception.ckpt").is_file()
-    from k3lab.checkpoint import load_state_dict
+    from k3lab.io.checkpoint import load_state_dict
 
     assert all(torch.isfinite(v).all() for v in load_state_dict(ckpt / "unet.safetensors").values())
 
@@ -328,7 +328,7 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_checkpoints(
 def test_precomputed_embeddings_and_latents_replace_the_encoders(
     t2i_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    from k3lab.precompute import precompute
+    from k3lab.data.precompute import precompute
 
     cfg = t2i_cfg("precompute.latents=true", "precompute.shard_size=100", f"precompute.output_dir={tmp_path}/pre")
     out = precompute(cfg)
@@ -399,7 +399,7 @@ def test_trains_on_aspect_buckets_of_mixed_sizes(t2i_cfg: Callable[..., DictConf
 
 
 def test_gpu_speed_switches_resolve_by_device_and_reach_the_optimizer(t2i_cfg: Callable[..., DictConfig]) -> None:
-    from k3lab.distributed import units
+    from k3lab.nn.sharding import units
     from k3lab.stages.diffusion import switch_on
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

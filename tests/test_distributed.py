@@ -6,9 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from k3lab.config import compose
-from k3lab.distributed import SHARDED_BYTES_PER_PARAM, activation_bytes, block_classes, memory_plan, units
+from k3lab.nn.sharding import SHARDED_BYTES_PER_PARAM, activation_bytes, block_classes, memory_plan, units
 from k3lab.nn.unet_blocks import AttentionBlock, BigGANDeepBlock, ResBlock
+from k3lab.run.config import compose
 
 
 def small_unet(block: str = "biggan_deep", device: str = "cpu") -> torch.nn.Module:
@@ -62,7 +62,7 @@ def _sharded_step(rank: int, world: int, init: str, out: str) -> None:
     """One rank of the FSDP2 check: its half of the batch through the sharded U-Net; gradients gathered and saved."""
     import torch.distributed as dist
 
-    from k3lab.distributed import shard_unet
+    from k3lab.nn.sharding import shard_unet
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

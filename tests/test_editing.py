@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from k3lab.conditioning import TextArm
 from k3lab.data.masks import MaskGenerator
 from k3lab.diffusion import Schedule
 from k3lab.diffusion.samplers import strided_timesteps
-from k3lab.editing import expand_input_channels, img2img_first_step, outpaint_canvas, parse_outpaint
-from k3lab.generate import Generator, load_generator
-from k3lab.imaging import load_image, load_mask, to_uint8
+from k3lab.inference.conditioning import TextArm
+from k3lab.inference.editing import expand_input_channels, img2img_first_step, outpaint_canvas, parse_outpaint
+from k3lab.inference.generator import Generator
+from k3lab.inference.loading import load_generator
+from k3lab.io.imaging import load_image, load_mask, to_uint8
 from k3lab.nn.first_stage import FrozenMoVQ, IdentityFirstStage
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
@@ -346,7 +347,7 @@ def test_the_inpainting_stage_starts_from_a_text_to_image_export(tmp_path: Path)
     convolution's extra channels (five on MoVQ latents, four in 3-channel pixel space) start at zero."""
     from hydra.utils import instantiate
 
-    from k3lab.checkpoint import export_model
+    from k3lab.io.checkpoint import export_model
 
     t2i = instantiate(compose_config([*pixel16("text2image_tiny", 3), "model/unet=fast"], tmp_path / "a").stage)
     perturb(t2i.unet, 4)

@@ -75,7 +75,7 @@ def _t2i(tmp_path: Path, data_root: Path, *overrides: str) -> DictConfig:
 def test_a_new_block_type_is_one_class(tmp_path: Path, data_root: Path) -> None:
     """Files touched to add a block: the class (here, this test module) and a YAML under conf/model/unet/block/ (here,
     the same node given on the command line)."""
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
     from k3lab.train import train
 
     cfg = _t2i(
@@ -94,7 +94,7 @@ def test_a_text_encoder_from_a_new_family_is_one_class(tmp_path: Path, data_root
     """Files touched to add an encoder: the class (here, this test module) and a YAML under conf/model/text_encoder/
     (here, the same node on the command line). Its width comes from the model: the config's dim is checked against
     it."""
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
     from k3lab.train import train
 
     enc = [
@@ -118,7 +118,7 @@ def test_a_new_metric_is_one_register_call(monkeypatch: pytest.MonkeyPatch) -> N
     """Files touched to add a metric: one ``register`` call (here) and its name in the preset's
     ablation.evaluation.metrics. The ablation evaluation computes it and the report tabulates it, as lower-is-better."""
     from evaluation import metrics as registry
-    from k3lab.report import cells, default_metrics, effects, lower_is_better, markdown
+    from k3lab.ablation.report import cells, default_metrics, effects, lower_is_better, markdown
 
     monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # the throwaway entry leaves with the test
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from k3lab.checkpoint import load_first_stage
-from k3lab.conditioning import make_arm
-from k3lab.config import compose
 from k3lab.diffusion import Schedule
-from k3lab.distributed import units
-from k3lab.generate import Generator
+from k3lab.inference.conditioning import make_arm
+from k3lab.inference.generator import Generator
+from k3lab.io.checkpoint import load_first_stage
+from k3lab.nn.sharding import units
+from k3lab.run.config import compose
 
 
 def tiny_generator() -> tuple[Generator, tuple[torch.Tensor, torch.Tensor]]:

@@ -62,7 +62,7 @@ def test_the_sweeper_launches_the_fraction_crossed_with_seeds_and_the_estimate_c
 
     from hydra_plugins.k3lab_sweeper.fractional_sweeper import FractionalSweeper
     from k3lab.ablation.timing import count_jobs
-    from k3lab.config import CONF_DIR
+    from k3lab.run.config import CONF_DIR
 
     params = {k: ",".join(v) for k, v in LEVELS.items()} | {"seed": "0,1,2"}
     sweeper = FractionalSweeper(params=params, fraction={"factors": list(FACTORS), "sign": -1})
@@ -128,7 +128,7 @@ def test_cells_of_one_seed_draw_the_same_noise_and_data_and_another_seed_does_no
 
     import k3lab.stages.diffusion as diffusion_stage
     from k3lab.ablation.cell import evaluation_seed
-    from k3lab.config import compose
+    from k3lab.run.config import compose
 
     real_loss = diffusion_stage.diffusion_loss
 
@@ -174,7 +174,7 @@ def test_the_step_generator_is_off_without_a_noise_seed_and_resumes_exactly() ->
 
     from hydra.utils import instantiate
 
-    from k3lab.config import compose
+    from k3lab.run.config import compose
 
     cfg = compose(["experiment=text2image_tiny", *PIXEL_CELL[7:-1]])
     assert cfg.stage.noise_seed is None
@@ -304,7 +304,7 @@ def fractional_runs(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2), noise: f
 
 
 def test_the_report_estimates_main_effects_of_a_half_fraction_and_says_what_is_aliased(tmp_path: Path) -> None:
-    from k3lab.report import design_of, effects
+    from k3lab.ablation.report import design_of, effects
 
     runs = fractional_runs(tmp_path)
     table = effects(runs, ["eval/seen/single_object"]).set_index("axis")
@@ -349,9 +349,10 @@ def test_compare_marks_replicated_and_unreplicated_effects() -> None:
 
 def test_report_cli_plans_and_compares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from k3lab import report
+    from k3lab.ablation import report as library
 
     runs = {"A": fractional_runs(tmp_path / "a"), "B": fractional_runs(tmp_path / "b", seeds=(3, 4, 5), noise=0.05)}
-    monkeypatch.setattr(report, "load_runs", lambda source, uri=None: (runs[source], {"reference": {}}))
+    monkeypatch.setattr(library, "load_runs", lambda source, uri=None: (runs[source], {"reference": {}}))
     assert report.main(["A", "--plan", "0.03"]) == 0
     assert "this design needs" in capsys.readouterr().out
     assert report.main(["--compare", "A", "B"]) == 0
@@ -411,7 +412,7 @@ def test_flops_per_step_of_the_cell_unet_match_a_hand_count(block: str) -> None:
     from hydra.utils import instantiate
 
     from k3lab.ablation.compute import count_flops
-    from k3lab.config import compose
+    from k3lab.run.config import compose
 
     cfg = compose(["experiment=ablation_tiny", f"model/unet/block={block}"])
     unet = instantiate(cfg.model.unet)

@@ -17,7 +17,7 @@ from conftest import SMALL_WORLD, compose_config
 def test_kandinsky22_preset_size_and_diffusers_parity(tmp_path: Path) -> None:
     from hydra.utils import instantiate
 
-    from k3lab.config import compose
+    from k3lab.run.config import compose
 
     cfg = compose(["model/prior=kandinsky22", "model/text_encoder=flan_ul2"], tmp_path)
     cfg.model.prior.text_dim = 1280  # 2.2 conditions on CLIP-bigG text states (1280-d)
@@ -59,7 +59,7 @@ def test_prior_learns_a_known_mapping_on_held_out_pairs() -> None:
     """Text states of 12 'words' -> image embedding = fixed random map of their mean; trained on 2/3 of the word
     pairs, the sampled embeddings of unseen pairs are far closer to the truth than the mean embedding."""
     from k3lab.diffusion import Schedule, diffusion_loss
-    from k3lab.mapping import PriorMapping, text_for_prior
+    from k3lab.inference.mapping import PriorMapping, text_for_prior
 
     torch.manual_seed(0)
     words, dim, emb_dim = torch.randn(12, 16), 16, 24
@@ -99,8 +99,8 @@ def test_prior_learns_a_known_mapping_on_held_out_pairs() -> None:
 
 def test_conditioning_clip_is_not_the_evaluation_clip(tmp_path: Path) -> None:
     from evaluation import reference_clip
-    from k3lab.config import ConfigError, compose, validate
     from k3lab.nn import clip
+    from k3lab.run.config import ConfigError, compose, validate
 
     assert clip.NAME != reference_clip.NAME
     cfg = compose(
@@ -173,7 +173,7 @@ def arm_parts(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict
 
 @pytest.mark.parametrize("arm", ["none", "diffusion_mapping"])
 def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path], data_root: Path) -> None:
-    from k3lab.generate import load_generator
+    from k3lab.inference.loading import load_generator
 
     overrides = [
         "experiment=text2image_tiny",
@@ -219,8 +219,8 @@ def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path]
 def test_prior_width_mismatch_names_both_widths(arm_parts: dict[str, Path], tmp_path: Path) -> None:
     from hydra.utils import instantiate
 
-    from k3lab.checkpoint import load_frozen
-    from k3lab.config import compose
+    from k3lab.io.checkpoint import load_frozen
+    from k3lab.run.config import compose
 
     cfg = compose(
         [
@@ -250,7 +250,7 @@ def test_evaluate_prior_reports_cosines_and_baselines(
     arm_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from k3lab import mapping
-    from k3lab.mapping import evaluate_prior
+    from k3lab.inference.mapping import evaluate_prior
 
     result = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)
     row = result["heldout"]

@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from k3lab.checkpoint import load_state_dict
-from k3lab.config import ConfigError
-from k3lab.progressive import CHAIN_FILE, run_chain, stage_configs
+from k3lab.io.checkpoint import load_state_dict
+from k3lab.run.config import ConfigError
+from k3lab.run.progressive import CHAIN_FILE, run_chain, stage_configs
 
 from conftest import QUICK_DIFFUSION, SMALL_WORLD, compose_config
 
@@ -59,7 +59,7 @@ def test_a_restarted_chain_skips_finished_stages(tmp_path: Path, data_root: Path
         calls.append((stage_cfg.paths.output_dir, stage_cfg.stage.init_weights))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr("k3lab.fitting.fit", fake_fit)
+    monkeypatch.setattr("k3lab.run.fitting.fit", fake_fit)
     with pytest.raises(RuntimeError, match="stop here"):
         run_chain(cfg)
     assert calls == [(str(root / "1_px32"), done["checkpoint_dir"])]

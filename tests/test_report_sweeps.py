@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from k3lab.report import analyse, main
+from k3lab.ablation.report import analyse
+from k3lab.report import main
 from k3lab.tracking.sweep import PARENT_TAG, ROLE_TAG, MLflowSweepCallback, sweep_reference
 
 
@@ -110,7 +111,7 @@ def test_forest_plots_show_intervals_and_reference_levels(tmp_path: Path) -> Non
     import pandas as pd
     from PIL import Image
 
-    from k3lab.report import cells, effects, forest_figures, plot
+    from k3lab.ablation.report import cells, effects, forest_figures, plot
 
     rows = []
     for seed in range(3):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from k3lab.resume import AtomicCheckpointIO, resolve_ckpt_path
+from k3lab.run.resume import AtomicCheckpointIO, resolve_ckpt_path
 from k3lab.train import train
 
 from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
@@ -209,7 +209,7 @@ def test_seeded_builders_leave_the_global_random_stream_alone(tmp_path: Path) ->
     same noise."""
     from k3lab.data.scene_captions import caption_vocabulary
     from k3lab.nn.clip import small_clip
-    from k3lab.nn.tiny_text import build_tiny_t5
+    from k3lab.nn.tiny_t5 import build_tiny_t5
 
     torch.manual_seed(123)
     expected = torch.rand(4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from k3lab.safetensors_io import LazySafetensors, LazyState, write_safetensors
+from k3lab.io.safetensors_io import LazySafetensors, LazyState, write_safetensors
 
 
 def test_written_files_load_with_safetensors_in_every_dtype(tmp_path: Path) -> None:

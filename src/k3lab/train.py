@@ -9,8 +9,8 @@ import hydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from k3lab.config import CONF_DIR
-from k3lab.fitting import fit, where_to_look
+from k3lab.run.config import CONF_DIR
+from k3lab.run.fitting import fit, where_to_look
 
 log = logging.getLogger(__name__)
 

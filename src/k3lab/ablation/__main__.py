@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from hydra_plugins.k3lab_sweeper import register
 from k3lab.ablation.cell import run_cell
-from k3lab.config import CONF_DIR
+from k3lab.run.config import CONF_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -23,7 +23,7 @@ from k3lab.ablation.compute import StepFlops
 from k3lab.ablation.curve import LearningCurve
 from k3lab.ablation.evaluate import evaluate, needs_reference_clip
 from k3lab.ablation.shared import precompute_part, reference_clip, train_part
-from k3lab.fitting import close_loggers, fit, hydra_choices, where_to_look
+from k3lab.run.fitting import close_loggers, fit, hydra_choices, where_to_look
 from k3lab.tracking import find_mlflow_logger, log_image
 from k3lab.tracking.sweep import PARENT_TAG, run_tags
 
@@ -109,7 +109,7 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         folder = precompute_part(name, pc_overrides, root, threads)
         updates |= {
             "data.resolution": int(cfg.data.resolution),
-            "data.source": {"_target_": "k3lab.precompute.PrecomputedShards", "root": str(folder)},
+            "data.source": {"_target_": "k3lab.data.precompute.PrecomputedShards", "root": str(folder)},
             "data.feature_keys": features,
             # latents (and CLIP image embeddings) precomputed: no image decoding in training
             "data.decode_images": not autoencoder,

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from k3lab.imaging import to_uint8
+from k3lab.io.imaging import to_uint8
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def config_key(cfg: DictConfig) -> str:
 
 def compose_part(overrides: Sequence[str]) -> DictConfig:
     """The train config a part's overrides compose to (inside a Hydra app, or standalone)."""
-    from k3lab.config import compose_in_place
+    from k3lab.run.config import compose_in_place
 
     return compose_in_place(overrides)
 

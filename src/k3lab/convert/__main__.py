@@ -21,9 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-from k3lab.checkpoint import CheckpointError
 from k3lab.convert.formats import load_diffusers_movq, read_diffusers_unet, read_official
 from k3lab.convert.k3lab_io import to_diffusers, write_k3lab, write_movq
+from k3lab.io.checkpoint import CheckpointError
 
 log = logging.getLogger("k3lab.convert")
 

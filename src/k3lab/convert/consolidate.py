@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from k3lab.checkpoint import CheckpointError, atomic_write_bytes
+from k3lab.io.checkpoint import CheckpointError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from k3lab.checkpoint import CheckpointError
 from k3lab.convert.keymaps import (
     PROJECTION_DIFFUSERS,
     PROJECTION_OFFICIAL_30,
@@ -20,11 +19,12 @@ from k3lab.convert.keymaps import (
     unet_to_diffusers,
 )
 from k3lab.convert.remap import invert, remap, subset
+from k3lab.io.checkpoint import CheckpointError
+from k3lab.io.safetensors_io import LazySafetensors
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.unet import KandinskyUNet
 from k3lab.nn.unet_blocks import BigGANDeepBlock
-from k3lab.safetensors_io import LazySafetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_UNET = dict(

@@ -12,16 +12,6 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from k3lab.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    check_stage,
-    export_model,
-    load_state_dict,
-    load_weights,
-    save_config,
-)
-from k3lab.config import compose
 from k3lab.convert.formats import (
     OFFICIAL_UNET,
     diffusers_movq_config,
@@ -30,11 +20,21 @@ from k3lab.convert.formats import (
     unet_state_to_diffusers,
 )
 from k3lab.convert.remap import remap
+from k3lab.io.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    check_stage,
+    export_model,
+    load_state_dict,
+    load_weights,
+    save_config,
+)
+from k3lab.io.safetensors_io import LazySafetensors, write_safetensors
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.unet import KandinskyUNet
-from k3lab.safetensors_io import LazySafetensors, write_safetensors
+from k3lab.run.config import compose
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
     }
     first = OmegaConf.select(cfg, "stage.first_stage.checkpoint")
     if first:
-        from k3lab.checkpoint import load_model
+        from k3lab.io.checkpoint import load_model
 
         movq = load_model(first, "autoencoder")
         movq_kwargs = dict(movq.config)

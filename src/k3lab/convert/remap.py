@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from k3lab.checkpoint import CheckpointError
-from k3lab.safetensors_io import LazyState, dtype_of, shape_of
+from k3lab.io.checkpoint import CheckpointError
+from k3lab.io.safetensors_io import LazyState, dtype_of, shape_of
 
 
 def remap(
@@ -24,7 +24,7 @@ def remap(
 
     ``target`` may live on the meta device (only names and shapes are read). Every target key must be found,
     every source key used, every shape match (after ``reshape``): otherwise a CheckpointError naming them. A lazy
-    ``source`` (:class:`~k3lab.safetensors_io.LazySafetensors`) is checked from its headers and gives a lazy result:
+    ``source`` (:class:`~k3lab.io.safetensors_io.LazySafetensors`) is checked from its headers and gives a lazy result:
     nothing is read until a tensor is used, one at a time.
     """
     own = target.state_dict()

@@ -28,7 +28,7 @@ class EpochLoader(DataLoader):
     """A DataLoader that advances its ShardDataset's epoch after starting each pass (new shuffle per epoch).
 
     Its state (saved in checkpoints by Lightning) is the position in the stream: the current pass's epoch and the
-    batches the training loop consumed from it (``consumed``, set by :class:`k3lab.resume.ResumeState`). A loader
+    batches the training loop consumed from it (``consumed``, set by :class:`k3lab.run.resume.ResumeState`). A loader
     given that state replays the same pass and skips those batches, so a resumed run sees exactly the batches an
     uninterrupted one would. The stream is deterministic per (seed, epoch, rank, worker); with ``W`` loader workers
     batch ``i`` comes from worker ``i mod W`` while every worker has data, and a resumed pass rotates the workers'

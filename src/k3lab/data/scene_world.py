@@ -18,10 +18,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from k3lab.checkpoint import atomic_write_bytes
 from k3lab.data.scene_captions import caption_for
 from k3lab.data.scene_render import EXTENT, render
 from k3lab.data.scene_spec import COLORS, KINDS, RELATIONS, SHAPES, SIZES, Scene, SceneObject, relation_between
+from k3lab.io.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

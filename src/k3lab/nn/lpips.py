@@ -39,7 +39,7 @@ def build_lpips(vgg_weights: str | Path) -> nn.Module:
     import lpips  # local import: only needed when the perceptual loss is on
 
     model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    from k3lab.weights import load_state_dict
+    from k3lab.nn.weights import load_state_dict
 
     state = load_state_dict(path)
     mapped = {k2: v for k, v in state.items() if (k2 := _vgg_key_to_lpips(k)) is not None}

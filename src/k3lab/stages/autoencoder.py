@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from k3lab.data.batch import Batch
-from k3lab.losses import hinge_discriminator_loss, hinge_generator_loss, reconstruction_loss
 from k3lab.nn.ema import EMA
+from k3lab.nn.losses import hinge_discriminator_loss, hinge_generator_loss, reconstruction_loss
 from k3lab.nn.movq import MoVQ
 from k3lab.stages.common import OptimizerFactory
 from k3lab.tracking import log_image

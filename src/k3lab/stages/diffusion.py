@@ -16,11 +16,11 @@ import torchvision
 from torch import nn
 from torch.optim import Optimizer
 
-from k3lab.conditioning import ConditioningArm, make_arm
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
-from k3lab.editing import expand_input_channels, is_inpainting, unet_input
-from k3lab.generate import Generator, check_resolution, latent_size
+from k3lab.inference.conditioning import ConditioningArm, make_arm
+from k3lab.inference.editing import expand_input_channels, is_inpainting, unet_input
+from k3lab.inference.generator import Generator, check_resolution, latent_size
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_encoder import frozen_text_encoder
@@ -124,7 +124,7 @@ class DiffusionStage(L.LightningModule):
             prior_guidance=prior_guidance,
         )
         if init_weights:
-            from k3lab.checkpoint import load_state_dict, load_weights
+            from k3lab.io.checkpoint import load_state_dict, load_weights
 
             folder = Path(init_weights)
             state = load_state_dict(folder / "unet.safetensors")
@@ -218,7 +218,7 @@ class DiffusionStage(L.LightningModule):
     def compile_blocks(self) -> None:
         """Regional ``torch.compile``: each U-Net residual and attention block on its own (short compiles, one graph
         shared by identical blocks); the state dict keeps its names."""
-        from k3lab.distributed import compile_blocks
+        from k3lab.nn.sharding import compile_blocks
 
         log.info("compiled %d U-Net blocks (stage.compile_blocks)", compile_blocks(self.unet))
 

@@ -2,9 +2,10 @@
 
 Each training sample draws a mask from the ``masks`` group (:class:`~k3lab.data.masks.MaskGenerator`: boxes, brush
 strokes, scene objects, outpainting borders, full images); the U-Net reads ``[x_t, keep, masked latent]``
-(:mod:`k3lab.editing`: the hole is set to 0 before the frozen first stage encodes the image, ``keep = 1 - hole`` is
-resized to the latent grid by nearest-neighbour). ``init_weights`` may name a text-to-image run: its U-Net's input
-convolution gains zero weights for the five extra channels, so training starts from the text-to-image model.
+(:mod:`k3lab.inference.editing`: the hole is set to 0 before the frozen first stage encodes the image, ``keep = 1 -
+hole`` is resized to the latent grid by nearest-neighbour). ``init_weights`` may name a text-to-image run: its
+U-Net's input convolution gains zero weights for the five extra channels, so training starts from the text-to-image
+model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from k3lab.data.batch import Batch
 from k3lab.data.masks import MaskGenerator
-from k3lab.editing import inpainting_channels, latent_keep, masked_image
+from k3lab.inference.editing import inpainting_channels, latent_keep, masked_image
 from k3lab.stages.diffusion import DiffusionStage
 
 

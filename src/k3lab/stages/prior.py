@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
-from k3lab.mapping import PriorMapping, null_text, text_for_prior
+from k3lab.inference.mapping import PriorMapping, null_text, text_for_prior
 from k3lab.nn.ema import EMA
 from k3lab.nn.prior import PriorTransformer
 from k3lab.nn.text_encoder import frozen_text_encoder

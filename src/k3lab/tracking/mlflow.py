@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from k3lab.imaging import to_uint8
+from k3lab.io.imaging import to_uint8
 
 log = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ def sweep_dir_of(config: DictConfig) -> Path:
 
 class MLflowSweepCallback(Callback):
     """Hydra callback: the sweep's MLflow parent run and stale-run clean-up (the report is its own callback,
-    :class:`k3lab.report.ReportCallback`, which reads what this one writes)."""
+    :class:`k3lab.ablation.report.ReportCallback`, which reads what this one writes)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)

@@ -3,10 +3,10 @@
 SLURM sends ``--signal=USR1@<seconds>`` before a time limit or preemption; submitit sends USR2 (its default,
 ``SUBMITIT_PREEMPT_SIGNAL``). :class:`Preemption` catches those signals, lets the current training step finish,
 writes ``last.ckpt`` (atomically, with the random state, the data position and the MLflow run id, see
-:mod:`k3lab.resume`) and then requeues: through submitit's own handler when submitit runs the job (the Hydra
+:mod:`k3lab.run.resume`) and then requeues: through submitit's own handler when submitit runs the job (the Hydra
 launchers ``slurm``/``slurm_local``), with ``scontrol requeue`` in a plain SLURM job, or, outside a scheduler, by
 stopping the run cleanly. The requeued job resumes from that checkpoint (a cluster job resumes ``last.ckpt`` by
-itself, :func:`k3lab.resume.resolve_ckpt_path`) and logs into the same MLflow run.
+itself, :func:`k3lab.run.resume.resolve_ckpt_path`) and logs into the same MLflow run.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from k3lab.config import project_root
+from k3lab.run.config import project_root
 
 
 def latest(pattern: str, root: str | Path | None = None) -> Path:

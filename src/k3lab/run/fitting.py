@@ -15,10 +15,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from k3lab.callbacks import ExportModels
-from k3lab.checkpoint import check_resume
-from k3lab.config import validate
-from k3lab.resume import AtomicCheckpointIO, ResumeState, checkpoint_run_id, resolve_ckpt_path
+from k3lab.io.checkpoint import check_resume
+from k3lab.run.callbacks import ExportModels
+from k3lab.run.config import validate
+from k3lab.run.resume import AtomicCheckpointIO, ResumeState, checkpoint_run_id, resolve_ckpt_path
 from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
 from k3lab.tracking.mlflow import RunLogger
 from k3lab.tracking.sweep import ROLE_TAG, run_tags

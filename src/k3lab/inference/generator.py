@@ -8,18 +8,15 @@ import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from k3lab.checkpoint import CheckpointError
-from k3lab.conditioning import ConditioningArm, PriorArm, TextArm, make_arm, match_lengths
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
 from k3lab.diffusion.samplers import timesteps_for
-from k3lab.editing import (
+from k3lab.inference.conditioning import ConditioningArm, match_lengths
+from k3lab.inference.editing import (
     BLENDS,
     binarize,
     img2img_first_step,
@@ -30,8 +27,6 @@ from k3lab.editing import (
     paste_back,
     unet_input,
 )
-from k3lab.nn.first_stage import LatentScale
-from k3lab.nn.text_encoder import frozen_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +55,7 @@ def latent_size(resolution: int | Sequence[int], first_stage: nn.Module, unet: n
 @dataclass
 class Generator:
     """Everything needed to turn prompts into images (all modules in eval mode): the U-Net, a conditioning arm
-    (:mod:`k3lab.conditioning`: text, or the mapping prior), the text encoder and the first stage.
+    (:mod:`k3lab.inference.conditioning`: text, or the mapping prior), the text encoder and the first stage.
 
     Memory options for large models: ``sequential=True`` keeps every module on the CPU and moves each one to
     ``device`` only while it runs (text encoder, then U-Net, then MoVQ); ``free_text_encoder()`` drops the
@@ -82,7 +77,7 @@ class Generator:
     def compile_unet(self, mode: str | None = None) -> None:
         """Regional ``torch.compile``: each residual and attention block compiled on its own (short compiles; the
         identical blocks reuse one graph). ``mode="reduce-overhead"`` adds CUDA graphs on a GPU."""
-        from k3lab.distributed import compile_blocks
+        from k3lab.nn.sharding import compile_blocks
 
         compile_blocks(self.unet, mode)
 
@@ -104,90 +99,6 @@ class Generator:
             x0_threshold=stage.hparams.x0_threshold,
         )
 
-    @classmethod
-    def from_export(
-        cls,
-        checkpoint: str | Path,
-        device: str = "cpu",
-        text_encoder_path: str | None = None,
-        unet_preset: str | None = None,
-        sequential: bool = False,
-        text_encoder_dtype: str | None = None,
-    ) -> tuple[Generator, DictConfig]:
-        """Rebuild from a diffusion run: its checkpoints folder, an exported ``unet.safetensors`` in it, or a Lightning
-        ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config. The arm is built by the
-        stage's own builder (:func:`~k3lab.conditioning.make_arm`). ``unet_preset`` (e.g. 'kandinsky3') asserts which
-        U-Net preset the checkpoint must hold."""
-        from hydra.utils import instantiate
-        from omegaconf import OmegaConf
-
-        from k3lab.checkpoint import check_stage, describe, load_weights
-
-        path = Path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no such checkpoint: {checkpoint} (give a diffusion run's checkpoints folder, its unet.safetensors or "
-                "a .ckpt)"
-            )
-        if path.is_dir():
-            path = path / "unet.safetensors"
-        cfg = check_stage(path, "diffusion")
-        found = (cfg.get("choices") or {}).get("model/unet")
-        if unet_preset and found and found != unet_preset:
-            raise CheckpointError(
-                f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})"
-            )
-        unet = instantiate(cfg.model.unet)
-        try:
-            load_weights(unet, _part_state(path, "unet"), path)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
-        schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
-        clip = instantiate(cfg.stage.clip) if OmegaConf.select(cfg, "stage.clip") is not None else None
-        prior = instantiate(cfg.stage.prior) if OmegaConf.select(cfg, "stage.prior") is not None else None
-        try:
-            arm = make_arm(
-                int(cfg.stage.encoder_dim),
-                unet,
-                schedule,
-                diffusers_compat=bool(cfg.stage.get("diffusers_compat", False)),
-                clip=clip,
-                prior=prior,
-                image_tokens=int(cfg.stage.get("image_tokens", 10)),
-                prior_steps=int(cfg.stage.get("prior_steps", 25)),
-                prior_guidance=float(cfg.stage.get("prior_guidance", 3.0)),
-            )
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from e
-        if not arm.can_sample:
-            raise CheckpointError(
-                f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text"
-            )
-        load_weights(arm.conditioning, _part_state(path, arm.export_name), path)
-        scale = LatentScale()
-        load_weights(scale, _part_state(path, "latent_scale"), path)
-        if not scale.measured():
-            raise CheckpointError(
-                f"{path}: its latent scale was never measured (the run stopped before its first batch)"
-            )
-        encoder = instantiate(encoder_config(cfg.model.text_encoder.encoder, text_encoder_path, text_encoder_dtype))
-        text_encoder = frozen_text_encoder(encoder, int(cfg.stage.encoder_dim))
-        first_stage = instantiate(cfg.stage.first_stage)
-        for m in (unet, arm, text_encoder, first_stage):
-            m.to("cpu" if sequential else device).eval()
-        generator = cls(
-            unet,
-            arm,
-            text_encoder,
-            first_stage,
-            schedule,
-            str(cfg.stage.prediction),
-            float(scale.value),
-            device,
-            sequential,
-            OmegaConf.select(cfg, "stage.x0_threshold", default=0.99),
-        )
-        return generator, cfg
 
     @contextmanager
     def _placed(self, *modules: nn.Module) -> Iterator[None]:
@@ -274,9 +185,9 @@ class Generator:
         """Images [B, 3, H, W] in [0, 1] from ``encode``'s condition; sample i starts from ``manual_seed(seeds[i])``
         noise. ``resolution`` is a side or (height, width).
 
-        Editing (:mod:`k3lab.editing`): ``negative`` (``encode`` of negative prompts) replaces the unconditional
-        branch of guidance. ``image`` [B, 3, H, W] in [-1, 1] with ``mask`` (1 = regenerate) inpaints with an
-        inpainting U-Net, the kept pixels pasted back (``blend``: pixel, latent or none); ``image`` with
+        Editing (:mod:`k3lab.inference.editing`): ``negative`` (``encode`` of negative prompts) replaces the
+        unconditional branch of guidance. ``image`` [B, 3, H, W] in [-1, 1] with ``mask`` (1 = regenerate) inpaints
+        with an inpainting U-Net, the kept pixels pasted back (``blend``: pixel, latent or none); ``image`` with
         ``strength`` < 1 is image-to-image: the sampler starts from the input's latent noised to the matching step
         (strength 0 returns its reconstruction, strength 1 is text-to-image from the same noise)."""
         if cond[0].shape[0] != len(seeds):
@@ -376,48 +287,3 @@ class Generator:
         return self.sample(
             self.encode(prompts, seeds), seeds, resolution, sampler, steps, guidance_weight, callback, **options
         )
-
-
-def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None = None) -> DictConfig:
-    """The run's text-encoder config with the user's overrides. ``path`` swaps in a generic Hugging Face encoder from
-    that folder (whatever factory the run used, e.g. the packaged MiniLM); ``dtype`` is passed to any target."""
-    from omegaconf import OmegaConf, open_dict
-
-    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-    if path:
-        keep = {k: node[k] for k in ("dtype", "max_length", "family") if k in node}
-        node = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.TextEncoder", "path": str(path), **keep})
-    if dtype:
-        with open_dict(node):
-            node.dtype = dtype
-    return node
-
-
-def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
-    """``part``'s weights from an exported ``<part>.safetensors`` beside ``path``, or from a Lightning ``.ckpt`` (the
-    arm's trained module, exported as ``text_conditioning``/``image_conditioning``, is the stage's
-    ``arm.conditioning``)."""
-    from k3lab.checkpoint import _select_prefix, load_state_dict
-
-    if path.suffix == ".ckpt":
-        state = load_state_dict(path)
-        arm_part = part in (TextArm.export_name, PriorArm.export_name)
-        # the arm's module, EMA first; then the names older versions used
-        prefixes = ("conditioning_ema.module.", "arm.conditioning.", f"{part}_ema.module.", f"{part}.")
-        sub = _select_prefix(state, part, prefixes if arm_part else None)
-        if sub is state:
-            raise CheckpointError(f"{path}: has no '{part}' weights")
-        return sub
-    return load_state_dict(path.parent / f"{part}.safetensors")
-
-
-def load_generator(
-    checkpoint: str | Path,
-    device: str = "cpu",
-    text_encoder_path: str | None = None,
-    unet_preset: str | None = None,
-    sequential: bool = False,
-    text_encoder_dtype: str | None = None,
-) -> tuple[Generator, DictConfig]:
-    """:meth:`Generator.from_export` (kept as a function for scripts and notebooks)."""
-    return Generator.from_export(checkpoint, device, text_encoder_path, unet_preset, sequential, text_encoder_dtype)

@@ -24,7 +24,7 @@ def tiny_t5(
     the scene-world vocabulary, written to ``path`` on first use (seeded, so every machine gets the same
     weights) and then loaded back through :class:`TextEncoder` like any other encoder."""
     from k3lab.data.scene_captions import caption_vocabulary
-    from k3lab.nn.tiny_text import build_tiny_t5
+    from k3lab.nn.tiny_t5 import build_tiny_t5
 
     if not (Path(path) / "config.json").is_file():
         build_tiny_t5(

@@ -2,7 +2,7 @@
 
 An arm owns the trained conditioning module (``arm.conditioning``, what the optimizer, the EMA and the export see,
 saved as ``<arm.export_name>.safetensors``) and the frozen parts it needs. The diffusion stage and the
-:class:`~k3lab.generate.Generator` hold one arm and never ask which it is:
+:class:`~k3lab.inference.generator.Generator` hold one arm and never ask which it is:
 
 - :class:`TextArm`: Kandinsky 3's arm. Text-encoder states -> projection + LayerNorm; the null embedding is the
   unconditional text.
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from k3lab.diffusion import Schedule
-from k3lab.mapping import PriorMapping
+from k3lab.inference.mapping import PriorMapping
 from k3lab.nn.image_conditioning import ImageConditioning
 from k3lab.nn.text_conditioning import TextConditioning
 
@@ -178,7 +178,7 @@ def make_arm(
     prior_guidance: float = 3.0,
 ) -> ConditioningArm:
     """The arm a diffusion run uses, from the stage's settings: the text arm, or the prior arm when a CLIP is given.
-    The stage and :meth:`Generator.from_export <k3lab.generate.Generator.from_export>` both build through here."""
+    The stage and :func:`~k3lab.inference.loading.load_generator` both build through here."""
     if clip is None:
         return TextArm(TextConditioning(encoder_dim, unet.context_dim, diffusers_compat))
     if prior is not None and int(prior.embedding_dim) != int(clip.embed_dim):

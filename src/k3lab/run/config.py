@@ -10,8 +10,9 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 # The checkout's conf/ (source tree or editable install), else the copy a wheel ships inside the package.
-_CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"
-CONF_DIR = _CHECKOUT_CONF if (_CHECKOUT_CONF / "train.yaml").is_file() else Path(__file__).resolve().parent / "conf"
+_PACKAGE = Path(__file__).resolve().parents[1]  # src/k3lab (or site-packages/k3lab)
+_CHECKOUT_CONF = _PACKAGE.parents[1] / "conf"
+CONF_DIR = _CHECKOUT_CONF if (_CHECKOUT_CONF / "train.yaml").is_file() else _PACKAGE / "conf"
 
 
 class ConfigError(ValueError):
@@ -146,7 +147,7 @@ def validate(cfg: DictConfig) -> None:
         if value and not Path(value).is_file():
             problems.append(f"mapping.prior.checkpoint={value!r}: no such file (train it with experiment=prior_tiny)")
     ckpt = cfg.get("ckpt_path")
-    if ckpt and ckpt != "last":  # last: this run folder's last.ckpt when there is one (k3lab.resume)
+    if ckpt and ckpt != "last":  # last: this run folder's last.ckpt when there is one (k3lab.run.resume)
         if not Path(ckpt).is_file():
             problems.append(f"ckpt_path={ckpt!r}: no such file")
         elif not zipfile.is_zipfile(ckpt):

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from k3lab.weights import CheckpointError, load_state_dict
+from k3lab.nn.weights import CheckpointError, load_state_dict
 
 __all__ = [
     "CheckpointError",
@@ -29,11 +29,43 @@ __all__ = [
 
 CONFIG_NAME = "config.yaml"
 
-# Targets that moved between modules: configs saved by older runs still rebuild (see load_config_beside).
-MOVED_TARGETS = {
-    "k3lab.nn.first_stage.load_first_stage": "k3lab.checkpoint.load_first_stage",
-    "k3lab.nn.text_encoder.tiny_t5": "k3lab.text_encoders.tiny_t5",
+# Modules that moved (the layout of docs/architecture.md): configs saved by older runs still rebuild (see
+# load_config_beside); a target under an old module is read under its new one.
+MOVED_MODULES = {
+    "k3lab.checkpoint": "k3lab.io.checkpoint",
+    "k3lab.safetensors_io": "k3lab.io.safetensors_io",
+    "k3lab.imaging": "k3lab.io.imaging",
+    "k3lab.weights": "k3lab.nn.weights",
+    "k3lab.losses": "k3lab.nn.losses",
+    "k3lab.distributed": "k3lab.nn.sharding",
+    "k3lab.fitting": "k3lab.run.fitting",
+    "k3lab.callbacks": "k3lab.run.callbacks",
+    "k3lab.resume": "k3lab.run.resume",
+    "k3lab.preemption": "k3lab.run.preemption",
+    "k3lab.config": "k3lab.run.config",
+    "k3lab.conditioning": "k3lab.inference.conditioning",
+    "k3lab.editing": "k3lab.inference.editing",
+    "k3lab.mapping": "k3lab.inference.mapping",
+    "k3lab.generate": "k3lab.inference.generator",
+    "k3lab.text_encoders": "k3lab.data.scene_text_encoder",
+    "k3lab.nn.tiny_text": "k3lab.nn.tiny_t5",
+    "k3lab.precompute": "k3lab.data.precompute",
+    "k3lab.report": "k3lab.ablation.report",
+    "k3lab.progressive": "k3lab.run.progressive",
 }
+# Single targets that moved (older than the module moves).
+MOVED_TARGETS = {
+    "k3lab.nn.first_stage.load_first_stage": "k3lab.io.checkpoint.load_first_stage",
+    "k3lab.nn.text_encoder.tiny_t5": "k3lab.data.scene_text_encoder.tiny_t5",
+}
+
+
+def moved_target(target: str) -> str:
+    """Where a ``_target_`` written by an older version of k3lab lives now (itself when it never moved)."""
+    if target in MOVED_TARGETS:
+        return MOVED_TARGETS[target]
+    module, _, name = target.rpartition(".")
+    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else target
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -98,7 +130,7 @@ def check_stage(path: str | Path, expected: str) -> DictConfig:
 
 def export_model(module: nn.Module, path: str | Path) -> Path:
     """Save ``module``'s state dict as safetensors (atomically, streamed: no second copy of the weights in memory)."""
-    from k3lab.safetensors_io import write_safetensors
+    from k3lab.io.safetensors_io import write_safetensors
 
     return write_safetensors(path, module.state_dict())
 
@@ -117,8 +149,8 @@ def load_config_beside(path: str | Path) -> DictConfig:
 def _update_moved_targets(node: object) -> None:
     if isinstance(node, DictConfig):
         target = node.get("_target_") if "_target_" in node else None
-        if isinstance(target, str) and target in MOVED_TARGETS:
-            node["_target_"] = MOVED_TARGETS[target]
+        if isinstance(target, str) and moved_target(target) != target:
+            node["_target_"] = moved_target(target)
         for key in node:
             _update_moved_targets(node._get_node(key))
     elif OmegaConf.is_list(node):
@@ -126,7 +158,7 @@ def _update_moved_targets(node: object) -> None:
             _update_moved_targets(item)
 
 
-def _select_prefix(
+def select_prefix(
     state: dict[str, torch.Tensor], part: str, prefixes: tuple[str, ...] | None = None
 ) -> dict[str, torch.Tensor]:
     """Pick one module's weights from a stage checkpoint: EMA first, then the live weights (or the first of
@@ -167,7 +199,7 @@ def load_model(path: str | Path, part: str) -> nn.Module:
     if node is None:
         raise CheckpointError(f"{path}: its {CONFIG_NAME} has no model.{part}")
     module = instantiate(node)
-    return load_weights(module, _select_prefix(load_state_dict(path), part), path)
+    return load_weights(module, select_prefix(load_state_dict(path), part), path)
 
 
 def check_resume(ckpt_path: str | Path, stage_target: str, choices: Mapping[str, str]) -> None:

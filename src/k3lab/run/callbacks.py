@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from k3lab.checkpoint import export_model, save_config
+from k3lab.io.checkpoint import export_model, save_config
 
 log = logging.getLogger(__name__)
 

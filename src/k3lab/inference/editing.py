@@ -1,5 +1,5 @@
 """Editing inputs as functions: the inpainting U-Net's extra channels, paste-back, outpainting canvases and
-image-to-image start points. Pure torch; the stage and :class:`~k3lab.generate.Generator` call these.
+image-to-image start points. Pure torch; the stage and :class:`~k3lab.inference.generator.Generator` call these.
 
 Conventions (those of the official Kandinsky 3 inpainting pipeline):
 

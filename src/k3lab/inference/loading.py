@@ -1,0 +1,125 @@
+"""Rebuilding a :class:`~k3lab.inference.generator.Generator` from what a diffusion run wrote: its checkpoints folder,
+an exported ``unet.safetensors`` or a Lightning ``.ckpt`` (EMA weights when kept), with the run's saved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from k3lab.diffusion import Schedule
+from k3lab.inference.conditioning import PriorArm, TextArm, make_arm
+from k3lab.inference.generator import Generator
+from k3lab.io.checkpoint import CheckpointError, check_stage, describe, load_state_dict, load_weights, select_prefix
+from k3lab.nn.first_stage import LatentScale
+from k3lab.nn.text_encoder import frozen_text_encoder
+
+
+def load_generator(
+    checkpoint: str | Path,
+    device: str = "cpu",
+    text_encoder_path: str | None = None,
+    unet_preset: str | None = None,
+    sequential: bool = False,
+    text_encoder_dtype: str | None = None,
+) -> tuple[Generator, DictConfig]:
+    """Rebuild from a diffusion run: its checkpoints folder, an exported ``unet.safetensors`` in it, or a Lightning
+    ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config. The arm is built by the
+    stage's own builder (:func:`~k3lab.inference.conditioning.make_arm`). ``unet_preset`` (e.g. 'kandinsky3') asserts
+    which U-Net preset the checkpoint must hold."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no such checkpoint: {checkpoint} (give a diffusion run's checkpoints folder, its unet.safetensors or "
+            "a .ckpt)"
+        )
+    if path.is_dir():
+        path = path / "unet.safetensors"
+    cfg = check_stage(path, "diffusion")
+    found = (cfg.get("choices") or {}).get("model/unet")
+    if unet_preset and found and found != unet_preset:
+        raise CheckpointError(
+            f"{path}: holds the model/unet={found} preset, not model/unet={unet_preset} ({describe(cfg)})"
+        )
+    unet = instantiate(cfg.model.unet)
+    try:
+        load_weights(unet, _part_state(path, "unet"), path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
+    schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
+    clip = instantiate(cfg.stage.clip) if OmegaConf.select(cfg, "stage.clip") is not None else None
+    prior = instantiate(cfg.stage.prior) if OmegaConf.select(cfg, "stage.prior") is not None else None
+    try:
+        arm = make_arm(
+            int(cfg.stage.encoder_dim),
+            unet,
+            schedule,
+            diffusers_compat=bool(cfg.stage.get("diffusers_compat", False)),
+            clip=clip,
+            prior=prior,
+            image_tokens=int(cfg.stage.get("image_tokens", 10)),
+            prior_steps=int(cfg.stage.get("prior_steps", 25)),
+            prior_guidance=float(cfg.stage.get("prior_guidance", 3.0)),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if not arm.can_sample:
+        raise CheckpointError(
+            f"{path}: a mapping-prior run without a trained prior (mapping.prior): it cannot sample from text"
+        )
+    load_weights(arm.conditioning, _part_state(path, arm.export_name), path)
+    scale = LatentScale()
+    load_weights(scale, _part_state(path, "latent_scale"), path)
+    if not scale.measured():
+        raise CheckpointError(
+            f"{path}: its latent scale was never measured (the run stopped before its first batch)"
+        )
+    encoder = instantiate(encoder_config(cfg.model.text_encoder.encoder, text_encoder_path, text_encoder_dtype))
+    text_encoder = frozen_text_encoder(encoder, int(cfg.stage.encoder_dim))
+    first_stage = instantiate(cfg.stage.first_stage)
+    for m in (unet, arm, text_encoder, first_stage):
+        m.to("cpu" if sequential else device).eval()
+    generator = Generator(
+        unet,
+        arm,
+        text_encoder,
+        first_stage,
+        schedule,
+        str(cfg.stage.prediction),
+        float(scale.value),
+        device,
+        sequential,
+        OmegaConf.select(cfg, "stage.x0_threshold", default=0.99),
+    )
+    return generator, cfg
+
+
+def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None = None) -> DictConfig:
+    """The run's text-encoder config with the user's overrides. ``path`` swaps in a generic Hugging Face encoder from
+    that folder (whatever factory the run used, e.g. the packaged MiniLM); ``dtype`` is passed to any target."""
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    if path:
+        keep = {k: node[k] for k in ("dtype", "max_length", "family") if k in node}
+        node = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.TextEncoder", "path": str(path), **keep})
+    if dtype:
+        with open_dict(node):
+            node.dtype = dtype
+    return node
+
+
+def _part_state(path: Path, part: str) -> dict[str, torch.Tensor]:
+    """``part``'s weights from an exported ``<part>.safetensors`` beside ``path``, or from a Lightning ``.ckpt`` (the
+    arm's trained module, exported as ``text_conditioning``/``image_conditioning``, is the stage's
+    ``arm.conditioning``)."""
+    if path.suffix == ".ckpt":
+        state = load_state_dict(path)
+        arm_part = part in (TextArm.export_name, PriorArm.export_name)
+        # the arm's module, EMA first; then the names older versions used
+        prefixes = ("conditioning_ema.module.", "arm.conditioning.", f"{part}_ema.module.", f"{part}.")
+        sub = select_prefix(state, part, prefixes if arm_part else None)
+        if sub is state:
+            raise CheckpointError(f"{path}: has no '{part}' weights")
+        return sub
+    return load_state_dict(path.parent / f"{part}.safetensors")
