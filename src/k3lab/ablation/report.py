@@ -79,12 +79,14 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> dict[str, An
     from k3lab.run.config import project_root
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/logs/mlflow.db"
+    from mlflow.exceptions import MlflowException
+
     try:
         run = MlflowClient(uri).get_run(source)
-    except Exception as e:
-        raise FileNotFoundError(
-            f"{source!r} is neither a sweep folder nor a run id in {uri} ({type(e).__name__})"
-        ) from None
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise FileNotFoundError(f"{source!r} is neither a sweep folder nor a run id in {uri}: {e.message}") from e
+        raise RuntimeError(f"looking up run {source!r} in {uri} failed: {e}") from e
     return {
         "tracking_uri": uri,
         "experiment_id": run.info.experiment_id,

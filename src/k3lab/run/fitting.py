@@ -25,9 +25,13 @@ from k3lab.tracking.sweep import ROLE_TAG, run_tags
 
 log = logging.getLogger(__name__)
 
-# Frozen parts (EMA copies, frozen encoders) are kept in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def quiet_known_warnings() -> None:
+    """Silence two warnings that say nothing here: frozen parts (EMA copies, frozen encoders) are kept in eval mode on
+    purpose, and a torch pytree deprecation Lightning triggers. Called by :func:`fit`, never at import."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -84,6 +88,7 @@ def fit(
     cfg: DictConfig, role: str | None = None, keep_open: bool = False, callbacks: list[Any] | None = None
 ) -> FitResult:
     """Validate, build data / stage / trainer from the config (plus ``callbacks``), fit and export."""
+    quiet_known_warnings()
     validate(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
     if ckpt_path:

@@ -214,9 +214,21 @@ class MLflowSweepCallback(Callback):
         info = read_sweep_file(sweep_dir)
         if info is None or info.get("tracking_uri") != uri:
             return False
+        from mlflow.exceptions import MlflowException
+
         try:
             parent = client.get_run(info["parent_run_id"])
-        except Exception:  # noqa: BLE001 - a deleted run or another store: start a new parent
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # a store that cannot answer: never a silent new parent
+                raise RuntimeError(
+                    f"sweep {sweep_dir}: could not look up its MLflow parent run {info['parent_run_id']} in {uri}: {e}"
+                ) from e
+            log.warning(
+                "sweep %s: its MLflow parent run %s is gone from %s; starting a new parent run",
+                sweep_dir,
+                info["parent_run_id"],
+                uri,
+            )
             return False
         client.update_run(parent.info.run_id, status="RUNNING")
         for key, value in process_tags().items():
