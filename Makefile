@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all lint format browser bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
+.PHONY: venv quickstart test test-all lint format docs typecheck browser bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -42,6 +42,15 @@ test-all: $(STAMP) browser
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The documentation site (docs/ + the API reference from docstrings) into build/site, strict: a broken link fails.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+# pyright (basic) over src/ and evaluation/ (pyrightconfig.json); not yet in `lint`: see docs/architecture.md.
+typecheck: $(STAMP)
+	$(PIP) install --quiet pyright==1.1.407
+	$(VENV)/bin/pyright
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
