@@ -99,7 +99,6 @@ class Generator:
             x0_threshold=stage.hparams.x0_threshold,
         )
 
-
     @contextmanager
     def _placed(self, *modules: nn.Module) -> Iterator[None]:
         if not self.sequential:

@@ -73,9 +73,7 @@ def load_generator(
     scale = LatentScale()
     load_weights(scale, _part_state(path, "latent_scale"), path)
     if not scale.measured():
-        raise CheckpointError(
-            f"{path}: its latent scale was never measured (the run stopped before its first batch)"
-        )
+        raise CheckpointError(f"{path}: its latent scale was never measured (the run stopped before its first batch)")
     encoder = instantiate(encoder_config(cfg.model.text_encoder.encoder, text_encoder_path, text_encoder_dtype))
     text_encoder = frozen_text_encoder(encoder, int(cfg.stage.encoder_dim))
     first_stage = instantiate(cfg.stage.first_stage)

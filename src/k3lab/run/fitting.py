@@ -26,7 +26,6 @@ from k3lab.tracking.sweep import ROLE_TAG, run_tags
 log = logging.getLogger(__name__)
 
 
-
 def quiet_known_warnings() -> None:
     """Silence two warnings that say nothing here: frozen parts (EMA copies, frozen encoders) are kept in eval mode on
     purpose, and a torch pytree deprecation Lightning triggers. Called by :func:`fit`, never at import."""
