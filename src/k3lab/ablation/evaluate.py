@@ -21,6 +21,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
+from k3lab.diffusion import SamplingSettings
 from k3lab.io.imaging import to_uint8
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,11 @@ def sample_records(
     batch, seed0 = int(settings["batch_size"]), int(settings["seed"])
     records = []
     bar = tqdm(total=len(prompts), desc=desc, unit="img", mininterval=5, file=sys.stdout)
-    sampling = settings["sampling"]  # x0 thresholding is the generator's own (the stage's, from the same group)
+    sampling = SamplingSettings.from_config(settings["sampling"])  # the cell's sampling group, passed whole
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         seeds = [seed0 + start + i for i in range(len(chunk))]
-        images = generator(
-            [p.text for p in chunk],
-            seeds,
-            resolution,
-            sampling["sampler"],
-            int(sampling["steps"]),
-            float(sampling["guidance"]),
-        )
+        images = generator.generate(sampling, [p.text for p in chunk], seeds, resolution)
         arrays = to_uint8(images)
         records += [
             ImageRecord(a, p.id, p.text, s, p.category, p.spec) for a, p, s in zip(arrays, chunk, seeds, strict=False)

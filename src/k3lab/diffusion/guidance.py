@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from k3lab.diffusion.samplers import Denoiser
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 
 ConditionalModel = Callable[..., torch.Tensor]  # model(x, t, *condition) -> eps
 
@@ -21,7 +22,7 @@ def cfg_denoiser(
     model: ConditionalModel,
     condition: Sequence[torch.Tensor],
     null_condition: Sequence[torch.Tensor],
-    weight: float = 3.0,
+    weight: float = DEFAULT_SAMPLING.guidance,
 ) -> Denoiser:
     """``denoise(x, t)``: one batched model call on [cond; uncond] when ``weight != 0``, else the conditional only.
     ``model(x, t, *condition) -> eps``; each null tensor must have its conditional tensor's shape (e.g. the null

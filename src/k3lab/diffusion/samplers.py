@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from k3lab.diffusion.schedule import Schedule
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor], None] | None
@@ -83,11 +84,11 @@ def sample_kandinsky3(
     denoise: Denoiser,
     noise: torch.Tensor,
     schedule: Schedule,
-    steps: int = 50,
+    steps: int = DEFAULT_SAMPLING.steps,
     *,
     generator: torch.Generator | None = None,
     callback: Callback = None,
-    x0_threshold: float | None = 0.99,
+    x0_threshold: float | None = DEFAULT_SAMPLING.x0_threshold,
     eta: float = 1.0,
     first_step: int = 0,
 ) -> torch.Tensor:
@@ -110,11 +111,11 @@ def sample_ddim(
     denoise: Denoiser,
     noise: torch.Tensor,
     schedule: Schedule,
-    steps: int = 50,
+    steps: int = DEFAULT_SAMPLING.steps,
     *,
     generator: torch.Generator | None = None,
     callback: Callback = None,
-    x0_threshold: float | None = 0.99,
+    x0_threshold: float | None = DEFAULT_SAMPLING.x0_threshold,
     eta: float = 0.0,
     first_step: int = 0,
 ) -> torch.Tensor:
@@ -139,7 +140,7 @@ def sample_dpmpp_2m(
     *,
     generator: torch.Generator | None = None,
     callback: Callback = None,
-    x0_threshold: float | None = 0.99,
+    x0_threshold: float | None = DEFAULT_SAMPLING.x0_threshold,
     first_step: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095): second-order multistep in x0-prediction over
@@ -177,7 +178,7 @@ def sample_diffusers_ddpm(
     denoise: Denoiser,
     noise: torch.Tensor,
     schedule: Schedule,
-    steps: int = 25,
+    steps: int = DEFAULT_SAMPLING.prior_steps,
     *,
     generator: torch.Generator | None = None,
     callback: Callback = None,

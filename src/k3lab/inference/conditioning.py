@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from k3lab.diffusion import Schedule
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.mapping import PriorMapping
 from k3lab.nn.image_conditioning import ImageConditioning
 from k3lab.nn.text_conditioning import TextConditioning
@@ -121,8 +122,8 @@ class PriorArm(ConditioningArm):
         clip: nn.Module,
         prior: nn.Module | None,
         schedule: Schedule,
-        prior_steps: int = 25,
-        prior_guidance: float = 3.0,
+        prior_steps: int = DEFAULT_SAMPLING.prior_steps,
+        prior_guidance: float = DEFAULT_SAMPLING.prior_guidance,
     ) -> None:
         super().__init__(conditioning)
         self.clip = clip.eval().requires_grad_(False)
@@ -174,8 +175,8 @@ def make_arm(
     clip: nn.Module | None = None,
     prior: nn.Module | None = None,
     image_tokens: int = 10,
-    prior_steps: int = 25,
-    prior_guidance: float = 3.0,
+    prior_steps: int = DEFAULT_SAMPLING.prior_steps,
+    prior_guidance: float = DEFAULT_SAMPLING.prior_guidance,
 ) -> ConditioningArm:
     """The arm a diffusion run uses, from the stage's settings: the text arm, or the prior arm when a CLIP is given.
     The stage and :func:`~k3lab.inference.loading.load_generator` both build through here."""

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,30 +24,31 @@ from hydra.utils import instantiate
 from PIL import Image
 from tqdm import tqdm
 
+from k3lab.diffusion import SamplingSettings
 from k3lab.io.checkpoint import atomic_write_bytes
 from k3lab.io.imaging import to_uint8
 
 log = logging.getLogger("k3lab.edit_bench")
 
 
-def edit(generator: Any, tasks: Sequence[Any], settings: dict[str, Any], batch_size: int = 32) -> list[np.ndarray]:
-    """Inpaint every task (seed = settings.seed + index); RGB uint8 results."""
+def edit(
+    generator: Any, tasks: Sequence[Any], settings: SamplingSettings, seed: int, blend: str, batch_size: int = 32
+) -> list[np.ndarray]:
+    """Inpaint every task (seed = ``seed`` + index, paste-back ``blend``); RGB uint8 results."""
     results: list[np.ndarray] = []
     bar = tqdm(total=len(tasks), desc="editing", unit="img", mininterval=5, file=sys.stdout)
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start : start + batch_size]
         image = torch.from_numpy(np.stack([t.image for t in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
         hole = torch.from_numpy(np.stack([t.hole for t in chunk])).float()[:, None]
-        images = generator(
+        images = generator.generate(
+            settings,
             [t.prompt for t in chunk],
-            [int(settings["seed"]) + start + i for i in range(len(chunk))],
+            [seed + start + i for i in range(len(chunk))],
             image.shape[-1],
-            settings["sampler"],
-            int(settings["steps"]),
-            float(settings["guidance"]),
             image=image,
             mask=hole,
-            blend=settings["blend"],
+            blend=blend,
         )
         results += list(to_uint8(images))
         bar.update(len(chunk))
@@ -67,16 +69,13 @@ def grid(tasks: Sequence[Any], results: Sequence[np.ndarray], rows: int = 16) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from evaluation import editing
     from k3lab.inference.loading import load_generator
-    from k3lab.inference.sample_job import sampling_defaults
 
     generator, cfg = load_generator(args.checkpoint, args.device)
     if not generator.inpainting:
         channels = generator.unet.in_channels
         raise ValueError(f"{args.checkpoint}: not an inpainting run (its U-Net reads {channels} channels)")
-    settings = {**sampling_defaults(cfg), "seed": args.seed, "blend": args.blend}
-    for key in ("sampler", "steps", "guidance"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    settings = SamplingSettings.of_run(cfg).updated(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    settings = replace(settings, x0_threshold=generator.x0_threshold)  # the run's stage's own
     test = instantiate(cfg.data.source).build()["test"]
     from evaluation.images import load_shards
 
@@ -84,14 +83,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     editing.write_tasks(tasks, out)
     start = time.perf_counter()
-    results = edit(generator, tasks, settings, args.batch_size)
+    results = edit(generator, tasks, settings, args.seed, args.blend, args.batch_size)
     seconds = time.perf_counter() - start
     for t, r in zip(tasks, results, strict=True):
         Image.fromarray(r).save(out / f"{t.task_id}.png")
     torchvision.utils.save_image(grid(tasks, results), out / "grid.png")
     report = {
         "checkpoint": str(Path(args.checkpoint).resolve()),
-        "settings": settings,
+        "settings": {**settings.as_dict(), "seed": args.seed, "blend": args.blend},
         "num_tasks": len(tasks),
         "seconds": round(seconds, 1),
         "model": editing.score(results, tasks),

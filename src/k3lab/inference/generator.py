@@ -15,6 +15,7 @@ from torch import nn
 
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
 from k3lab.diffusion.samplers import timesteps_for
+from k3lab.diffusion.settings import DEFAULT_SAMPLING, SamplingSettings
 from k3lab.inference.conditioning import ConditioningArm, match_lengths
 from k3lab.inference.editing import (
     BLENDS,
@@ -71,7 +72,9 @@ class Generator:
     latent_scale: float = 1.0
     device: str = "cpu"
     sequential: bool = False
-    x0_threshold: float | None = 0.99  # samplers' dynamic thresholding (None: off), see stage.x0_threshold
+    x0_threshold: float | None = (
+        DEFAULT_SAMPLING.x0_threshold
+    )  # samplers' dynamic thresholding (None: off), see stage.x0_threshold
     unet_dtype: str = "float32"  # "bfloat16"/"float16": the U-Net runs under torch.autocast (the fast GPU path)
 
     def compile_unet(self, mode: str | None = None) -> None:
@@ -169,9 +172,9 @@ class Generator:
         cond: tuple[torch.Tensor, ...],
         seeds: Sequence[int],
         resolution: int | Sequence[int],
-        sampler: str = "kandinsky3",
-        steps: int = 50,
-        guidance_weight: float = 3.0,
+        sampler: str = DEFAULT_SAMPLING.sampler,
+        steps: int = DEFAULT_SAMPLING.steps,
+        guidance_weight: float = DEFAULT_SAMPLING.guidance,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         *,
         negative: tuple[torch.Tensor, ...] | None = None,
@@ -263,14 +266,49 @@ class Generator:
             images = paste_back((image.to(images.device).float() + 1) / 2, images, mask)
         return images
 
+    def sample_with(
+        self,
+        settings: SamplingSettings,
+        cond: tuple[torch.Tensor, ...],
+        seeds: Sequence[int],
+        resolution: int | Sequence[int],
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """:meth:`sample` with the sampling settings passed whole (sampler, steps, guidance and x0 threshold; the
+        negative prompt is encoded by the caller, which knows the batch)."""
+        previous, self.x0_threshold = self.x0_threshold, settings.x0_threshold
+        try:
+            return self.sample(
+                cond, seeds, resolution, settings.sampler, settings.steps, settings.guidance, callback, **options
+            )
+        finally:
+            self.x0_threshold = previous
+
+    def generate(
+        self,
+        settings: SamplingSettings,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        resolution: int | Sequence[int],
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Images for ``prompts`` under ``settings`` (its negative prompt, when set, for every image)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if settings.negative_prompt is not None:
+            options["negative"] = self.encode([settings.negative_prompt] * len(prompts), seeds)
+        return self.sample_with(settings, self.encode(prompts, seeds), seeds, resolution, callback, **options)
+
     def __call__(
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
         resolution: int | Sequence[int],
-        sampler: str = "kandinsky3",
-        steps: int = 50,
-        guidance_weight: float = 3.0,
+        sampler: str = DEFAULT_SAMPLING.sampler,
+        steps: int = DEFAULT_SAMPLING.steps,
+        guidance_weight: float = DEFAULT_SAMPLING.guidance,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         *,
         negative_prompts: Sequence[str] | None = None,

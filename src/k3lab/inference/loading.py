@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from k3lab.diffusion import Schedule
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.conditioning import PriorArm, TextArm, make_arm
 from k3lab.inference.generator import Generator
 from k3lab.io.checkpoint import CheckpointError, check_stage, describe, load_state_dict, load_weights, select_prefix
@@ -60,8 +61,8 @@ def load_generator(
             clip=clip,
             prior=prior,
             image_tokens=int(cfg.stage.get("image_tokens", 10)),
-            prior_steps=int(cfg.stage.get("prior_steps", 25)),
-            prior_guidance=float(cfg.stage.get("prior_guidance", 3.0)),
+            prior_steps=int(cfg.stage.get("prior_steps", DEFAULT_SAMPLING.prior_steps)),
+            prior_guidance=float(cfg.stage.get("prior_guidance", DEFAULT_SAMPLING.prior_guidance)),
         )
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
@@ -89,7 +90,7 @@ def load_generator(
         float(scale.value),
         device,
         sequential,
-        OmegaConf.select(cfg, "stage.x0_threshold", default=0.99),
+        OmegaConf.select(cfg, "stage.x0_threshold", default=DEFAULT_SAMPLING.x0_threshold),
     )
     return generator, cfg
 

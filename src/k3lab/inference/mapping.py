@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 
 
 def text_for_prior(
@@ -34,10 +35,12 @@ class PriorMapping:
 
     prior: nn.Module
     schedule: Schedule
-    steps: int = 25
-    guidance_weight: float = 3.0  # Kandinsky 3 form: (w+1) c - w u; 2.2's "guidance 4" is w = 3
+    steps: int = DEFAULT_SAMPLING.prior_steps
+    guidance_weight: float = (
+        DEFAULT_SAMPLING.prior_guidance
+    )  # Kandinsky 3 form: (w+1) c - w u; 2.2's "guidance 4" is w = 3
     clip_range: float = 10.0  # x0 clipped to +-10 in normalised units, as 2.2's scheduler
-    sampler: str = "kandinsky3"
+    sampler: str = DEFAULT_SAMPLING.sampler
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -66,8 +69,8 @@ class PriorMapping:
 def evaluate_prior(
     checkpoint: str,
     splits: Sequence[str] = ("test", "heldout"),
-    steps: int = 25,
-    guidance_weight: float = 3.0,
+    steps: int = DEFAULT_SAMPLING.prior_steps,
+    guidance_weight: float = DEFAULT_SAMPLING.prior_guidance,
     batch_size: int = 128,
 ) -> dict[str, dict[str, float]]:
     """Cosine similarity of prior samples to the true CLIP image embeddings per split, next to two baselines:

@@ -16,14 +16,15 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from k3lab.diffusion import SamplingSettings
 from k3lab.io.checkpoint import atomic_write_bytes
 from k3lab.io.imaging import to_uint8
 
@@ -62,19 +63,6 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[dict]:
     return out
 
 
-def sampling_defaults(cfg: DictConfig) -> dict[str, Any]:
-    """The run's sampling settings (the ``sampling`` group; older runs: the stage's validation settings)."""
-    if OmegaConf.select(cfg, "sampling") is not None:
-        s = cfg.sampling
-        return {"sampler": str(s.sampler), "steps": int(s.steps), "guidance": float(s.guidance)}
-    st = cfg.stage
-    return {
-        "sampler": str(st.get("sampler", "kandinsky3")),
-        "steps": int(st.get("sample_steps", 50)),
-        "guidance": float(st.get("guidance_weight", 3.0)),
-    }
-
-
 def progress(bar: Any, images: int) -> Any:
     """A sampler callback that advances ``bar`` by one step of ``images`` images."""
     return lambda i, t, x0: bar.update(images)
@@ -94,16 +82,18 @@ def sample(args: argparse.Namespace) -> int:
         generator.compile_unet(None if args.compile == "default" else args.compile)
     resolution = int(args.resolution or cfg.data.resolution)
     edit = editing_inputs(args, resolution)
-    for key, value in sampling_defaults(cfg).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    settings = SamplingSettings.of_run(cfg).updated(
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, negative_prompt=args.negative
+    )
+    threshold = generator.x0_threshold  # the run's stage's own (older runs predate the sampling group)
     if args.x0_threshold is not None:
-        generator.x0_threshold = None if args.x0_threshold.lower() == "none" else float(args.x0_threshold)
+        threshold = None if args.x0_threshold.lower() == "none" else float(args.x0_threshold)
+    settings = replace(settings, x0_threshold=threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
-    negatives = [_negatives(batch, args.negative) for batch in batches]
+    negatives = [_negatives(batch, settings.negative_prompt) for batch in batches]
 
     def encode_batch(b: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
         seeds = [s for _, s in batches[b]]
@@ -114,17 +104,15 @@ def sample(args: argparse.Namespace) -> int:
     if args.free_text_encoder:  # encode everything first, then drop the encoder before the U-Net runs
         encoded = [_to(encode_batch(b), "cpu") for b in range(len(batches))]
         generator.free_text_encoder()
-    bar = tqdm(total=len(jobs) * args.steps, desc="sampling", unit="step", file=sys.stdout)
+    bar = tqdm(total=len(jobs) * settings.steps, desc="sampling", unit="step", file=sys.stdout)
     for b, batch in enumerate(batches):
         seeds = [seed for _, seed in batch]
         cond, negative = _to(encoded[b] if encoded is not None else encode_batch(b), generator.device)
-        images = generator.sample(
+        images = generator.sample_with(
+            settings,
             cond,
             seeds,
             resolution,
-            args.sampler,
-            args.steps,
-            args.guidance,
             callback=progress(bar, len(batch)),
             negative=negative,
             image=edit["image"].expand(len(batch), -1, -1, -1) if edit["image"] is not None else None,
@@ -140,10 +128,10 @@ def sample(args: argparse.Namespace) -> int:
                     "file": name,
                     **row,
                     "seed": seed,
-                    "sampler": args.sampler,
-                    "steps": args.steps,
-                    "x0_threshold": generator.x0_threshold,
-                    "guidance": args.guidance,
+                    "sampler": settings.sampler,
+                    "steps": settings.steps,
+                    "x0_threshold": settings.x0_threshold,
+                    "guidance": settings.guidance,
                     "unet_dtype": generator.unet_dtype,
                     "resolution": resolution if edit["image"] is None else list(edit["image"].shape[-2:]),
                     "checkpoint": str(Path(args.checkpoint).resolve()),

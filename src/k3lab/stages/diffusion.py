@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.conditioning import ConditioningArm, make_arm
 from k3lab.inference.editing import expand_input_channels, is_inpainting, unet_input
 from k3lab.inference.generator import Generator, check_resolution, latent_size
@@ -70,10 +71,11 @@ class DiffusionStage(L.LightningModule):
         latent_scale: float | str = 1.0,  # multiply latents by this; "auto" = 1/std of the first batch
         diffusers_compat: bool = False,  # text conditioning as diffusers does it (see TextConditioning)
         resolution: int | None = None,  # image resolution (checked against the factors up front)
-        sampler: str = "kandinsky3",  # validation sampling
-        x0_threshold: float | None = 0.99,  # samplers' dynamic-thresholding quantile (floor 1); None = off
-        sample_steps: int = 50,
-        guidance_weight: float = 3.0,
+        sampler: str = DEFAULT_SAMPLING.sampler,  # validation sampling
+        x0_threshold: float
+        | None = DEFAULT_SAMPLING.x0_threshold,  # samplers' dynamic-thresholding quantile (floor 1); None = off
+        sample_steps: int = DEFAULT_SAMPLING.steps,
+        guidance_weight: float = DEFAULT_SAMPLING.guidance,
         val_prompts: Sequence[str] = (),
         val_seed: int = 0,
         image_dir: str | None = None,
@@ -82,8 +84,8 @@ class DiffusionStage(L.LightningModule):
         clip: nn.Module | None = None,  # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
         prior: nn.Module | None = None,  # mapping-prior arm: frozen trained prior, used for sampling
         image_tokens: int = 10,  # mapping-prior arm: context tokens made from the image embedding
-        prior_steps: int = 25,
-        prior_guidance: float = 3.0,
+        prior_steps: int = DEFAULT_SAMPLING.prior_steps,
+        prior_guidance: float = DEFAULT_SAMPLING.prior_guidance,
         compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
         fused_optimizer: bool | str = "auto",  # the optimizer's fused kernel (AdamW/Adam); auto = on a CUDA device
         noise_seed: int | None = None,  # common random numbers: step s draws t, noise, dropout from (seed, s, rank)

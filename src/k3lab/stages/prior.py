@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
+from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.mapping import PriorMapping, null_text, text_for_prior
 from k3lab.nn.ema import EMA
 from k3lab.nn.prior import PriorTransformer
@@ -40,8 +41,8 @@ class PriorStage(L.LightningModule):
         ema_decay: float | None = 0.999,
         grad_clip: float | None = 1.0,
         stats_batches: int = 8,  # training batches that estimate the embedding mean / std
-        sample_steps: int = 25,
-        guidance_weight: float = 3.0,
+        sample_steps: int = DEFAULT_SAMPLING.prior_steps,
+        guidance_weight: float = DEFAULT_SAMPLING.prior_guidance,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["prior", "text_encoder", "clip", "optimizer"])
