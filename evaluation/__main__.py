@@ -30,6 +30,7 @@ def _emit(result: Any, out: Path | None) -> None:
 
 
 def cmd_compbench(args: argparse.Namespace) -> Any:
+    """Score a samples folder with the scene world's compositional judge."""
     from evaluation import compbench
     from evaluation.images import load_folder
 
@@ -65,6 +66,7 @@ def _extractor(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_fid(args: argparse.Namespace) -> Any:
+    """FID/KID of a samples folder against a reference folder (clean-fid features, local weights)."""
     from evaluation import fid
 
     extractor, name = _extractor(args)
@@ -79,6 +81,7 @@ def cmd_fid(args: argparse.Namespace) -> Any:
 
 
 def cmd_clip_score(args: argparse.Namespace) -> Any:
+    """CLIP score of a samples folder with a local open_clip model."""
     from evaluation.clip_score import clip_score, load_clip
     from evaluation.images import load_folder
 
@@ -91,6 +94,7 @@ def cmd_clip_score(args: argparse.Namespace) -> Any:
 
 
 def cmd_train_reference_clip(args: argparse.Namespace) -> Any:
+    """Train the small reference CLIP the offline CLIP score and FID use."""
     from evaluation import reference_clip
     from evaluation.images import load_shards
 
@@ -100,6 +104,7 @@ def cmd_train_reference_clip(args: argparse.Namespace) -> Any:
 
 
 def cmd_sbs_export(args: argparse.Namespace) -> Any:
+    """Write a blinded side-by-side package (page and manifest) from two samples folders."""
     from evaluation import sbs
     from evaluation.images import load_folder
 
@@ -123,6 +128,7 @@ def cmd_sbs_export(args: argparse.Namespace) -> Any:
 
 
 def cmd_sbs_ingest(args: argparse.Namespace) -> Any:
+    """Read raters' side-by-side answers back and compute the win rates and agreement."""
     from evaluation import sbs
 
     report = sbs.ingest(args.annotations, args.key, bootstrap_samples=args.bootstrap)
@@ -139,6 +145,7 @@ def scene_triples(shards: Sequence[str], limit: int | None = None) -> Any:
 
 
 def cmd_editing_tasks(args: argparse.Namespace) -> Any:
+    """Write the editing benchmark's tasks (image, hole, prompt) to a folder."""
     from evaluation import editing
 
     tasks = editing.make_tasks(scene_triples(_shards(args.shards)), args.num, args.seed)
@@ -149,6 +156,7 @@ def cmd_editing_tasks(args: argparse.Namespace) -> Any:
 
 
 def cmd_editing_score(args: argparse.Namespace) -> Any:
+    """Score edited images against their editing tasks."""
     from evaluation import editing
 
     tasks = editing.load_tasks(args.tasks)
@@ -159,12 +167,14 @@ def cmd_editing_score(args: argparse.Namespace) -> Any:
 
 
 def cmd_metrics(args: argparse.Namespace) -> Any:
+    """List the metric registry: name, direction and what each metric needs."""
     from evaluation.metrics import describe
 
     return describe()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m evaluation`` parser with one subcommand per ``cmd_*`` function."""
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -256,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a bad input prints one error line and returns 2."""
     args = build_parser().parse_args(argv)
     try:
         _emit(args.func(args), getattr(args, "out", None))

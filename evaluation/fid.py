@@ -29,6 +29,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
 def implementation() -> str:
+    """The FID implementation a score file records: clean-fid's version and features, k3lab's FID and KID."""
     from importlib.metadata import version
 
     return f"clean-fid {version('clean-fid')} features (mode=clean); k3lab evaluation FID (eigh) and seeded KID"
@@ -158,6 +159,7 @@ def distances(feats_a: np.ndarray, feats_b: np.ndarray) -> dict[str, float]:
 
 
 def cache_key(dataset: str, split: str, resolution: int, count: int, extractor_name: str) -> str:
+    """A short hash naming the cached reference features of a dataset split, count, size and extractor."""
     return hashlib.sha256(json.dumps([dataset, split, resolution, count, extractor_name]).encode()).hexdigest()[:16]
 
 

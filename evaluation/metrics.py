@@ -72,6 +72,7 @@ def register(metric: Metric, replace: bool = False) -> Metric:
 
 
 def get(name: str) -> Metric:
+    """The registered metric ``name``; an unknown name is an error listing the registered ones."""
     if name not in REGISTRY:
         raise ValueError(f"unknown metric {name!r}; registered: {sorted(REGISTRY)}")
     return REGISTRY[name]

@@ -21,6 +21,7 @@ from k3lab.io.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the editing benchmark's arguments and run it; bad input prints one error line and returns 2."""
     p = argparse.ArgumentParser(
         prog="python -m k3lab.edit_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

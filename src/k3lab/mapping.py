@@ -15,6 +15,7 @@ from k3lab.inference.mapping import evaluate_prior
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments, evaluate the prior and print the cosines as JSON."""
     parser = argparse.ArgumentParser(prog="python -m k3lab.mapping", description=__doc__)
     parser.add_argument("checkpoint", help="the prior stage's prior.safetensors (config.yaml beside it)")
     parser.add_argument("--split", action="append", default=None, help="splits to evaluate (default: test and heldout)")

@@ -20,6 +20,7 @@ from k3lab.run.config import CONF_DIR
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    """Compose the config and write the precomputed shards."""
     precompute(cfg)
 
 

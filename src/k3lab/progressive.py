@@ -25,6 +25,7 @@ log = logging.getLogger("k3lab.progressive")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    """Compose the config and run the progressive chain, logging each stage's folder and metrics."""
     for record in run_chain(cfg):
         log.info("progressive: %s -> %s %s", record["folder"], record["checkpoint_dir"], record["metrics"])
 

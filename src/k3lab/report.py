@@ -23,6 +23,7 @@ from k3lab.ablation.report import analyse, build_report, compare_markdown, plan_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments and print the report, the seed plan or the comparison; bad input returns 2."""
     p = argparse.ArgumentParser(
         prog="python -m k3lab.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -24,6 +24,7 @@ from k3lab.io.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the sampling arguments and sample; bad input prints one error line and returns 2."""
     p = argparse.ArgumentParser(
         prog="python -m k3lab.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

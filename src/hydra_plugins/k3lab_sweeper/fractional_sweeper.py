@@ -4,6 +4,7 @@ of a two-level half fraction (``fraction: {factors: [...], sign: -1}``; see :mod
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -22,7 +23,10 @@ class FractionalSweeper(BasicSweeper):
         self, max_batch_size: int | None = None, params: dict[str, str] | None = None, fraction: Any = None
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self.fraction = OmegaConf.to_container(fraction) if OmegaConf.is_config(fraction) else fraction
+        spec = OmegaConf.to_container(fraction) if OmegaConf.is_config(fraction) else fraction
+        if spec is not None and not isinstance(spec, Mapping):
+            raise ValueError(f"hydra.sweeper.fraction={spec!r}: a mapping {{factors, sign}} or null")
+        self.fraction: Mapping[str, Any] | None = spec
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:  # type: ignore[override]
         """The basic sweeper's batches, less the jobs outside the fraction (batches re-cut to ``max_batch_size``)."""

@@ -47,6 +47,7 @@ def finished_cell(out_dir: Path) -> dict | None:
 
 
 def uses_prior(cfg: DictConfig) -> bool:
+    """Whether the cell's config routes conditioning through the mapping prior."""
     return OmegaConf.select(cfg, "mapping.clip") is not None
 
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 
 def short(metric: str) -> str:
+    """A metric's short column name (``eval/seen/colors`` -> ``seen/colors``)."""
     return metric.removeprefix("eval/").removeprefix("perf/")
 
 
@@ -271,6 +272,7 @@ def _fmt(mean: float, half: float, digits: int | None = None) -> str:
 def markdown(
     runs: pd.DataFrame, effect_table: pd.DataFrame, cell_table: pd.DataFrame, metrics: Sequence[str] = METRICS
 ) -> str:
+    """The report as markdown: effects, cells, seed SDs, baselines, design, paired effects, power and compute."""
     metrics = [m for m in metrics if m in runs]
     seeds = sorted(runs["seed"].unique().tolist())
     lines = [
@@ -456,6 +458,8 @@ def plot(
 
 @dataclass
 class Report:
+    """Everything one sweep's report holds: the runs, the tables and the design."""
+
     runs: pd.DataFrame
     effects: pd.DataFrame
     cells: pd.DataFrame

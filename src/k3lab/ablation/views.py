@@ -37,11 +37,13 @@ def contrast(values: pd.Series, levels: pd.Series, level: str, reference: str) -
 
 
 def read_per_prompt(output_dir: str) -> pd.DataFrame | None:
+    """A cell's ``eval/per_prompt.csv`` (every per-image score), or None when it wrote none."""
     path = Path(str(output_dir)) / "eval" / "per_prompt.csv"
     return pd.read_csv(path) if path.is_file() else None
 
 
 def read_curve(output_dir: str) -> pd.DataFrame | None:
+    """A cell's ``curve.csv`` (learning-curve points), or None when it wrote none."""
     path = Path(str(output_dir)) / "curve.csv"
     return pd.read_csv(path) if path.is_file() else None
 

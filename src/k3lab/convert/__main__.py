@@ -43,6 +43,7 @@ def _movq(path: str | None, out: Path, variant: str | None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one conversion subcommand; a bad checkpoint prints one error line and returns 2."""
     p = argparse.ArgumentParser(
         prog="python -m k3lab.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

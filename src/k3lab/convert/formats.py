@@ -289,6 +289,7 @@ def load_diffusers_unet(
 
 
 def load_diffusers_movq(folder: Path, variant: str | None = None) -> tuple[MoVQ, dict[str, Any]]:
+    """A k3lab MoVQ and its config from a diffusers ``movq/`` folder (optionally a weight variant)."""
     config = json.loads((folder / "config.json").read_text())
     kwargs = movq_kwargs_from_diffusers(config)
     movq = MoVQ(**kwargs)  # 0.27B at most: built for real (the quantiser's usage buffers need values)
@@ -378,6 +379,7 @@ def unet_state_to_diffusers(
 
 
 def movq_state_to_diffusers(movq: MoVQ) -> dict[str, torch.Tensor]:
+    """The MoVQ's state dict under diffusers' ``VQModel`` key names."""
     n = len(movq.config["ch_mult"])
     return invert(
         movq.state_dict(),

@@ -50,6 +50,7 @@ def _apply(rules: Iterable[tuple[str, str | Callable[[re.Match[str]], str]]], ke
 
 
 def unet_to_diffusers(key: str) -> str:
+    """A k3lab U-Net key under diffusers' ``Kandinsky3UNet`` name."""
     return _apply(_UNET_RULES, key)
 
 
@@ -107,4 +108,5 @@ _PRIOR_RULES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
 
 
 def prior_to_diffusers(key: str) -> str:
+    """A k3lab prior key under diffusers' ``PriorTransformer`` name."""
     return _apply(_PRIOR_RULES, key)

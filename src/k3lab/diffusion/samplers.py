@@ -230,6 +230,7 @@ def timesteps_for(name: str, num_train_steps: int, steps: int) -> list[int]:
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler function registered as ``name``; an unknown name lists the known ones."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]

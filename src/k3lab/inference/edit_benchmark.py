@@ -67,6 +67,7 @@ def grid(tasks: Sequence[Any], results: Sequence[np.ndarray], rows: int = 16) ->
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load an inpainting run, edit the benchmark's tasks, score them and write ``report.json`` and a grid."""
     from evaluation import editing
     from k3lab.inference.loading import load_generator
 

@@ -208,6 +208,8 @@ def check_resume(ckpt_path: str | Path, stage_target: str, choices: Mapping[str,
     if not beside.is_file():
         return  # a checkpoint moved on its own: Lightning's strict load still names mismatched keys
     saved = OmegaConf.load(beside)
+    if not isinstance(saved, DictConfig):
+        raise CheckpointError(f"{beside}: not a run config (a YAML list, not a mapping)")
     want = STAGE_NAMES.get(stage_target.rsplit(".", 1)[-1], stage_target)
     if stage_of(saved) != want:
         raise CheckpointError(

@@ -97,6 +97,7 @@ def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Size:
 
 
 def dtype_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
+    """The dtype of ``tensors[key]``, without reading the tensor when the mapping is a lazy safetensors file."""
     return tensors.dtype(key) if isinstance(tensors, LazyState) else tensors[key].dtype  # type: ignore[union-attr]
 
 
@@ -136,7 +137,7 @@ def write_safetensors(
                 if list(t.shape) != entry["shape"]:  # type: ignore[index]
                     raise ValueError(f"{name}: shape {list(t.shape)} differs from the announced {entry['shape']}")  # type: ignore[index]
                 if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # pyright: ignore[reportArgumentType]
                 del t
         umask = os.umask(0)
         os.umask(umask)

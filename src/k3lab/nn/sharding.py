@@ -124,6 +124,8 @@ def activation_bytes(
 
 @dataclass
 class MemoryRow:
+    """One row of the FSDP memory plan: per-GPU GiB by kind and the largest batch, for one GPU count."""
+
     gpus: int
     sharded_gib: float  # fp32 parameters + gradients + AdamW moments, this rank's shard
     gathered_gib: float  # bf16 parameters of the two largest units (the one computing and the one prefetched)

@@ -52,6 +52,8 @@ def _apply(
 
 
 class DownLevel(nn.Module):
+    """One encoder level of the U-Net: residual blocks, optional attention, then a downsampling block."""
+
     def __init__(
         self,
         in_dim: int,
@@ -97,6 +99,8 @@ class DownLevel(nn.Module):
 
 
 class UpLevel(nn.Module):
+    """One decoder level of the U-Net: an upsampling block, then residual blocks reading the skip connection."""
+
     def __init__(
         self,
         in_dim: int,

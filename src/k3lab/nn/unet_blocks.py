@@ -119,6 +119,8 @@ class ResBlock(ResidualBlock):
 
 
 class BlockFactory(Protocol):
+    """How the U-Net builds a residual block (BigGAN-deep or ResBlock): the factory's signature."""
+
     def __call__(
         self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None
     ) -> nn.Module: ...

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # The checkout's conf/ (source tree or editable install), else the copy a wheel ships inside the package.
 _PACKAGE = Path(__file__).resolve().parents[1]  # src/k3lab (or site-packages/k3lab)
@@ -31,6 +31,7 @@ def project_root() -> str:
 
 
 def register_resolvers() -> None:
+    """Register k3lab's OmegaConf resolvers once (idempotent)."""
     if not OmegaConf.has_resolver("k3lab.root"):
         OmegaConf.register_new_resolver("k3lab.root", project_root)
 
@@ -54,13 +55,13 @@ def _optimizer_problems(stage: DictConfig) -> list[str]:
             continue
         for key in _NUMERIC_OPTIMIZER_KEYS:
             value = node.get(key) if key in node else None
-            values = list(value) if OmegaConf.is_list(value) else [value]
+            values = list(value) if isinstance(value, ListConfig) else [value]
             if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 problems.append(
                     f"stage.{name}.{key}={OmegaConf.to_container(value) if OmegaConf.is_list(value) else value!r}: "
                     "must be a number" + (" (a list of numbers)" if key == "betas" else "")
                 )
-            elif key == "lr" and value is not None and value <= 0:
+            elif key == "lr" and isinstance(value, (int, float)) and value <= 0:
                 problems.append(f"stage.{name}.lr={value!r}: must be positive")
     return problems
 
@@ -83,7 +84,7 @@ def validate(cfg: DictConfig) -> None:
             for split, spec in shards.items():
                 if spec:
                     missing = missing_local_shards(
-                        expand_urls(OmegaConf.to_object(spec) if not isinstance(spec, str) else spec)
+                        expand_urls(spec if isinstance(spec, str) else [str(u) for u in spec])
                     )
                     if missing:
                         problems.append(f"data.shards.{split}={spec!r}: missing shard file {missing[0]!r}")

@@ -41,6 +41,7 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
 
 
 def hydra_choices() -> dict[str, str]:
+    """The running Hydra app's config-group choices (empty outside Hydra)."""
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
@@ -127,12 +128,14 @@ def fit(
 
 
 def close_loggers(loggers: list[Any], status: str = "FINISHED") -> None:
+    """Finish every logger's run with ``status``."""
     for lg in loggers:
         if isinstance(lg, RunLogger):
             lg.close(status)
 
 
 def where_to_look(cfg: DictConfig, loggers: list[Any]) -> None:
+    """Log where to look at the run: the MLflow UI command and run id, and the output folders."""
     mlf = find_mlflow_logger(loggers)
     if mlf is not None:
         uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")

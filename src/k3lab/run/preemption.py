@@ -90,5 +90,5 @@ class Preemption(L.Callback):
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> Path:
         """``last.ckpt`` in the ModelCheckpoint's folder (else the trainer's root)."""
-        folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None else None
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         return Path(folder or trainer.default_root_dir) / "last.ckpt"

@@ -37,6 +37,7 @@ def stage_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     if str(cfg.stage._target_).rsplit(".", 1)[-1] not in ("DiffusionStage", "InpaintingStage"):
         raise ConfigError(f"progressive training chains diffusion stages; stage._target_ is {cfg.stage._target_}")
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    assert isinstance(base, DictConfig)  # a copy of a DictConfig
     with open_dict(base):
         del base["progressive"]
     out, names = [], set()
@@ -58,6 +59,7 @@ def stage_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 
 def read_chain(root: Path) -> dict[str, Any]:
+    """The chain file of a progressive run folder (its finished stages); no stages when absent, an error when corrupt."""
     path = root / CHAIN_FILE
     if not path.is_file():
         return {"stages": []}
@@ -79,8 +81,8 @@ def run_chain(cfg: DictConfig) -> list[dict[str, Any]]:
     previous: dict[str, Any] | None = None
     for i, (folder, stage_cfg) in enumerate(stages):
         if folder in done:
-            previous = done[folder]
-            log.info("progressive: stage %d (%s) already finished, reusing %s", i, folder, previous["checkpoint_dir"])
+            previous = record = done[folder]
+            log.info("progressive: stage %d (%s) already finished, reusing %s", i, folder, record["checkpoint_dir"])
             continue
         if previous is not None:
             with open_dict(stage_cfg):

@@ -44,6 +44,7 @@ def random_states() -> dict[str, Any]:
 
 
 def set_random_states(states: dict[str, Any]) -> None:
+    """Restore the Python, NumPy, torch (and CUDA) random states saved in a checkpoint."""
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])

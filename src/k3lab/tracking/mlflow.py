@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def find_mlflow_logger(loggers: Iterable[Logger] | Logger | None) -> MLFlowLogger | None:
+    """The MLflow logger among ``loggers``, or None."""
     if loggers is None:
         return None
     items = [loggers] if isinstance(loggers, Logger) else list(loggers)
@@ -47,7 +48,7 @@ def log_run_metadata(
     mlf = find_mlflow_logger(loggers)
     if mlf is not None:
         mlf.experiment.log_text(mlf.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        mark_model_training(mlf.experiment, mlf.experiment_id)
+        mark_model_training(mlf.experiment, str(mlf.experiment_id))
 
 
 def mark_model_training(client: Any, experiment_id: str) -> None:
@@ -60,6 +61,7 @@ def mark_model_training(client: Any, experiment_id: str) -> None:
 
 
 def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:
+    """Set a tag on the MLflow run of ``loggers`` (no-op without one)."""
     mlf = find_mlflow_logger(loggers)
     if mlf is not None:
         mlf.experiment.set_tag(mlf.run_id, key, value)

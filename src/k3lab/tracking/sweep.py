@@ -28,10 +28,12 @@ HOST_TAG, PID_TAG = "k3lab.host", "k3lab.pid"
 
 
 def process_tags() -> dict[str, str]:
+    """Tags naming this process (host and pid), so a later run can tell a live sweep from a dead one."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
 def read_sweep_file(sweep_dir: str | Path) -> dict[str, str] | None:
+    """The sweep folder's ``mlflow_sweep.json`` (parent run, store, axes), or None when absent."""
     path = Path(sweep_dir) / SWEEP_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -137,6 +139,7 @@ def mark_stale(client: Any, experiment_id: str) -> list[str]:
 
 
 def children(client: Any, experiment_id: str, parent_id: str, role: str | None = None) -> list[Any]:
+    """The child runs of a sweep's parent run, optionally of one role."""
     query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
     if role:
         query += f" and tags.`{ROLE_TAG}` = '{role}'"
@@ -152,6 +155,7 @@ def _mlflow_settings(config: DictConfig) -> tuple[str, str] | None:
 
 
 def sweep_dir_of(config: DictConfig) -> Path:
+    """The sweep folder of a multirun config."""
     return Path(str(config.hydra.sweep.dir))
 
 
@@ -182,6 +186,7 @@ class MLflowSweepCallback(Callback):
             return
         params_node = config.hydra.sweeper.get("params")  # None when the sweep is given on the command line only
         params = OmegaConf.to_container(params_node, resolve=True) if params_node is not None else {}
+        assert isinstance(params, dict), f"hydra.sweeper.params must be a mapping, got {params!r}"
         overrides = list(config.hydra.overrides.task)
         run = client.create_run(
             experiment_id,
@@ -189,7 +194,7 @@ class MLflowSweepCallback(Callback):
             tags={ROLE_TAG: "sweep", "k3lab.sweep_dir": str(sweep_dir), **process_tags()},
         )
         # every swept key, from the preset's sweeper params and the command line (which wins, as in Hydra)
-        swept = swept_values({k: str(v) for k, v in params.items()}, overrides)
+        swept = swept_values({str(k): str(v) for k, v in params.items()}, overrides)
         for key, value in {
             **{f"sweep/{k}": ",".join(v) for k, v in swept.items()},
             "sweep/overrides": " ".join(overrides)[:6000],
