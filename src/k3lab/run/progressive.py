@@ -59,7 +59,7 @@ def stage_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 
 def read_chain(root: Path) -> dict[str, Any]:
-    """The chain file of a progressive run folder (its finished stages); no stages when absent, an error when corrupt."""
+    """A progressive run folder's chain file (its finished stages): none when absent, an error when corrupt."""
     path = root / CHAIN_FILE
     if not path.is_file():
         return {"stages": []}
