@@ -51,6 +51,8 @@ class DiffusionStage(L.LightningModule):
     """Epsilon/v-prediction training with uniform t, caption dropout to the null embedding, EMA, AdamW with
     linear warm-up; validation reports the loss at fixed timesteps and samples ``val_prompts`` into a grid."""
 
+    HPARAMS_IGNORE: tuple[str, ...] = ()  # a subclass's own module-valued arguments, kept out of the hyperparameters
+
     def __init__(
         self,
         unet: nn.Module,
@@ -97,7 +99,9 @@ class DiffusionStage(L.LightningModule):
         val_prompts = [str(p) for p in val_prompts]
         if any(not isinstance(p, str) for p in val_prompts):
             raise ValueError("stage.val_prompts must be a list of strings (quote prompts that contain ': ')")
-        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "optimizer", "clip", "prior", "masks"])
+        self.save_hyperparameters(
+            ignore=["unet", "first_stage", "text_encoder", "optimizer", "clip", "prior", *self.HPARAMS_IGNORE]
+        )
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"stage.caption_dropout={caption_dropout}: must be in [0, 1)")
         if prediction not in ("epsilon", "v"):

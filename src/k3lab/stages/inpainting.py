@@ -22,7 +22,13 @@ from k3lab.stages.diffusion import DiffusionStage
 
 
 class InpaintingStage(DiffusionStage):
-    """:class:`DiffusionStage` whose U-Net also sees a keep mask and the masked image's latent."""
+    """:class:`DiffusionStage` whose U-Net also sees a keep mask and the masked image's latent.
+
+    It subclasses rather than composes because everything but the U-Net's input is the text-to-image stage's own
+    training step, EMA, export and validation (the official inpainting model is the same U-Net with 9 input channels);
+    it overrides only the two hooks that differ, :meth:`check_channels` and :meth:`image_condition`."""
+
+    HPARAMS_IGNORE = ("masks",)  # a module, kept out of the saved hyperparameters
 
     def __init__(self, *args: Any, masks: MaskGenerator | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
