@@ -24,6 +24,7 @@ class ClipModel:
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
+        """Unit-norm CLIP embeddings of RGB uint8 images, in batches."""
         from PIL import Image
 
         out = []
@@ -34,6 +35,7 @@ class ClipModel:
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit-norm CLIP embeddings of texts, in batches."""
         out = [
             torch.nn.functional.normalize(
                 self.model.encode_text(self.tokenizer(list(texts[i : i + batch_size]))).float(), dim=-1

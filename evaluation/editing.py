@@ -52,6 +52,7 @@ class EditTask:
     others: list[dict[str, Any]]  # the scene's other objects (same keys)
 
     def meta(self) -> dict[str, Any]:
+        """The task's JSON-able fields (everything but the image and hole arrays)."""
         d = asdict(self)
         del d["image"], d["hole"]
         return d

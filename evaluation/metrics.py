@@ -57,6 +57,7 @@ class Metric:
             object.__setattr__(self, "headline", tuple(o for o in self.outputs if "*" not in o))
 
     def produces(self, key: str) -> bool:
+        """Whether this metric writes the result key ``key`` (its outputs are glob patterns)."""
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.outputs)
 
 

@@ -61,10 +61,12 @@ class PromptSet:
         return counts
 
     def filter(self, categories: Iterable[str]) -> "PromptSet":
+        """The prompts of the given categories only, as a new named set."""
         wanted = set(categories)
         return PromptSet(f"{self.name}[{','.join(sorted(wanted))}]", [p for p in self.prompts if p.category in wanted])
 
     def to_jsonl(self, path: str | Path) -> Path:
+        """Write the set as JSONL (id, prompt, category, spec), the format ``python -m k3lab.sample`` reads."""
         path = Path(path)
         path.write_text(
             "".join(

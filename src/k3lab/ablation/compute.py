@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +62,21 @@ class StepFlops(L.Callback):
         self.flops_per_step: int | None = None
         self._mode: FlopCounterMode | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"flops_per_step": self.flops_per_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flops_per_step = state_dict.get("flops_per_step")
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.flops_per_step is None and self._mode is None and int(trainer.global_step) == 0:
             self._mode = flop_counter_mode()
             self._mode.__enter__()
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._mode is None:
             return
@@ -82,6 +87,7 @@ class StepFlops(L.Callback):
             lg.log_metrics({"perf/flops_per_step": float(self.flops_per_step)}, step=int(trainer.global_step))
         log.info("training FLOPs per optimizer step: %.3g (torch.utils.flop_counter)", self.flops_per_step)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._mode is not None:  # a run that stopped inside its first step
             self._mode.__exit__(None, None, None)

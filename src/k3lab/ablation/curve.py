@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ class LearningCurve(L.Callback):
         self._evaluating = 0.0  # seconds spent in this callback's evaluations (not training)
         self.rows: list[dict[str, float]] = []
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = int(trainer.global_step)
         if step % self.every == 0 and trainer.is_global_zero:
@@ -58,6 +61,7 @@ class LearningCurve(L.Callback):
             self._evaluating += time.perf_counter() - started
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
+        """Sample and score the curve's prompts with the current EMA model; returns the logged accuracies."""
         from evaluation.compbench import score
         from k3lab.ablation.evaluate import sample_records
 

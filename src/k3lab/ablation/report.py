@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from typing_extensions import override
 
 from k3lab.ablation import views
 from k3lab.ablation.views import OVERRIDE_PREFIX, contrast, interval
@@ -471,6 +472,7 @@ class Report:
     equal_compute: pd.DataFrame = field(default_factory=pd.DataFrame)  # views.equal_compute
 
     def summary(self) -> str:
+        """The console summary: where to look (MLflow, report files) and the report's tables."""
         where = [
             f"mlflow ui --backend-store-uri {self.info['tracking_uri']}   (parent run {self.info['parent_run_id']})"
         ]
@@ -614,6 +616,7 @@ class ReportCallback(Callback):
     """Hydra callback: at the end of an ablation multirun, build the report from the sweep's MLflow runs, log its files
     to the parent run and print it (``hydra.callbacks.ablation_report``; a sweep with no cell runs is left alone)."""
 
+    @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def estimate_minutes(reference: dict[str, float], jobs: int, gflops: float) -> f
 class TimeEstimateCallback(Callback):
     """Hydra callback: prints the machine's matmul GFLOP/s and the sweep's expected duration at its start."""
 
+    @override
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         gflops = matmul_gflops()
         reference = OmegaConf.select(config, "ablation.reference_time")

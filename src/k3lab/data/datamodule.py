@@ -8,6 +8,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from k3lab.data.batch import collate
 from k3lab.data.shards import ShardDataset, expand_urls, missing_local_shards
@@ -21,7 +22,8 @@ class ShardSource(Protocol):
 
     resolution: int
 
-    def build(self) -> dict[str, list[str]]: ...
+    def build(self) -> dict[str, list[str]]:
+        """Build (or find) the shards; returns the shard paths per split."""
 
 
 class EpochLoader(DataLoader):
@@ -58,9 +60,11 @@ class EpochLoader(DataLoader):
         return iterator
 
     def state_dict(self) -> dict[str, int]:
+        """The data position for exact resume: the pass (epoch) and batches consumed in it."""
         return {"epoch": self.pass_epoch, "batches": self.consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a saved data position: the same pass, skipping the batches already consumed."""
         self.dataset.set_epoch(int(state["epoch"]))
         self._skip = int(state["batches"])
         log.info("data: resuming pass %d after its first %d batches", state["epoch"], state["batches"])
@@ -141,6 +145,7 @@ class ShardDataModule(L.LightningDataModule):
             log.info("data: aspect buckets (height x width) %s", [f"{h}x{w}" for h, w in self.bucket_shapes])
         self.datasets: dict[str, ShardDataset] = {}
 
+    @override
     def prepare_data(self) -> None:
         if self.source is not None:
             self.source.build()
@@ -158,6 +163,7 @@ class ShardDataModule(L.LightningDataModule):
                 )
         return urls
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         urls = self.split_urls()
         rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -227,12 +233,15 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=False,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, drop_last=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_split, self.val_batch_size, drop_last=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_split, self.val_batch_size, drop_last=False)
 

@@ -57,6 +57,7 @@ class MaskGenerator:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
+        """One mask per sample [B, 1, H, W] (1 = the region to generate), drawn from the configured kinds."""
         h, w = size
         ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
         xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w

@@ -40,6 +40,7 @@ class PrecomputedShards:
         self.root = Path(root)
 
     def build(self) -> dict[str, list[str]]:
+        """The precomputed shards per split from the folder's manifest; an error names the command that writes them."""
         path = self.root / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(

@@ -34,6 +34,7 @@ class SceneObject:
     radius: float
 
     def bbox(self) -> list[float]:
+        """The object's bounding box [x0, y0, x1, y1] in unit coordinates."""
         return [self.x - self.radius, self.y - self.radius, self.x + self.radius, self.y + self.radius]
 
 
@@ -53,6 +54,7 @@ class Scene:
         return {(o.color, o.shape) for o in self.objects}
 
     def to_json(self, resolution: int, split: str) -> dict[str, Any]:
+        """The scene as JSON metadata (objects with boxes, resolution, split), as stored beside its image."""
         objects = []
         for o in self.objects:
             d = asdict(o)

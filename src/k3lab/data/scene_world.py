@@ -97,6 +97,7 @@ class SceneWorld:
 
     @property
     def directory(self) -> Path:
+        """The cache folder of this world, named by resolution, seed and a hash of its spec."""
         digest = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:10]
         return Path(self.root) / f"r{self.resolution}_s{self.seed}_{digest}"
 

@@ -232,6 +232,7 @@ class ShardDataset(IterableDataset):
         self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the pass number that seeds the next pass's shuffle."""
         self.epoch = epoch
 
     def my_urls(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[str]:

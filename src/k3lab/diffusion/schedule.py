@@ -32,20 +32,24 @@ class Schedule:
 
     @classmethod
     def cosine(cls, num_steps: int = 1000) -> "Schedule":
+        """The cosine schedule (Nichol & Dhariwal 2021) over ``num_steps`` steps."""
         return cls(torch.cumprod(1 - cosine_betas(num_steps), dim=0))
 
     @classmethod
     def linear(cls, num_steps: int = 1000) -> "Schedule":
+        """The linear beta schedule (Ho et al. 2020) over ``num_steps`` steps."""
         return cls(torch.cumprod(1 - linear_betas(num_steps), dim=0))
 
     @classmethod
     def named(cls, name: str, num_steps: int = 1000) -> "Schedule":
+        """A schedule by name, 'cosine' or 'linear'; another name is an error."""
         if name not in ("cosine", "linear"):
             raise ValueError(f"unknown noise schedule {name!r}: use 'cosine' or 'linear'")
         return getattr(cls, name)(num_steps)
 
     @property
     def num_steps(self) -> int:
+        """The number of diffusion timesteps."""
         return int(self.alphas_cumprod.shape[0])
 
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -54,9 +58,11 @@ class Schedule:
         return a.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise at timesteps ``t``."""
         a = self.alpha_bar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps ``t``."""
         a = self.alphas_cumprod[t.long().cpu()]
         return a / (1 - a)

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from k3lab.diffusion import Schedule
 from k3lab.diffusion.settings import DEFAULT_SAMPLING
@@ -83,6 +84,7 @@ class TextArm(ConditioningArm):
     export_name = "text_conditioning"
     conditioning: TextConditioning
 
+    @override
     def condition(
         self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
     ) -> Cond:
@@ -103,9 +105,11 @@ class TextArm(ConditioningArm):
         context, mask = self.conditioning(hidden.to(device), mask.to(device))
         return self.conditioning.replace_with_null(context, mask, empty.to(device))
 
+    @override
     def null(self, cond: Cond) -> Cond:
         return self.conditioning.null(*cond)
 
+    @override
     def with_conditioning(self, conditioning: nn.Module) -> TextArm:
         return TextArm(conditioning)
 
@@ -130,6 +134,7 @@ class PriorArm(ConditioningArm):
         self.prior = prior.eval().requires_grad_(False) if prior is not None else None
         self.schedule, self.prior_steps, self.prior_guidance = schedule, prior_steps, prior_guidance
 
+    @override
     def condition(
         self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
     ) -> Cond:
@@ -144,9 +149,11 @@ class PriorArm(ConditioningArm):
         return self.conditioning(emb)
 
     @property
+    @override
     def can_sample(self) -> bool:
         return self.prior is not None
 
+    @override
     def encode(self, text_encoder: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
         if self.prior is None:
             raise RuntimeError("sampling the mapping-prior arm needs a trained prior (mapping.prior)")
@@ -159,9 +166,11 @@ class PriorArm(ConditioningArm):
             log.warning("%d empty prompt(s): sampled unconditionally (the zero image's embedding)", int(empty.sum()))
         return self.conditioning(self.conditioning.replace_with_negative(emb, empty))
 
+    @override
     def null(self, cond: Cond) -> Cond:
         return self.conditioning(self.conditioning.negative.expand(cond[0].shape[0], -1))
 
+    @override
     def with_conditioning(self, conditioning: nn.Module) -> PriorArm:
         return PriorArm(conditioning, self.clip, self.prior, self.schedule, self.prior_steps, self.prior_guidance)  # type: ignore[arg-type]
 

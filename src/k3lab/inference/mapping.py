@@ -44,6 +44,7 @@ class PriorMapping:
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """CLIP image embeddings sampled by the prior from text states; sample i starts from ``seeds[i]``."""
         tokens, pooled, m = text_for_prior(hidden, mask, self.prior.num_text_tokens)
         device = tokens.device
 

@@ -40,9 +40,11 @@ class LazyState(Mapping[str, torch.Tensor]):
         self._entries = dict(entries)
 
     def shape(self, key: str) -> torch.Size:
+        """A tensor's shape from the file header, without reading it."""
         return self._entries[key][0]
 
     def dtype(self, key: str) -> torch.dtype:
+        """A tensor's dtype from the file header, without reading it."""
         return self._entries[key][1]
 
     def __getitem__(self, key: str) -> torch.Tensor:

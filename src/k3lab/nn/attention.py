@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 
 class Attention(nn.Module):
@@ -28,6 +29,7 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, -1).transpose(1, 2)
 
+    @override
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.to_query(x)), self._heads(self.to_key(context)), self._heads(self.to_value(context))
         bias = None
@@ -49,6 +51,7 @@ class AttentionPooling(nn.Module):
         super().__init__()
         self.attention = Attention(context_dim, time_dim, context_dim, head_dim)
 
+    @override
     def forward(
         self, time_embed: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:

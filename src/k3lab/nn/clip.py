@@ -32,6 +32,7 @@ class Clip(nn.Module):
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of images in [-1, 1] (resized and normalised as the CLIP expects)."""
         x = (images.float() + 1) / 2
         if x.shape[-1] != self.image_size:
             x = nn.functional.interpolate(
@@ -44,6 +45,7 @@ class Clip(nn.Module):
         return self.model.encode_image(torch.zeros(1, 3, self.image_size, self.image_size, device=self.mean.device))
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP text embeddings of ``texts``."""
         import open_clip
 
         tokens = open_clip.tokenize(list(texts), context_length=self.context_length).to(self.mean.device)

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 
 class EMA(nn.Module):
@@ -25,6 +26,7 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s weights (decay warmed up as min(decay, (1 + n) / (10 + n)))."""
         self.num_updates += 1
         n = float(self.num_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
@@ -36,6 +38,7 @@ class EMA(nn.Module):
         for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
+    @override
     def train(self, mode: bool = True) -> "EMA":  # the averaged copy always stays in eval mode
         super().train(mode)
         self.module.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 
 class IdentityFirstStage(nn.Module):
@@ -16,9 +17,11 @@ class IdentityFirstStage(nn.Module):
         self.latent_channels = channels
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels are the latents."""
         return x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents are the pixels."""
         return z
 
 
@@ -32,15 +35,18 @@ class FrozenMoVQ(nn.Module):
         self.downsample_factor = int(movq.downsample_factor)
         self.latent_channels = int(movq.latent_channels)
 
+    @override
     def train(self, mode: bool = True) -> "FrozenMoVQ":
         return super().train(False)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [-1, 1] to the MoVQ's continuous latent, without gradients."""
         return self.movq.encode(x)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent to image [-1, 1] (quantisation skipped, as Kandinsky 3 decodes), without gradients."""
         return self.movq.decode(z, quantize=False)
 
 
@@ -53,4 +59,5 @@ class LatentScale(nn.Module):
         self.register_buffer("value", torch.tensor(float(value)))
 
     def measured(self) -> bool:
+        """Whether the scale has been set (it starts as NaN until the first batch measures it)."""
         return not bool(torch.isnan(self.value))

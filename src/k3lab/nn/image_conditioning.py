@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 
 class ImageConditioning(nn.Module):
@@ -20,6 +21,7 @@ class ImageConditioning(nn.Module):
         self.time_norm = nn.LayerNorm(time_dim)
         self.register_buffer("negative", torch.zeros(clip_dim))
 
+    @override
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if emb.shape[-1] != self.clip_dim:
             raise ValueError(

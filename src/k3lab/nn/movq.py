@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from k3lab.nn.movq_blocks import AttnBlock, Downsample, Norm, ResnetBlock, Upsample
 from k3lab.nn.quantizer import QuantizerOutput, VectorQuantizer
@@ -65,6 +66,7 @@ class Encoder(nn.Module):
         self.norm_out = Norm(block_in, None, num_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
@@ -118,6 +120,7 @@ class Decoder(nn.Module):
         self.norm_out = Norm(block_in, zq_channels, num_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
+    @override
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         h = self.mid.block_1(h, zq)
@@ -195,6 +198,7 @@ class MoVQ(nn.Module):
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the latent (the config's ``embed_dim``)."""
         return int(self.config["embed_dim"])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +210,7 @@ class MoVQ(nn.Module):
         z_q = self.quantize(latent).z_q if quantize else latent
         return self.decoder(self.post_quant_conv(z_q), z_q)
 
+    @override
     def forward(self, x: torch.Tensor, quantize: bool = True) -> AutoencoderOutput:
         latent = self.encode(x)
         if quantize:

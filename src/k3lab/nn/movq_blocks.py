@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 
 class SpatialNorm(nn.Module):
@@ -19,6 +20,7 @@ class SpatialNorm(nn.Module):
         self.conv_y = nn.Conv2d(zq_channels, channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
+    @override
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
         return self.norm(f) * self.conv_y(zq) + self.conv_b(zq)
@@ -35,6 +37,7 @@ class Norm(nn.Module):
         else:
             self.norm = SpatialNorm(channels, zq_channels, num_groups)
 
+    @override
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         if self.spatial:
             assert zq is not None, "a spatial norm needs the latent zq"
@@ -61,6 +64,7 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
+    @override
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x, zq)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h, zq))))
@@ -80,6 +84,7 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
+    @override
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x, zq)
@@ -99,6 +104,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
@@ -110,5 +116,6 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

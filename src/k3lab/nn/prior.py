@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -36,6 +37,7 @@ class PriorBlock(nn.Module):
         self.ff_in = nn.Linear(dim, 4 * dim)
         self.ff_out = nn.Linear(4 * dim, dim)
 
+    @override
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         h = self.norm_attn(x)
@@ -78,11 +80,14 @@ class PriorTransformer(nn.Module):
         self.clip_std = nn.Parameter(torch.ones(1, embedding_dim), requires_grad=False)
 
     def normalize(self, emb: torch.Tensor) -> torch.Tensor:
+        """CLIP embedding to the prior's normalised units (per-dimension mean and std of the training set)."""
         return (emb - self.clip_mean) / self.clip_std
 
     def denormalize(self, emb: torch.Tensor) -> torch.Tensor:
+        """The prior's normalised units back to the CLIP's own scale."""
         return emb * self.clip_std + self.clip_mean
 
+    @override
     def forward(
         self,
         noisy: torch.Tensor,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 
 @dataclass
@@ -77,6 +78,7 @@ class VectorQuantizer(nn.Module):
         """Latent [B, C, H, W] for code indices [B, H, W]."""
         return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
 
+    @override
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         indices = self.nearest(z)
         if self.restart_dead_codes and self.training and torch.is_grad_enabled():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 
 class TextConditioning(nn.Module):
@@ -24,6 +25,7 @@ class TextConditioning(nn.Module):
         self.encoder_dim, self.context_dim = encoder_dim, context_dim
         self.diffusers_compat = diffusers_compat
 
+    @override
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if hidden.shape[-1] != self.encoder_dim:
             raise ValueError(

@@ -30,7 +30,8 @@ class TextEncoderLike(Protocol):
 
     dim: int
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [B, L, D] and attention mask [B, L] for ``prompts``."""
 
 
 def frozen_text_encoder(encoder: nn.Module, expected_dim: int | None = None) -> nn.Module:
@@ -128,6 +129,7 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [B, L, D] (float32, non-finite values zeroed) and attention mask [B, L] for ``prompts``."""
         ids, mask = self.tokenize(list(prompts))
         device = next(self.model.parameters()).device
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from typing_extensions import override
 
 from k3lab.nn.attention import AttentionPooling
 from k3lab.nn.unet_blocks import AttentionBlock, BigGANDeepBlock, BlockFactory
@@ -29,6 +30,7 @@ class SinusoidalEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
 
+    @override
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
@@ -88,6 +90,7 @@ class DownLevel(nn.Module):
             )
         self.resnet_attn_blocks = nn.ModuleList(triples)
 
+    @override
     def forward(
         self, x: torch.Tensor, time_embed: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -136,6 +139,7 @@ class UpLevel(nn.Module):
         self.resnet_attn_blocks = nn.ModuleList(triples)
         self.self_attention_block = attn(out_dim) if self_attention else nn.Identity()
 
+    @override
     def forward(
         self, x: torch.Tensor, time_embed: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from k3lab.nn.attention import Attention
 
@@ -27,6 +28,7 @@ class ConditionalGroupNorm(nn.Module):
         nn.init.zeros_(self.context_mlp[1].weight)
         nn.init.zeros_(self.context_mlp[1].bias)
 
+    @override
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         scale, shift = self.context_mlp(time_embed)[:, :, None, None].chunk(2, dim=1)
         return self.norm(x) * (scale + 1.0) + shift
@@ -53,6 +55,7 @@ class Block(nn.Module):
         self.projection = nn.Conv2d(in_channels, out_channels, kernel_size, padding=int(kernel_size > 1))
         self.down_sample = nn.Conv2d(out_channels, out_channels, 2, stride=2) if resample == "down" else nn.Identity()
 
+    @override
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         x = self.up_sample(self.activation(self.group_norm(x, time_embed)))
         return self.down_sample(self.projection(x))
@@ -75,6 +78,7 @@ class ResidualBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 2, stride=2) if resample == "down" else nn.Identity()
         )
 
+    @override
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         out = x
         for block in self.resnet_blocks:
@@ -123,7 +127,8 @@ class BlockFactory(Protocol):
 
     def __call__(
         self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None
-    ) -> nn.Module: ...
+    ) -> nn.Module:
+        """A residual block from ``in_channels`` to ``out_channels``, optionally resampling (up or down)."""
 
 
 class AttentionBlock(nn.Module):
@@ -147,6 +152,7 @@ class AttentionBlock(nn.Module):
             nn.Conv2d(channels, hidden, 1, bias=False), nn.SiLU(), nn.Conv2d(hidden, channels, 1, bias=False)
         )
 
+    @override
     def forward(
         self,
         x: torch.Tensor,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from omegaconf import DictConfig
+from typing_extensions import override
 
 from k3lab.io.checkpoint import export_model, save_config
 
@@ -24,19 +25,23 @@ class ExportModels(L.Callback):
         self.cfg, self.dirpath, self.choices = cfg, Path(dirpath), choices
         self.exported: dict[str, Path] = {}
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             save_config(self.cfg, self.dirpath, self.choices)
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the stage's exportable modules as safetensors beside the checkpoints (rank 0 only)."""
         if not trainer.is_global_zero or not hasattr(pl_module, "exportable_modules"):
             return
-        for name, module in pl_module.exportable_modules().items():
+        for name, module in cast(Any, pl_module).exportable_modules().items():
             self.exported[name] = export_model(module, self.dirpath / f"{name}.safetensors")
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.export(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.export(trainer, pl_module)
 
@@ -63,16 +68,19 @@ class DataQuality(L.Callback):
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._update(trainer, batch, "train")
 
+    @override
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._update(trainer, batch, "val")
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for split, counts in self.totals.items():
             if counts:

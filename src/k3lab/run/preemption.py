@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any, Sequence
 
 import lightning as L
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Preemption(L.Callback):
         self._saved: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
@@ -42,6 +44,7 @@ class Preemption(L.Callback):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._on_signal)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -50,6 +53,7 @@ class Preemption(L.Callback):
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum  # acted on after the current training step: never a half-written state
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ class ResumeState(L.Callback):
         self._before_validation: dict[str, Any] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return "ResumeState"
 
     # ---------------------------------------------------------------- data position
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -74,10 +77,12 @@ class ResumeState(L.Callback):
             loader.consumed = batch_idx + 1
 
     # ---------------------------------------------------------------- validation on a snapshot
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.training or trainer.state.fn == "fit":
             self._before_validation = random_states()
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._before_validation is not None:
             set_random_states(self._before_validation)
@@ -92,10 +97,12 @@ class ResumeState(L.Callback):
         if mlf is not None and mlf.run_id:
             checkpoint.setdefault("k3lab", {})["mlflow_run_id"] = str(mlf.run_id)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         states = self._before_validation if self._before_validation is not None else random_states()
         return {"random": _to_plain(states)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "random" in state_dict:
             self._pending = _from_plain(state_dict["random"])
@@ -173,6 +180,7 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | Path) -> str 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO, written to ``<name>.tmp-<pid>`` then renamed over ``<name>``."""
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

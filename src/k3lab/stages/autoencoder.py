@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from typing_extensions import override
 
 from k3lab.data.batch import Batch
 from k3lab.nn.ema import EMA
@@ -73,6 +74,7 @@ class AutoencoderStage(L.LightningModule):
         """What a later stage loads: the EMA weights when kept, else the live ones."""
         return {"autoencoder": self.eval_model()}
 
+    @override
     def configure_optimizers(self) -> list[Optimizer]:
         opts = [self.optimizer_factory(self.autoencoder.parameters())]
         if self.discriminator is not None:
@@ -80,8 +82,10 @@ class AutoencoderStage(L.LightningModule):
         return opts
 
     def disc_active(self) -> bool:
+        """Whether the discriminator trains yet (after ``disc_start`` batches)."""
         return self.discriminator is not None and int(self.batches_seen) >= self.hparams.disc_start
 
+    @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         optimizers = self.optimizers()
@@ -130,6 +134,7 @@ class AutoencoderStage(L.LightningModule):
         """The weights validation and export use: the EMA copy when kept."""
         return self.autoencoder_ema.module if self.autoencoder_ema is not None else self.autoencoder
 
+    @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         model = self.eval_model()
         x = batch["image"]
@@ -145,6 +150,7 @@ class AutoencoderStage(L.LightningModule):
             grid = torchvision.utils.make_grid(torch.cat([x01[:n], xh01[:n]]), nrow=n, padding=1)
             log_image(self.loggers, grid, "val/reconstructions", int(self.batches_seen), self.hparams.image_dir)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
         self.log("val/ssim", self.val_ssim.compute())

@@ -8,6 +8,7 @@ from functools import partial
 import lightning as L
 import torch
 from torch import nn
+from typing_extensions import override
 
 from k3lab.data.batch import Batch
 from k3lab.nn.clip import Clip
@@ -36,17 +37,21 @@ class ClipStage(L.LightningModule):
         self.optimizer_factory = optimizer
 
     def exportable_modules(self) -> dict[str, nn.Module]:
+        """The modules the checkpoint folder exports as safetensors: the CLIP."""
         return {"clip": self.clip}
 
+    @override
     def configure_optimizers(self) -> dict:
         return with_warmup(self.optimizer_factory(self.clip.parameters()), self.hparams.warmup_steps)
 
+    @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = clip_loss(*self.clip(batch["image"], batch["caption"]))
         self.log("train/loss", loss.detach(), batch_size=batch["image"].shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["image"].shape[0])
         return loss
 
+    @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         img, txt, _ = self.clip(batch["image"], batch["caption"])
         pred = (img @ txt.t()).argmax(dim=1).tolist()

@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
@@ -180,6 +181,7 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------------ parts
     def exportable_modules(self) -> dict[str, nn.Module]:
+        """The modules exported as safetensors: the U-Net, the arm's conditioning (EMA when kept), the latent scale."""
         unet, arm = self.eval_modules()
         return {"unet": unet, arm.export_name: arm.conditioning, "latent_scale": self.latent_scale}
 
@@ -190,8 +192,10 @@ class DiffusionStage(L.LightningModule):
         return self.unet, self.arm
 
     def generator(self) -> Generator:
+        """A :class:`Generator` over this stage's current (EMA) modules, for validation and evaluation."""
         return Generator.from_stage(self)
 
+    @override
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
         factory = self.optimizer_factory
@@ -204,6 +208,7 @@ class DiffusionStage(L.LightningModule):
             float(self.hparams.get("lr_final") or 0.0),
         )
 
+    @override
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
@@ -230,6 +235,7 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------------ inputs
     def latents(self, batch: Batch) -> torch.Tensor:
+        """Scaled latents of the batch (precomputed or encoded); the first batch measures the scale when 'auto'."""
         z = batch["latent"].float() if "latent" in batch else self.first_stage.encode(batch["image"])  # type: ignore[typeddict-item]
         if not self.latent_scale.measured():
             std = z.float().std().clamp(min=1e-6).reshape(1)
@@ -266,6 +272,7 @@ class DiffusionStage(L.LightningModule):
         state = np.random.SeedSequence([int(seed), int(self.global_step), rank]).generate_state(2, np.uint64)[0]
         return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
+    @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         z = self.latents(batch)
         gen = self.step_generator(z.device)
@@ -317,6 +324,7 @@ class DiffusionStage(L.LightningModule):
             )
         self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         prompts = list(self.hparams.val_prompts)
         if not prompts or self.text_encoder is None or self.trainer.sanity_checking or not self.arm.can_sample:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from k3lab.data.batch import Batch
 from k3lab.data.masks import MaskGenerator
@@ -35,6 +36,7 @@ class InpaintingStage(DiffusionStage):
         self.masks = masks if masks is not None else MaskGenerator()
 
     @staticmethod
+    @override
     def check_channels(latent_channels: int, unet: nn.Module) -> None:
         want = (2 * latent_channels + 1, latent_channels)
         if (int(unet.in_channels), int(unet.out_channels)) != want:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
@@ -69,16 +70,20 @@ class PriorStage(L.LightningModule):
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
 
     def exportable_modules(self) -> dict[str, nn.Module]:
+        """The modules exported as safetensors: the prior (EMA when kept)."""
         return {"prior": self.eval_prior()}
 
     def eval_prior(self) -> PriorTransformer:
+        """The prior used for evaluation and export: the EMA copy when kept."""
         return self.prior_ema.module if self.prior_ema is not None else self.prior  # type: ignore[return-value]
 
+    @override
     def configure_optimizers(self) -> dict:
         return with_warmup(
             self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad]), self.hparams.warmup_steps
         )
 
+    @override
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
@@ -86,6 +91,7 @@ class PriorStage(L.LightningModule):
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of the batch's images (float32)."""
         return self.clip.embed_images(images).float()
 
     def on_fit_start(self) -> None:
@@ -105,10 +111,12 @@ class PriorStage(L.LightningModule):
         log.info("prior: embedding statistics from %d images", emb.shape[0])
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prior's inputs for a batch: text tokens, pooled text, mask and the target image embeddings."""
         hidden, mask = self.text_encoder.encode(batch["caption"])
         tokens, pooled, mask = text_for_prior(hidden.to(self.device), mask.to(self.device), self.prior.num_text_tokens)
         return tokens, pooled, mask, self.image_embeddings(batch["image"])
 
+    @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         tokens, pooled, mask, emb = self.inputs(batch)
         drop = torch.rand(emb.shape[0], device=emb.device) < self.hparams.caption_dropout
@@ -130,8 +138,10 @@ class PriorStage(L.LightningModule):
             self.prior_ema.update(self.prior)
 
     def mapping(self) -> PriorMapping:
+        """A :class:`PriorMapping` over the evaluation prior with the stage's sampling settings."""
         return PriorMapping(self.eval_prior(), self.schedule, self.hparams.sample_steps, self.hparams.guidance_weight)
 
+    @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         hidden, mask = self.text_encoder.encode(batch["caption"])
         emb = self.image_embeddings(batch["image"])

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from typing_extensions import override
 
 from k3lab.io.imaging import to_uint8
 
@@ -127,12 +128,14 @@ class RunLogger(MLFlowLogger):
         super().__init__(*args, **kwargs)
         self._mlflow_client = RetryingClient(self._mlflow_client)
 
+    @override
     def finalize(self, status: str = "success") -> None:
         if self.keep_open and status == "success":
             return
         super().finalize(status)
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status`` even when it was kept open for the caller (a cell's evaluation)."""
         self.keep_open = False
         if self._initialized and self.experiment.get_run(self.run_id):
             self.experiment.set_terminated(self.run_id, status)

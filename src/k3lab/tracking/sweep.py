@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class MLflowSweepCallback(Callback):
     """Hydra callback: the sweep's MLflow parent run and stale-run clean-up (the report is its own callback,
     :class:`k3lab.ablation.report.ReportCallback`, which reads what this one writes)."""
 
+    @override
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         settings = _mlflow_settings(config)
         if settings is None:
@@ -241,6 +243,7 @@ class MLflowSweepCallback(Callback):
         log.info("resuming sweep %s: continuing its MLflow parent run %s", sweep_dir, parent.info.run_id)
         return True
 
+    @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         info = read_sweep_file(sweep_dir_of(config))
         if info is None or _mlflow_settings(config) is None:
