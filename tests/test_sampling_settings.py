@@ -31,9 +31,10 @@ def test_each_default_is_written_once_in_the_package() -> None:
             for key, pattern in patterns.items():
                 if re.search(pattern, line):
                     where[key].append(f"{f.relative_to(ROOT)}:{n}")
+    expected = {"guidance": 2, "steps": 2, "sampler": 1, "x0_threshold": 1}  # guidance + prior_guidance, steps + prior
     for key, hits in where.items():
-        assert hits and all(h.startswith("src/k3lab/diffusion/settings.py") for h in hits), (key, hits)
-        assert len(hits) == (2 if key == "steps" else 1 if key != "guidance" else 2), (key, hits)
+        assert all(h.startswith("src/k3lab/diffusion/settings.py") for h in hits), (key, hits)
+        assert len(hits) == expected[key], (key, hits)
     assert len(re.findall(r"DEFAULT_SAMPLING\.", "".join(f.read_text() for f in (ROOT / "src").rglob("*.py")))) > 20
 
 

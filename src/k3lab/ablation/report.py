@@ -1,14 +1,6 @@
-"""The ablation table: ``python -m k3lab.report <sweep dir | MLflow parent run id> [--tracking-uri URI]``.
-
-Reads the sweep's cell runs from MLflow (children of the parent run with role ``cell``), finds the axes (the job
-overrides that vary, seeds aside) and writes, into the sweep folder (or ``--out``):
-- ``report.md``: each axis's effect on each metric (level - reference level, averaged over the other axes'
-  cells within a seed) as mean +- 95% t-interval over seeds, then every cell's mean +- interval, the chance and
-  real-image rows, and where to look;
-- ``report.png`` / ``report_effects.png``: forest plots per metric (cells with chance and ceiling lines; effects),
-  both with their intervals; ``runs.csv``: one row per run.
-The notebook ``notebooks/ablation.ipynb`` calls the same functions.
-"""
+"""The ablation report behind ``python -m k3lab.report`` (usage: :mod:`k3lab.report`): the sweep's runs from
+MLflow, effects, paired effects, power, equal compute, design, markdown and plots; the notebook
+``notebooks/ablation.ipynb`` calls the same functions."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""Encode a dataset's captions (and optionally first-stage latents) once into webdataset shards.
-
-    python -m k3lab.precompute experiment=text2image_tiny stage.first_stage.checkpoint=<autoencoder.safetensors> \\
-        precompute.latents=true
-
-Each output sample keeps the original members (image, caption, metadata) and adds ``text.npy`` (the frozen
-encoder's hidden states for the real tokens, [L, D] float32) and ``latent.npy`` ([C, h, w], unscaled). Train
-on them with ``data=precomputed stage.text_encoder=null`` (the command is printed at the end): the frozen
-encoders then never run in a training step. Bad samples are skipped and counted as in training.
-"""
+"""The work behind ``python -m k3lab.precompute`` (usage: :mod:`k3lab.precompute`): captions (and optionally
+latents) encoded once into webdataset shards, and :class:`PrecomputedShards`, the data source that reads them."""
 
 from __future__ import annotations
 

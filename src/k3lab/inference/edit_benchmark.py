@@ -1,10 +1,4 @@
-"""The editing benchmark for an inpainting run: ``python -m k3lab.edit_bench <checkpoint> [--num 128] [--out DIR]``.
-
-Builds the tasks from the run's own scene world (test split, :mod:`evaluation.editing`), inpaints each masked
-object with the edited caption, and scores the results against the trivial baselines (copy, mean fill). Writes
-``report.json``, the results (``<task_id>.png`` beside the task files, so ``python -m evaluation editing-score``
-re-scores them) and ``grid.png`` (rows of image | mask | result | copy of the prompt's colour).
-"""
+"""The editing benchmark behind ``python -m k3lab.edit_bench`` (usage and outputs: :mod:`k3lab.edit_bench`)."""
 
 from __future__ import annotations
 

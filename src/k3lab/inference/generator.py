@@ -233,8 +233,9 @@ class Generator:
             extra = inpainting_channels(latent_keep(hole, size), self.latent(masked_image(source, hole)))
             cond, uncond = cond + (extra,), uncond + (extra,)
         sample_fn = get_sampler(sampler)
+        threshold = sampler_options.pop("x0_threshold", self.x0_threshold)  # the call's, else the generator's
         if "x0_threshold" in inspect.signature(sample_fn).parameters:
-            sampler_options.setdefault("x0_threshold", self.x0_threshold)
+            sampler_options["x0_threshold"] = threshold
         first = 0
         if image is not None and strength < 1.0:
             first = img2img_first_step(steps, strength)
@@ -277,13 +278,17 @@ class Generator:
     ) -> torch.Tensor:
         """:meth:`sample` with the sampling settings passed whole (sampler, steps, guidance and x0 threshold; the
         negative prompt is encoded by the caller, which knows the batch)."""
-        previous, self.x0_threshold = self.x0_threshold, settings.x0_threshold
-        try:
-            return self.sample(
-                cond, seeds, resolution, settings.sampler, settings.steps, settings.guidance, callback, **options
-            )
-        finally:
-            self.x0_threshold = previous
+        return self.sample(
+            cond,
+            seeds,
+            resolution,
+            settings.sampler,
+            settings.steps,
+            settings.guidance,
+            callback,
+            x0_threshold=settings.x0_threshold,
+            **options,
+        )
 
     def generate(
         self,
@@ -295,11 +300,19 @@ class Generator:
         **options: Any,
     ) -> torch.Tensor:
         """Images for ``prompts`` under ``settings`` (its negative prompt, when set, for every image)."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if settings.negative_prompt is not None:
-            options["negative"] = self.encode([settings.negative_prompt] * len(prompts), seeds)
-        return self.sample_with(settings, self.encode(prompts, seeds), seeds, resolution, callback, **options)
+        negatives = None if settings.negative_prompt is None else [settings.negative_prompt] * len(prompts)
+        return self(
+            prompts,
+            seeds,
+            resolution,
+            settings.sampler,
+            settings.steps,
+            settings.guidance,
+            callback,
+            negative_prompts=negatives,
+            x0_threshold=settings.x0_threshold,
+            **options,
+        )
 
     def __call__(
         self,

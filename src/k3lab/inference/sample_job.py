@@ -1,14 +1,5 @@
-"""Sample a trained diffusion run: ``python -m k3lab.sample <checkpoint> --prompt "a red circle" [--prompt-file F]``.
-
-Editing: ``--negative "..."`` (every mode; the unconditional branch of guidance), ``--image IMG --mask MASK``
-(inpainting with an inpainting run; white = the region to generate, the rest pasted back), ``--image IMG --outpaint
-left=64,top=32`` (outpainting: the canvas grows by those pixels), ``--image IMG --strength 0.6`` (image to image).
-
-Writes ``<out>/<prompt_id>_<seed>.png`` and ``<out>/metadata.jsonl`` (one line per image: file, prompt_id,
-prompt, seed, sampler, steps, guidance, resolution, checkpoint; category/spec from a .jsonl prompt file), the
-layout ``python -m evaluation`` reads. The checkpoint is a diffusion run's checkpoints folder, its
-exported ``unet.safetensors``, or a Lightning ``.ckpt`` there.
-"""
+"""The work behind ``python -m k3lab.sample`` (usage: :mod:`k3lab.sample`): prompts read, images sampled in batches
+and written with ``metadata.jsonl``."""
 
 from __future__ import annotations
 

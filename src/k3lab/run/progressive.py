@@ -1,14 +1,5 @@
-"""Progressive training as Kandinsky 3 did it (256 -> 384 -> 512 -> 768 -> mixed 768-1024 px): one diffusion run per
-stage, each initialised from the previous stage's exported U-Net and conditioning, its latent scale carried over.
-
-    python -m k3lab.progressive experiment=progressive_tiny            # the CPU chain on the scene world
-    python -m k3lab.progressive experiment=kandinsky3_progressive "data.shards.train='/data/{00000..09999}.tar'"
-
-The config's ``progressive.stages`` is a list of ``{name, overrides}``: ``overrides`` maps dotted config keys to the
-values of that stage (``data.resolution``, ``data.aspect_buckets``, ``trainer.max_steps``, ...). Each stage is a run
-folder ``<run>/<i>_<name>`` with its own MLflow run; ``chain.json`` in ``<run>`` records every finished stage, so a
-chain restarted with ``hydra.run.dir=<run>`` skips them and goes on from the last one's weights.
-"""
+"""The progressive chain behind ``python -m k3lab.progressive`` (usage and chain layout: :mod:`k3lab.progressive`):
+one diffusion run per resolution stage, each from the previous stage's exports."""
 
 from __future__ import annotations
 
