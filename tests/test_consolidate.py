@@ -33,7 +33,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("run")
     cfg = compose_config(
-        [*T2I_PIXEL_16, *SMALL_WORLD, f"paths.data_dir={root / 'data'}", "trainer.max_steps=2", "stage.val_prompts=[]"],
+        [
+            *T2I_PIXEL_16,
+            *SMALL_WORLD,
+            f"paths.data_dir={root / 'data'}",
+            "trainer.max_steps=2",
+            "stage.validation.prompts=[]",
+        ],
         root,
     )
     train(cfg)

@@ -453,7 +453,7 @@ def test_diffusers_pipeline_to_k3lab_sample_and_back(
     gen, cfg = load_generator(
         tmp_path / "k3", text_encoder_dtype="float32"
     )  # experiment=kandinsky3 runs its encoder in bf16
-    assert cfg.stage.diffusers_compat and cfg.choices["model/unet"] == "converted"
+    assert cfg.stage.conditioning.diffusers_compat and cfg.choices["model/unet"] == "converted"
     # one denoising step of the converted model equals diffusers' U-Net on the pipeline's own encoding
     load_pipeline = diffusers.Kandinsky3Pipeline.from_pretrained
     pipe = load_pipeline(tiny_pipeline)
@@ -519,7 +519,7 @@ def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path
         tmp_path / "k3", loaded, lkw, lcond, write_movq(tmp_path / "k3" / "movq", movq, mkw), str(encoder), "official"
     )
     gen, cfg = load_generator(out)
-    assert not cfg.stage.diffusers_compat  # official semantics: learned null embedding
+    assert not cfg.stage.conditioning.diffusers_compat  # official semantics: learned null embedding
     torch.testing.assert_close(gen.arm.conditioning.null_embedding, cond.null_embedding)
     images = gen(["a red circle", ""], [0, 1], 64, "kandinsky3", 2, 3.0)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()

@@ -31,7 +31,7 @@ def test_two_process_ddp_diffusion_run(tmp_path: Path, data_root: Path) -> None:
         f"paths.data_dir={data_root}",
         *SMALL_WORLD,
         "stage.latent_scale=auto",
-        "stage.val_prompts=[a red circle,a blue square]",
+        "stage.validation.prompts=[a red circle,a blue square]",
         "sampling.steps=2",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",

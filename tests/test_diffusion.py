@@ -187,7 +187,8 @@ def test_cosine_decay_schedule() -> None:
 
 
 def test_cosine_decay_to_a_final_fraction_reaches_the_stage_optimizer(tmp_path) -> None:
-    """stage.lr_final: the cosine ends at that fraction of the rate (held after); out of [0, 1] is refused by name."""
+    """stage.optim.lr_final: the cosine ends at that fraction of the rate (held after); out of [0, 1] is refused
+    by name."""
     from k3lab.stages.common import cosine_decay, with_warmup
 
     assert cosine_decay(110, 10, 110, final=0.5) == pytest.approx(0.5)
@@ -198,7 +199,7 @@ def test_cosine_decay_to_a_final_fraction_reaches_the_stage_optimizer(tmp_path) 
         opt.step()
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="stage.lr_final=1.5"):
+    with pytest.raises(ValueError, match="stage.optim.lr_final=1.5"):
         with_warmup(opt, 0, 10, final=1.5)
 
 

@@ -38,7 +38,7 @@ def t2i_cfg(tmp_path: Path, data_root: Path, weights_dir: Path) -> Callable[...,
             f"paths.weights_dir={weights_dir}",
             *(SMALL_WORLD if scene_world else []),
             "sampling.steps=4",
-            "stage.val_prompts=[a red circle,a blue square]",
+            "stage.validation.prompts=[a red circle,a blue square]",
         ]
         return compose_config([*base, *overrides], root or tmp_path)
 
@@ -55,11 +55,11 @@ def test_overfits_a_handful_of_scenes(t2i_cfg: Callable[..., DictConfig], tmp_pa
         "data.shuffle_buffer=1",
         "trainer.max_steps=400",
         "trainer.val_check_interval=400",
-        "stage.caption_dropout=0.0",
+        "stage.conditioning.dropout=0.0",
         "stage.ema_decay=0.99",
         "stage.optimizer.lr=3e-3",
-        "stage.warmup_steps=0",
-        "stage.val_prompts=[]",
+        "stage.optim.warmup_steps=0",
+        "stage.validation.prompts=[]",
         *FAST_UNET,
         f"paths.data_dir={tmp_path}/data",
     )
@@ -116,7 +116,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path, weights_d
             "trainer.limit_val_batches=1",
             "trainer.enable_progress_bar=false",
             "sampling.steps=3",
-            "stage.val_prompts=[a red circle,a blue square]",
+            "stage.validation.prompts=[a red circle,a blue square]",
         ],
         root / "t2i",
     )
@@ -315,7 +315,7 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_checkpoints(
         return loss
 
     monkeypatch.setattr(stage_module, "diffusion_loss", poisoned)
-    cfg = t2i_cfg("trainer.max_steps=8", "trainer.val_check_interval=2", "stage.val_prompts=[]")
+    cfg = t2i_cfg("trainer.max_steps=8", "trainer.val_check_interval=2", "stage.validation.prompts=[]")
     with pytest.raises(stage_module.NonFiniteLossError, match=r"at optimizer step 3, batch 3 \(sample keys \['train-"):
         train(cfg)
     ckpt = Path(cfg.paths.checkpoint_dir)
@@ -407,9 +407,9 @@ def test_gpu_speed_switches_resolve_by_device_and_reach_the_optimizer(t2i_cfg: C
         switch_on("auto", cuda) and not switch_on("auto", cpu) and switch_on(True, cpu) and not switch_on(False, cuda)
     )
     assert not instantiate(t2i_cfg().stage).configure_optimizers()["optimizer"].defaults["fused"]  # auto, on CPU
-    stage = instantiate(t2i_cfg("stage.fused_optimizer=true").stage)
+    stage = instantiate(t2i_cfg("stage.optim.fused=true").stage)
     assert stage.configure_optimizers()["optimizer"].defaults["fused"] is True
-    told = instantiate(t2i_cfg("stage.fused_optimizer=true", "+stage.optimizer.fused=false").stage)
+    told = instantiate(t2i_cfg("stage.optim.fused=true", "+stage.optimizer.fused=false").stage)
     assert not told.configure_optimizers()["optimizer"].defaults["fused"]  # an explicit optimizer value wins
     with pytest.raises(Exception, match="stage.compile_blocks='maybe'"):  # (hydra wraps the ValueError)
         instantiate(t2i_cfg("stage.compile_blocks=maybe").stage)

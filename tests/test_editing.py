@@ -275,7 +275,7 @@ def inpainting_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) ->
             f"paths.weights_dir={root / 'weights'}",
             *SMALL_WORLD,
             "sampling.steps=2",
-            "stage.val_prompts=[a red circle]",
+            "stage.validation.prompts=[a red circle]",
             "trainer.max_steps=4",
             "trainer.val_check_interval=4",
         ],

@@ -63,7 +63,7 @@ def _t2i(tmp_path: Path, data_root: Path, *overrides: str) -> DictConfig:
         f"paths.weights_dir={tmp_path / 'weights'}",
         *SMALL_WORLD,
         "sampling.steps=2",
-        "stage.val_prompts=[a red circle]",
+        "stage.validation.prompts=[a red circle]",
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
         "model.unet.model_channels=32",

@@ -170,6 +170,7 @@ def test_cells_of_one_seed_draw_the_same_noise_and_data_and_another_seed_does_no
 
 
 def test_the_step_generator_is_off_without_a_noise_seed_and_resumes_exactly() -> None:
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from hydra.utils import instantiate
@@ -177,10 +178,10 @@ def test_the_step_generator_is_off_without_a_noise_seed_and_resumes_exactly() ->
     from k3lab.run.config import compose
 
     cfg = compose(["experiment=text2image_tiny", *PIXEL_CELL[7:-1]])
-    assert cfg.stage.noise_seed is None
+    assert cfg.stage.loss.noise_seed is None
     stage = instantiate(cfg.stage)
     assert stage.step_generator(torch.device("cpu")) is None
-    stage.hparams.noise_seed = 5
+    stage.loss_options = replace(stage.loss_options, noise_seed=5)
     stage._trainer = SimpleNamespace(global_step=7, global_rank=0)
     first = torch.randn(4, generator=stage.step_generator(torch.device("cpu")))
     assert torch.equal(first, torch.randn(4, generator=stage.step_generator(torch.device("cpu"))))  # step 7 again

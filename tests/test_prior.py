@@ -193,8 +193,8 @@ def test_both_arms_compose_train_and_sample(arm: str, arm_parts: dict[str, Path]
         "model.unet.out_channels=3",
         "stage.latent_scale=1.0",
         "sampling.steps=2",
-        "stage.prior_steps=2",
-        "stage.val_prompts=[a red circle]",
+        "sampling.prior_steps=2",
+        "stage.validation.prompts=[a red circle]",
     ]
     if arm == "diffusion_mapping":
         overrides += [f"mapping.clip.checkpoint={arm_parts['clip']}", f"mapping.prior.checkpoint={arm_parts['prior']}"]

@@ -16,7 +16,7 @@ from k3lab.run.progressive import CHAIN_FILE, run_chain, stage_configs
 
 from conftest import QUICK_DIFFUSION, SMALL_WORLD, compose_config
 
-QUICK = [*SMALL_WORLD, *QUICK_DIFFUSION, "stage.val_prompts=[a red circle]", "stage.sample_steps=2"]
+QUICK = [*SMALL_WORLD, *QUICK_DIFFUSION, "stage.validation.prompts=[a red circle]", "sampling.steps=2"]
 
 
 def tiny_chain(root: Path, data_root: Path):

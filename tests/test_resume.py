@@ -46,8 +46,8 @@ STAGES: dict[str, list[str]] = {
         *T2I_PIXEL_16,
         "trainer.max_steps=14",
         "trainer.val_check_interval=4",
-        "stage.val_prompts=[]",
-        "stage.caption_dropout=0.3",
+        "stage.validation.prompts=[]",
+        "stage.conditioning.dropout=0.3",
     ],  # fmt: skip
     "clip": [
         "experiment=clip_tiny",

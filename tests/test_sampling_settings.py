@@ -43,16 +43,14 @@ def test_the_config_group_states_the_same_defaults() -> None:
     assert group == asdict(DEFAULT_SAMPLING)
     cfg = compose(["stage=diffusion"])
     assert SamplingSettings.of_run(cfg) == DEFAULT_SAMPLING
-    assert (
-        cfg.stage.guidance_weight == DEFAULT_SAMPLING.guidance and cfg.stage.prior_steps == DEFAULT_SAMPLING.prior_steps
-    )
+    assert SamplingSettings.from_config(cfg.stage.validation.sampling) == DEFAULT_SAMPLING
 
 
 def test_presets_and_overrides_reach_the_settings_and_the_stage() -> None:
     cfg = compose(["experiment=ablation_tiny", "sampling.guidance=5.5", "sampling.prior_guidance=2.0"])
     s = SamplingSettings.of_run(cfg)
     assert (s.sampler, s.steps, s.guidance, s.x0_threshold, s.prior_guidance) == ("dpmpp_2m", 25, 5.5, None, 2.0)
-    assert cfg.stage.guidance_weight == 5.5 and cfg.stage.prior_guidance == 2.0 and cfg.stage.sample_steps == 25
+    assert SamplingSettings.from_config(cfg.stage.validation.sampling) == s  # the stage's grid samples the same way
 
 
 def test_older_runs_and_bad_values() -> None:

@@ -33,7 +33,7 @@ JOB = [
     "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "stage.val_prompts=[a red circle]",
+    "stage.validation.prompts=[a red circle]",
     "sampling.steps=2",
 ]
 

@@ -81,7 +81,7 @@ def write_k3lab(
             cfg.model.unet[k] = list(v) if isinstance(v, tuple) else v
         cfg.stage.encoder_dim = conditioning.encoder_dim
         cfg.model.text_encoder.dim = conditioning.encoder_dim
-        cfg.stage.diffusers_compat = conditioning.diffusers_compat
+        cfg.stage.conditioning.diffusers_compat = conditioning.diffusers_compat
         cfg.stage.first_stage.checkpoint = str(movq_checkpoint) if movq_checkpoint else None
         if text_encoder:
             cfg.model.text_encoder.encoder.path = str(Path(text_encoder).resolve())

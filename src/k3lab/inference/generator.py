@@ -96,10 +96,10 @@ class Generator:
             stage.text_encoder,
             stage.first_stage,
             stage.schedule,
-            str(stage.hparams.prediction),
+            str(stage.loss_options.prediction),
             float(stage.latent_scale.value),
             str(stage.device),
-            x0_threshold=stage.hparams.x0_threshold,
+            x0_threshold=stage.validation_options.sampling.x0_threshold,
         )
 
     @contextmanager

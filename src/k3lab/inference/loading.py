@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from k3lab.diffusion import Schedule
-from k3lab.diffusion.settings import DEFAULT_SAMPLING
+from k3lab.diffusion.settings import SamplingSettings
 from k3lab.inference.conditioning import PriorArm, TextArm, make_arm
 from k3lab.inference.generator import Generator
 from k3lab.io.checkpoint import CheckpointError, check_stage, describe, load_state_dict, load_weights, select_prefix
@@ -49,7 +49,8 @@ def load_generator(
         load_weights(unet, _part_state(path, "unet"), path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
-    schedule = Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps))
+    schedule = Schedule.named(str(cfg.stage.loss.schedule), int(cfg.stage.loss.num_timesteps))
+    sampling = SamplingSettings.of_run(cfg)
     clip = instantiate(cfg.stage.clip) if OmegaConf.select(cfg, "stage.clip") is not None else None
     prior = instantiate(cfg.stage.prior) if OmegaConf.select(cfg, "stage.prior") is not None else None
     try:
@@ -57,12 +58,12 @@ def load_generator(
             int(cfg.stage.encoder_dim),
             unet,
             schedule,
-            diffusers_compat=bool(cfg.stage.get("diffusers_compat", False)),
+            diffusers_compat=bool(OmegaConf.select(cfg, "stage.conditioning.diffusers_compat", default=False)),
             clip=clip,
             prior=prior,
-            image_tokens=int(cfg.stage.get("image_tokens", 10)),
-            prior_steps=int(cfg.stage.get("prior_steps", DEFAULT_SAMPLING.prior_steps)),
-            prior_guidance=float(cfg.stage.get("prior_guidance", DEFAULT_SAMPLING.prior_guidance)),
+            image_tokens=int(OmegaConf.select(cfg, "stage.conditioning.image_tokens", default=10)),
+            prior_steps=sampling.prior_steps,
+            prior_guidance=sampling.prior_guidance,
         )
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
@@ -86,11 +87,11 @@ def load_generator(
         text_encoder,
         first_stage,
         schedule,
-        str(cfg.stage.prediction),
+        str(cfg.stage.loss.prediction),
         float(scale.value),
         device,
         sequential,
-        OmegaConf.select(cfg, "stage.x0_threshold", default=DEFAULT_SAMPLING.x0_threshold),
+        sampling.x0_threshold,
     )
     return generator, cfg
 

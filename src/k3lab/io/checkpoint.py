@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from k3lab.nn.weights import CheckpointError, load_state_dict
@@ -58,6 +58,53 @@ MOVED_TARGETS = {
     "k3lab.nn.first_stage.load_first_stage": "k3lab.io.checkpoint.load_first_stage",
     "k3lab.nn.text_encoder.tiny_t5": "k3lab.data.scene_text_encoder.tiny_t5",
 }
+
+
+# Options of the diffusion and inpainting stages that moved into option groups (k3lab.stages.options): a config saved
+# by an older run is read with each flat ``stage.<old>`` key at ``stage.<new>`` (see load_config_beside).
+MOVED_STAGE_KEYS = {
+    "warmup_steps": "optim.warmup_steps",
+    "lr_decay_steps": "optim.lr_decay_steps",
+    "lr_final": "optim.lr_final",
+    "grad_clip": "optim.grad_clip",
+    "fused_optimizer": "optim.fused",
+    "schedule": "loss.schedule",
+    "num_timesteps": "loss.num_timesteps",
+    "prediction": "loss.prediction",
+    "min_snr_gamma": "loss.min_snr_gamma",
+    "noise_seed": "loss.noise_seed",
+    "caption_dropout": "conditioning.dropout",
+    "diffusers_compat": "conditioning.diffusers_compat",
+    "image_tokens": "conditioning.image_tokens",
+    "val_prompts": "validation.prompts",
+    "val_seed": "validation.seed",
+    "resolution": "validation.resolution",
+    "image_dir": "validation.image_dir",
+    "sampler": "validation.sampling.sampler",
+    "sample_steps": "validation.sampling.steps",
+    "guidance_weight": "validation.sampling.guidance",
+    "x0_threshold": "validation.sampling.x0_threshold",
+    "prior_steps": "validation.sampling.prior_steps",
+    "prior_guidance": "validation.sampling.prior_guidance",
+}
+GROUPED_STAGES = ("DiffusionStage", "InpaintingStage")
+
+
+def update_moved_stage_keys(cfg: DictConfig) -> DictConfig:
+    """A saved run config with its diffusion stage's flat options (older runs) moved into the option groups, in
+    place; configs already grouped, and other stages, are left as they are."""
+    stage = cfg.get("stage")
+    if not isinstance(stage, DictConfig) or str(stage.get("_target_", "")).rsplit(".", 1)[-1] not in GROUPED_STAGES:
+        return cfg
+    raw = OmegaConf.to_container(stage, resolve=False)
+    assert isinstance(raw, dict)
+    with open_dict(stage):
+        for old, new in MOVED_STAGE_KEYS.items():
+            if old in raw:
+                if OmegaConf.select(stage, new, default=None) is None:
+                    OmegaConf.update(stage, new, raw[old], force_add=True)
+                del stage[old]
+    return cfg
 
 
 def moved_target(target: str) -> str:
@@ -143,7 +190,7 @@ def load_config_beside(path: str | Path) -> DictConfig:
     cfg = OmegaConf.load(cfg_path)
     assert isinstance(cfg, DictConfig)
     _update_moved_targets(cfg)
-    return cfg
+    return update_moved_stage_keys(cfg)
 
 
 def _update_moved_targets(node: object) -> None:

@@ -41,7 +41,7 @@ def with_warmup(
     steps = int(warmup_steps)
     if not 0.0 <= float(final) <= 1.0:
         raise ValueError(
-            f"stage.lr_final={final}: the fraction of the learning rate the decay ends at must be in [0, 1]"
+            f"stage.optim.lr_final={final}: the fraction of the learning rate the decay ends at must be in [0, 1]"
         )
     if decay_steps is not None and int(decay_steps) <= steps:
         logging.getLogger(__name__).warning(

@@ -5,9 +5,10 @@ text-encoder outputs and frozen first-stage latents. Precomputed embeddings/late
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -19,7 +20,6 @@ from typing_extensions import override
 
 from k3lab.data.batch import Batch
 from k3lab.diffusion import Schedule, diffusion_loss
-from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.conditioning import ConditioningArm, make_arm
 from k3lab.inference.editing import expand_input_channels, is_inpainting, unet_input
 from k3lab.inference.generator import Generator, check_resolution, latent_size
@@ -27,6 +27,15 @@ from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_encoder import frozen_text_encoder
 from k3lab.stages.common import OptimizerFactory, clip_by_norm, with_warmup
+from k3lab.stages.options import (
+    SWITCH_VALUES,
+    ConditioningOptions,
+    LossOptions,
+    OptimOptions,
+    ValidationOptions,
+    as_hparams,
+    group_of,
+)
 from k3lab.tracking import log_image
 
 log = logging.getLogger(__name__)
@@ -50,9 +59,7 @@ def accepts_fused(factory: Callable[..., Optimizer]) -> bool:
 
 class DiffusionStage(L.LightningModule):
     """Epsilon/v-prediction training with uniform t, caption dropout to the null embedding, EMA, AdamW with
-    linear warm-up; validation reports the loss at fixed timesteps and samples ``val_prompts`` into a grid."""
-
-    HPARAMS_IGNORE: tuple[str, ...] = ()  # a subclass's own module-valued arguments, kept out of the hyperparameters
+    linear warm-up; validation reports the loss at fixed timesteps and samples ``validation.prompts`` into a grid."""
 
     def __init__(
         self,
@@ -61,74 +68,62 @@ class DiffusionStage(L.LightningModule):
         text_encoder: nn.Module | None = None,  # frozen; None when batches carry precomputed embeddings
         encoder_dim: int | None = None,  # text-encoder width (default: text_encoder.dim)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
-        warmup_steps: int = 1000,  # linear learning-rate warm-up (optimizer steps)
-        lr_decay_steps: int | None = None,  # cosine decay of the learning rate to 0 at this step (None = constant)
-        lr_final: float = 0.0,  # the decay ends at this fraction of the learning rate (0: to zero)
-        schedule: str = "cosine",
-        num_timesteps: int = 1000,
-        prediction: str = "epsilon",  # epsilon | v
-        min_snr_gamma: float | None = None,  # Min-SNR-gamma loss weighting (None = the simple loss)
-        caption_dropout: float = 0.1,  # p of training a caption as the null embedding (for CFG)
-        ema_decay: float | None = 0.9999,
-        grad_clip: float | None = 1.0,
+        optim: OptimOptions | Mapping[str, Any] | None = None,  # warm-up, decay, clipping, fused kernel
+        loss: LossOptions | Mapping[str, Any] | None = None,  # schedule, prediction, weighting, noise seed
+        conditioning: ConditioningOptions | Mapping[str, Any] | None = None,  # caption dropout, arm options
+        validation: ValidationOptions | Mapping[str, Any] | None = None,  # prompts, seed, resolution, sampling
+        ema_decay: float | None = 0.9999,  # EMA of the U-Net and conditioning (None: no EMA)
         latent_scale: float | str = 1.0,  # multiply latents by this; "auto" = 1/std of the first batch
-        diffusers_compat: bool = False,  # text conditioning as diffusers does it (see TextConditioning)
-        resolution: int | None = None,  # image resolution (checked against the factors up front)
-        sampler: str = DEFAULT_SAMPLING.sampler,  # validation sampling
-        x0_threshold: float
-        | None = DEFAULT_SAMPLING.x0_threshold,  # samplers' dynamic-thresholding quantile (floor 1); None = off
-        sample_steps: int = DEFAULT_SAMPLING.steps,
-        guidance_weight: float = DEFAULT_SAMPLING.guidance,
-        val_prompts: Sequence[str] = (),
-        val_seed: int = 0,
-        image_dir: str | None = None,
-        init_weights: str
-        | None = None,  # start from a checkpoint folder's unet/text_conditioning exports (fine-tuning)
+        init_weights: str | None = None,  # start from a checkpoint folder's unet/conditioning exports (fine-tuning)
+        compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
         clip: nn.Module | None = None,  # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
         prior: nn.Module | None = None,  # mapping-prior arm: frozen trained prior, used for sampling
-        image_tokens: int = 10,  # mapping-prior arm: context tokens made from the image embedding
-        prior_steps: int = DEFAULT_SAMPLING.prior_steps,
-        prior_guidance: float = DEFAULT_SAMPLING.prior_guidance,
-        compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
-        fused_optimizer: bool | str = "auto",  # the optimizer's fused kernel (AdamW/Adam); auto = on a CUDA device
-        noise_seed: int | None = None,  # common random numbers: step s draws t, noise, dropout from (seed, s, rank)
     ) -> None:
         super().__init__()
-        for name, value in (("compile_blocks", compile_blocks), ("fused_optimizer", fused_optimizer)):
-            if value not in (True, False, "auto"):
-                raise ValueError(f"stage.{name}={value!r}: use true, false or auto")
-        val_prompts = [str(p) for p in val_prompts]
-        if any(not isinstance(p, str) for p in val_prompts):
-            raise ValueError("stage.val_prompts must be a list of strings (quote prompts that contain ': ')")
-        self.save_hyperparameters(
-            ignore=["unet", "first_stage", "text_encoder", "optimizer", "clip", "prior", *self.HPARAMS_IGNORE]
-        )
-        if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"stage.caption_dropout={caption_dropout}: must be in [0, 1)")
-        if prediction not in ("epsilon", "v"):
-            raise ValueError(f"stage.prediction={prediction!r}: use epsilon or v")
+        self.optim_options = group_of(OptimOptions, optim, "stage.optim")
+        self.loss_options = group_of(LossOptions, loss, "stage.loss")
+        self.conditioning_options = group_of(ConditioningOptions, conditioning, "stage.conditioning")
+        self.validation_options = group_of(ValidationOptions, validation, "stage.validation")
+        if compile_blocks not in SWITCH_VALUES:
+            raise ValueError(f"stage.compile_blocks={compile_blocks!r}: use true, false or auto")
         if not (latent_scale == "auto" or (isinstance(latent_scale, (int, float)) and latent_scale > 0)):
             raise ValueError(f"stage.latent_scale={latent_scale!r}: a positive number or 'auto'")
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ValueError(f"stage.ema_decay={ema_decay}: in (0, 1), or null for no EMA")
+        self.save_hyperparameters(
+            {
+                "encoder_dim": encoder_dim,
+                "optim": as_hparams(self.optim_options),
+                "loss": as_hparams(self.loss_options),
+                "conditioning": as_hparams(self.conditioning_options),
+                "validation": as_hparams(self.validation_options),
+                "ema_decay": ema_decay,
+                "latent_scale": latent_scale,
+                "init_weights": init_weights,
+                "compile_blocks": compile_blocks,
+            }
+        )
         if text_encoder is not None:
             text_encoder = frozen_text_encoder(text_encoder, encoder_dim)
             encoder_dim = int(text_encoder.dim)
         elif encoder_dim is None:
             raise ValueError("stage.encoder_dim is needed when no text encoder is given (precomputed embeddings)")
         self.check_channels(int(first_stage.latent_channels), unet)
-        if resolution is not None:
-            check_resolution(int(resolution), first_stage, unet)
+        if self.validation_options.resolution is not None:
+            check_resolution(int(self.validation_options.resolution), first_stage, unet)
         self.unet = unet
-        self.schedule = Schedule.named(schedule, num_timesteps)
+        self.schedule = Schedule.named(self.loss_options.schedule, int(self.loss_options.num_timesteps))
+        sampling = self.validation_options.sampling
         self.arm: ConditioningArm = make_arm(
             encoder_dim,
             unet,
             self.schedule,
-            diffusers_compat=diffusers_compat,
+            diffusers_compat=bool(self.conditioning_options.diffusers_compat),
             clip=clip,
             prior=prior,
-            image_tokens=image_tokens,
-            prior_steps=prior_steps,
-            prior_guidance=prior_guidance,
+            image_tokens=int(self.conditioning_options.image_tokens),
+            prior_steps=sampling.prior_steps,
+            prior_guidance=sampling.prior_guidance,
         )
         if init_weights:
             from k3lab.io.checkpoint import load_state_dict, load_weights
@@ -199,25 +194,25 @@ class DiffusionStage(L.LightningModule):
     def configure_optimizers(self) -> dict:
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
         factory = self.optimizer_factory
-        if switch_on(self.hparams.get("fused_optimizer", False), self.device) and accepts_fused(factory):
+        if switch_on(self.optim_options.fused, self.device) and accepts_fused(factory):
             factory = partial(factory, fused=True)
         return with_warmup(
             factory(params),
-            self.hparams.warmup_steps,
-            self.hparams.get("lr_decay_steps"),
-            float(self.hparams.get("lr_final") or 0.0),
+            int(self.optim_options.warmup_steps),
+            self.optim_options.lr_decay_steps,
+            self.optim_options.lr_final,
         )
 
     @override
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
+        clip_by_norm(self, optimizer, self.optim_options.grad_clip, gradient_clip_val)
 
     def on_fit_start(self) -> None:
         """The GPU switches (``compile_blocks``); every aspect bucket of the data must fit the first stage's and
         U-Net's downsampling (a clear error before the first step, naming the bucket)."""
-        if switch_on(self.hparams.get("compile_blocks", False), self.device):
+        if switch_on(self.hparams["compile_blocks"], self.device):
             self.compile_blocks()
         shapes = getattr(getattr(self.trainer, "datamodule", None), "bucket_shapes", None) or []
         for shape in shapes:
@@ -265,7 +260,7 @@ class DiffusionStage(L.LightningModule):
         Seeded by (noise_seed, step, rank) alone, so two runs that differ only in an ablated choice (block, text
         encoder, prior) draw the same timesteps, noise and caption dropout at every step (common random numbers for a
         paired comparison), and a resumed run draws what the uninterrupted one would have."""
-        seed = self.hparams.get("noise_seed")
+        seed = self.loss_options.noise_seed
         if seed is None:
             return None
         rank = int(self.trainer.global_rank) if self._trainer is not None else 0
@@ -276,16 +271,16 @@ class DiffusionStage(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         z = self.latents(batch)
         gen = self.step_generator(z.device)
-        drop = torch.rand(z.shape[0], device=z.device, generator=gen) < self.hparams.caption_dropout
+        drop = torch.rand(z.shape[0], device=z.device, generator=gen) < self.conditioning_options.dropout
         cond = self.arm.condition(batch, self.text_encoder, drop)
         extra = self.image_condition(batch, z, train=True)
         loss = diffusion_loss(
             self.denoiser(self.unet, cond, extra),
             z,
             self.schedule,
-            self.hparams.prediction,
+            self.loss_options.prediction,
             generator=gen,
-            min_snr_gamma=self.hparams.get("min_snr_gamma"),
+            min_snr_gamma=self.loss_options.min_snr_gamma,
         )
         if not torch.isfinite(loss):
             keys = batch.get("key", [])[:4]
@@ -313,34 +308,25 @@ class DiffusionStage(L.LightningModule):
         z = self.latents(batch)
         cond = arm.condition(batch, self.text_encoder)
         extra = self.image_condition(batch, z, train=False)
-        gen = torch.Generator(device=z.device).manual_seed(self.hparams.val_seed + batch_idx)
-        losses = []
+        gen = torch.Generator(device=z.device).manual_seed(self.validation_options.seed + batch_idx)
+        losses, prediction = [], self.loss_options.prediction
         for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
             tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
-            losses.append(
-                diffusion_loss(
-                    self.denoiser(unet, cond, extra), z, self.schedule, self.hparams.prediction, generator=gen, t=tt
-                )
-            )
+            denoiser = self.denoiser(unet, cond, extra)
+            losses.append(diffusion_loss(denoiser, z, self.schedule, prediction, generator=gen, t=tt))
         self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        prompts = list(self.hparams.val_prompts)
+        prompts = list(self.validation_options.prompts)
         if not prompts or self.text_encoder is None or self.trainer.sanity_checking or not self.arm.can_sample:
             return
         if not self.trainer.is_global_zero:  # one grid per validation, from rank 0 (no collectives in sampling)
             return
-        res = int(self.hparams.resolution or 0)
+        res = int(self.validation_options.resolution or 0)
         if not res:
             return
-        images = self.generator()(
-            prompts,
-            [self.hparams.val_seed + i for i in range(len(prompts))],
-            res,
-            self.hparams.sampler,
-            self.hparams.sample_steps,
-            self.hparams.guidance_weight,
-        )
+        seeds = [self.validation_options.seed + i for i in range(len(prompts))]
+        images = self.generator().generate(self.validation_options.sampling, prompts, seeds, res)
         grid = torchvision.utils.make_grid(images, nrow=min(8, len(prompts)), padding=1)
-        log_image(self.loggers, grid, "val/samples", int(self.global_step), self.hparams.image_dir)
+        log_image(self.loggers, grid, "val/samples", int(self.global_step), self.validation_options.image_dir)

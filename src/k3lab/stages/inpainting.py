@@ -29,8 +29,6 @@ class InpaintingStage(DiffusionStage):
     training step, EMA, export and validation (the official inpainting model is the same U-Net with 9 input channels);
     it overrides only the two hooks that differ, :meth:`check_channels` and :meth:`image_condition`."""
 
-    HPARAMS_IGNORE = ("masks",)  # a module, kept out of the saved hyperparameters
-
     def __init__(self, *args: Any, masks: MaskGenerator | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.masks = masks if masks is not None else MaskGenerator()
@@ -50,7 +48,7 @@ class InpaintingStage(DiffusionStage):
         """Keep mask and scaled masked-image latent; validation draws its masks from a fixed seed (comparable
         losses)."""
         image = batch["image"]
-        gen = None if train else torch.Generator().manual_seed(int(self.hparams.val_seed))
+        gen = None if train else torch.Generator().manual_seed(int(self.validation_options.seed))
         hole = self.masks(batch["metadata"], tuple(image.shape[-2:]), gen, device=image.device)
         with torch.no_grad():
             masked = self.first_stage.encode(masked_image(image, hole)).float() * self.latent_scale.value
