@@ -58,7 +58,7 @@ def run(dataset: ShardDataset) -> tuple[list[str], dict[str, int]]:
 
 
 def test_bad_samples_are_skipped_and_counted(bad_shard: Path) -> None:
-    ds = ShardDataset([str(bad_shard)], resolution=32, min_image_size=32, shuffle=False)
+    ds = ShardDataset([str(bad_shard)], resolution=32, format={"min_image_size": 32}, order={"shuffle": False})
     keys, skipped = run(ds)
     assert keys == ["bad-000.tar/000", "bad-000.tar/001", "bad-000.tar/007"]
     assert skipped == {
@@ -76,7 +76,7 @@ def test_truncated_shard_is_counted_and_the_next_shard_still_read(bad_shard: Pat
     truncated = tmp_path / "trunc-000.tar"
     truncated.write_bytes(data[: len(data) // 2 + 100])
     later = write_shard(tmp_path / "ok-001.tar", good("200") + good("201"))
-    ds = ShardDataset([str(truncated), str(later)], resolution=32, min_image_size=32, shuffle=False)
+    ds = ShardDataset([str(truncated), str(later)], 32, format={"min_image_size": 32}, order={"shuffle": False})
     keys, skipped = run(ds)
     assert keys[-2:] == ["ok-001.tar/200", "ok-001.tar/201"]
     assert skipped.get("corrupt_shard") == 1
@@ -84,7 +84,7 @@ def test_truncated_shard_is_counted_and_the_next_shard_still_read(bad_shard: Pat
 
 
 def test_batch_contents(bad_shard: Path) -> None:
-    ds = ShardDataset([str(bad_shard)], resolution=32, min_image_size=32, shuffle=False)
+    ds = ShardDataset([str(bad_shard)], resolution=32, format={"min_image_size": 32}, order={"shuffle": False})
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)))
     assert batch["image"].shape == (2, 3, 32, 32)
     red = torch.tensor([200, 10, 10]) / 127.5 - 1
@@ -109,7 +109,7 @@ def test_shards_split_by_rank_and_worker_cover_everything_once(tmp_path: Path) -
     urls = [str(write_shard(tmp_path / f"s-{i:03d}.tar", good(f"{i}00"))) for i in range(8)]
     seen = []
     for rank in range(2):
-        ds = ShardDataset(urls, resolution=32, seed=5, rank=rank, world_size=2)
+        ds = ShardDataset(urls, resolution=32, order={"seed": 5, "rank": rank, "world_size": 2})
         for worker in range(2):
             seen += ds.my_urls(worker, 2)
     assert sorted(seen) == sorted(urls)
@@ -117,7 +117,7 @@ def test_shards_split_by_rank_and_worker_cover_everything_once(tmp_path: Path) -
 
 def test_shuffling_is_seeded_and_changes_per_epoch(tmp_path: Path) -> None:
     urls = [str(write_shard(tmp_path / f"s-{i:03d}.tar", good(f"{i}00") + good(f"{i}01"))) for i in range(6)]
-    a, b = ShardDataset(urls, 32, seed=1, shuffle_buffer=4), ShardDataset(urls, 32, seed=1, shuffle_buffer=4)
+    a, b = (ShardDataset(urls, 32, order={"seed": 1, "shuffle_buffer": 4}) for _ in range(2))
     order_a = [s["key"] for s in a]
     assert order_a == [s["key"] for s in b]
     assert sorted(order_a) == sorted(f"s-{i:03d}.tar/{i}0{j}" for i in range(6) for j in range(2))
@@ -132,7 +132,7 @@ def test_datamodule_over_brace_pattern_and_epoch_loader(tmp_path: Path) -> None:
         shards={"train": str(tmp_path / "d-{000..002}.tar"), "val": str(tmp_path / "d-000.tar")},
         resolution=32,
         batch_size=2,
-        min_image_size=32,
+        format={"min_image_size": 32},
         seed=3,
     )
     dm.setup("fit")
@@ -157,7 +157,7 @@ def test_expand_urls() -> None:
 
 def test_pipe_urls_are_read(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p-000.tar", good("000") + good("001"))
-    ds = ShardDataset([f"pipe:cat {shard}"], resolution=32, min_image_size=32, shuffle=False)
+    ds = ShardDataset([f"pipe:cat {shard}"], resolution=32, format={"min_image_size": 32}, order={"shuffle": False})
     assert [s["caption"] for s in ds] == ["a red square", "a red square"]
 
 
@@ -190,7 +190,7 @@ def test_the_in_memory_path_yields_the_same_batches_as_the_shard_path(bad_shard:
     urls = [str(bad_shard), str(truncated), *map(str, more)]
 
     def loader(in_memory: bool) -> ShardDataModule:
-        dm = ShardDataModule(shards={"train": urls}, resolution=32, batch_size=3, min_image_size=32, seed=5,
+        dm = ShardDataModule(shards={"train": urls}, resolution=32, batch_size=3, format={"min_image_size": 32}, seed=5,
                              shuffle_buffer=4, in_memory=in_memory)  # fmt: skip
         dm.setup("fit")
         return dm.train_dataloader()
@@ -227,8 +227,9 @@ def test_several_ranks_train_on_disjoint_shards_in_endless_streams_and_read_eval
     val = str(write_shard(tmp_path / "v-000.tar", good("v0") + good("v1") + good("v2")))
 
     def module(rank: int, max_steps: int = 100, num_workers: int = 0) -> ShardDataModule:
-        dm = ShardDataModule(shards={"train": urls, "val": val}, resolution=32, batch_size=2, min_image_size=32,
-                             seed=3, shuffle_buffer=2, num_workers=num_workers)  # fmt: skip
+        dm = ShardDataModule(shards={"train": urls, "val": val}, resolution=32, batch_size=2,
+                             format={"min_image_size": 32}, seed=3, shuffle_buffer=2,
+                             num_workers=num_workers)  # fmt: skip
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, max_steps=max_steps)  # type: ignore[assignment]
         dm.setup("fit")
         return dm
@@ -244,7 +245,9 @@ def test_several_ranks_train_on_disjoint_shards_in_endless_streams_and_read_eval
         mine = [{k.split("/")[0] for k in ks[start : start + 4]} for ks in keys]
         assert len(mine[0]) == len(mine[1]) == 2 and not mine[0] & mine[1]
     assert len({tuple(keys[0][i : i + 4]) for i in (0, 4, 8)}) > 1  # a new order each pass
-    single = ShardDataset(urls, 32, min_image_size=32, seed=3, shuffle_buffer=2, rank=0, world_size=2)
+    single = ShardDataset(
+        urls, 32, {"min_image_size": 32}, {"seed": 3, "shuffle_buffer": 2, "rank": 0, "world_size": 2}
+    )
     assert [s["key"] for s in single] == keys[0][:4]  # pass 0 of the endless stream = epoch 0's stream
     with pytest.raises(ValueError, match="give at least 6 shards"):
         module(0, num_workers=3)
@@ -253,8 +256,8 @@ def test_several_ranks_train_on_disjoint_shards_in_endless_streams_and_read_eval
 
 
 def test_precomputed_latents_train_without_decoding_their_images(tmp_path: Path) -> None:
-    """data.decode_images=false: the same batches (keys, latents, text, skip counts) as with decoding, image None; a
-    too-small image is still skipped by its header; without latents the option is refused by name."""
+    """data.format.decode_images=false: the same batches (keys, latents, text, skip counts) as with decoding, image
+    None; a too-small image is still skipped by its header; without latents the option is refused by name."""
 
     def npy(array: np.ndarray) -> bytes:
         buf = io.BytesIO()
@@ -277,8 +280,9 @@ def test_precomputed_latents_train_without_decoding_their_images(tmp_path: Path)
     ]
 
     def batches(decode: bool) -> list:
+        features = {"feature_keys": ["text.npy", "latent.npy"], "decode_images": decode}
         dm = ShardDataModule(shards={"train": urls}, resolution=32, batch_size=2, seed=1, shuffle_buffer=3,
-                             feature_keys=["text.npy", "latent.npy"], decode_images=decode, in_memory=True)  # fmt: skip
+                             format=features, in_memory=True)  # fmt: skip
         dm.setup("fit")
         loader = dm.train_dataloader()
         return [b for _ in range(2) for b in loader]  # two passes: the in-memory replay too
@@ -291,7 +295,7 @@ def test_precomputed_latents_train_without_decoding_their_images(tmp_path: Path)
         assert torch.equal(a["latent"], b["latent"]) and torch.equal(a["text_embedding"], b["text_embedding"])
     assert sum(b["skipped"].get("image_too_small", 0) for b in without) == 4  # 2 shards x 2 passes
     with pytest.raises(ValueError, match="decode_images=false needs precomputed latents"):
-        ShardDataModule(shards={"train": urls}, feature_keys=["text.npy"], decode_images=False)
+        ShardDataModule(shards={"train": urls}, format={"feature_keys": ["text.npy"], "decode_images": False})
 
 
 def mixed_shard(path: Path) -> tuple[Path, dict[str, str]]:
@@ -318,7 +322,7 @@ def test_aspect_buckets_give_one_shape_per_batch_chosen_per_sample_and_counted(t
         shards={"train": str(shard), "val": str(shard)},
         resolution=24,
         batch_size=3,
-        min_image_size=16,
+        format={"min_image_size": 16},
         shuffle_buffer=8,
         aspect_buckets={"ratios": [0.5, 1.0, 2.0], "multiple": 8},
     )
@@ -365,7 +369,7 @@ def test_a_resumed_bucketed_pass_replays_the_same_batches(tmp_path: Path) -> Non
             shards={"train": str(shard)},
             resolution=24,
             batch_size=3,
-            min_image_size=16,
+            format={"min_image_size": 16},
             aspect_buckets={"ratios": [0.5, 1.0, 2.0], "multiple": 8},
         )
         dm.setup()
@@ -390,6 +394,6 @@ def test_bad_bucket_configs_are_refused_by_name(tmp_path: Path) -> None:
         ShardDataModule(
             shards={"train": str(shard)},
             resolution=24,
-            feature_keys=["latent.npy"],
+            format={"feature_keys": ["latent.npy"]},
             aspect_buckets={"ratios": [1.0], "multiple": 8},
         )

@@ -114,3 +114,26 @@ def test_a_run_saved_with_flat_keys_loads_into_the_same_options(root: Path, tmp_
     other = OmegaConf.create({"stage": {"_target_": "k3lab.stages.prior.PriorStage", "warmup_steps": 5}})
     OmegaConf.save(other, tmp_path / CONFIG_NAME)
     assert load_config_beside(tmp_path / "last.ckpt").stage.warmup_steps == 5  # other stages keep their flat keys
+
+
+def test_the_data_format_group_reads_old_runs_and_refuses_bad_values(root: Path, tmp_path: Path) -> None:
+    from k3lab.data.options import SampleFormat
+
+    cfg = t2i(root, "data.format.image_keys=[png,jpg]", "data.format.min_image_size=8")
+    dm = instantiate(cfg.data)
+    assert dm.format == SampleFormat(image_keys=("png", "jpg"), min_image_size=8)
+    assert instantiate(t2i(root).data).format.min_image_size == 16  # null: the training resolution
+    old = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    del old.data.format
+    old.data.merge_with({"image_key": "png;jpg", "min_image_size": 8, "require_caption": True})  # as older runs did
+    OmegaConf.save(old, tmp_path / CONFIG_NAME)
+    loaded = load_config_beside(tmp_path / "last.ckpt")
+    assert "image_key" not in loaded.data and instantiate(loaded.data).format == dm.format
+    for override, named in (
+        ("+data.format.image_key=png", r"data.format: unknown keys \['image_key'\]"),
+        ("data.format.feature_keys=[text.npz]", r"data.format: feature_keys: unknown \['text.npz'\]"),
+        ("data.format.decode_images=false", "data.format: decode_images=false needs precomputed latents"),
+        ("data.format.image_keys=[]", "data.format: image_keys=.*at least one"),
+    ):
+        with pytest.raises(Exception, match=named):
+            instantiate(t2i(root, override).data)

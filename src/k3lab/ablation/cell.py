@@ -111,9 +111,9 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         updates |= {
             "data.resolution": int(cfg.data.resolution),
             "data.source": {"_target_": "k3lab.data.precompute.PrecomputedShards", "root": str(folder)},
-            "data.feature_keys": features,
+            "data.format.feature_keys": features,
             # latents (and CLIP image embeddings) precomputed: no image decoding in training
-            "data.decode_images": not autoencoder,
+            "data.format.decode_images": not autoencoder,
         }
     return updates
 

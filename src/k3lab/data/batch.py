@@ -11,7 +11,7 @@ import torch
 class Batch(TypedDict):
     """One training/validation batch.
 
-    image:    [B, 3, H, W] float in [-1, 1] at the configured resolution (None with ``data.decode_images=false``:
+    image:    [B, 3, H, W] float in [-1, 1] at the configured resolution (None with ``data.format.decode_images=false``:
               precomputed latents train without their images).
     caption:  B captions (stripped, non-empty).
     key:      B sample keys (``<shard name>/<key>``), to trace any sample back to its shard.

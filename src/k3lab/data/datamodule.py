@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import lightning as L
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from k3lab.data.batch import collate
+from k3lab.data.options import SampleFormat, StreamOrder, group_of
 from k3lab.data.shards import ShardDataset, expand_urls, missing_local_shards
 from k3lab.data.shards import aspect_buckets as bucket_shapes_for
 
@@ -90,18 +92,12 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 0,
-        image_key: str = "png;jpg;jpeg;webp",  # ';'-separated extensions, first present wins
-        caption_key: str = "txt",
-        metadata_key: str = "json",
-        min_image_size: int | None = None,  # None = resolution; smaller images are skipped
-        require_caption: bool = True,
+        format: SampleFormat | Mapping[str, Any] | None = None,  # members read, samples skipped (data.format)
         shuffle_buffer: int = 1000,
         seed: int = 0,
         val_split: str = "val",
         test_split: str = "test",
-        feature_keys: Sequence[str] = (),  # precomputed members (text.npy, latent.npy), see k3lab.precompute
         in_memory: bool = False,  # training split: keep decoded samples after the first pass instead of re-reading
-        decode_images: bool = True,  # training split: False = headers checked, image=None (precomputed latents)
         aspect_buckets: Mapping[str, Any] | None = None,  # training split: {ratios: [w/h, ...], multiple: px}
     ) -> None:
         super().__init__()
@@ -116,28 +112,22 @@ class ShardDataModule(L.LightningDataModule):
         self.resolution, self.batch_size = int(resolution), int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
         self.num_workers = num_workers
-        self.image_keys = [k for k in image_key.split(";") if k]
-        self.caption_key, self.metadata_key = caption_key, metadata_key
-        self.min_image_size = self.resolution if min_image_size is None else int(min_image_size)
-        self.require_caption, self.shuffle_buffer, self.seed = require_caption, shuffle_buffer, seed
+        fmt = group_of(SampleFormat, format, "data.format")
+        if fmt.min_image_size is None:  # the default: images smaller than the training resolution are skipped
+            fmt = replace(fmt, min_image_size=self.resolution)
+        self.format = fmt
+        self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
         self.val_split, self.test_split = val_split, test_split
-        self.feature_keys = list(feature_keys)
         self.in_memory = bool(in_memory)
-        self.decode_images = bool(decode_images)
-        if not self.decode_images and "latent.npy" not in self.feature_keys:
-            raise ValueError(
-                "data.decode_images=false needs precomputed latents (data.feature_keys with latent.npy): "
-                "without them the stage trains on the images"
-            )
         self.bucket_shapes: list[tuple[int, int]] | None = None
         if aspect_buckets:
             unknown = sorted(set(aspect_buckets) - {"ratios", "multiple"})
             if unknown:
                 raise ValueError(f"data.aspect_buckets: unknown key(s) {unknown} (known: ratios, multiple)")
-            if "latent.npy" in self.feature_keys:
+            if "latent.npy" in fmt.feature_keys:
                 raise ValueError(
-                    "data.aspect_buckets with precomputed latents (data.feature_keys has latent.npy): the latents "
-                    "were written square at one resolution; train bucketed stages from the images"
+                    "data.aspect_buckets with precomputed latents (data.format.feature_keys has latent.npy): the "
+                    "latents were written square at one resolution; train bucketed stages from the images"
                 )
             self.bucket_shapes = bucket_shapes_for(
                 self.resolution, list(aspect_buckets.get("ratios") or []), int(aspect_buckets.get("multiple", 64))
@@ -186,20 +176,16 @@ class ShardDataModule(L.LightningDataModule):
             self.datasets[split] = ShardDataset(
                 items,
                 self.resolution,
-                self.image_keys,
-                self.caption_key,
-                self.metadata_key,
-                self.min_image_size,
-                self.require_caption,
-                shuffle=train,
-                shuffle_buffer=self.shuffle_buffer if train else 0,
-                seed=self.seed,
-                rank=rank if train else 0,
-                world_size=world if train else 1,
-                feature_keys=self.feature_keys,
+                self.format if train else replace(self.format, decode_images=True),
+                StreamOrder(
+                    shuffle=train,
+                    shuffle_buffer=self.shuffle_buffer if train else 0,
+                    seed=self.seed,
+                    rank=rank if train else 0,
+                    world_size=world if train else 1,
+                    endless=train and world > 1,
+                ),
                 in_memory=self.in_memory and train,
-                endless=train and world > 1,
-                decode_images=self.decode_images or not train,
                 buckets=self.bucket_shapes if train else None,
                 batch_size=self.batch_size if train else 0,
             )

@@ -9,6 +9,7 @@ import logging
 import sys
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from k3lab.data.options import StreamOrder
 from k3lab.data.shards import ShardDataset, iter_tar_samples
 from k3lab.io.checkpoint import atomic_write_bytes
 
@@ -113,15 +115,12 @@ def precompute(cfg: DictConfig) -> Path:
     encoder.to(device)
     if first_stage is not None:
         first_stage.to(device)
+    # the data's own format, read whole: every image decoded, no precomputed members (they are being written)
     reader = ShardDataset(
         [],
         datamodule.resolution,
-        datamodule.image_keys,
-        datamodule.caption_key,
-        datamodule.metadata_key,
-        datamodule.min_image_size,
-        datamodule.require_caption,
-        shuffle=False,
+        replace(datamodule.format, feature_keys=(), decode_images=True),
+        StreamOrder(shuffle=False),
     )
     manifest: dict[str, Any] = {
         "text_encoder": OmegaConf.to_container(cfg.model.text_encoder, resolve=True),
@@ -171,7 +170,7 @@ def precompute(cfg: DictConfig) -> Path:
     keys = "[text.npy,latent.npy]" if pc.latents else "[text.npy]"
     log.info(
         "train on them: python -m k3lab.train <same overrides> data=precomputed data.source.root=%s "
-        "data.feature_keys=%s stage.text_encoder=null",
+        "data.format.feature_keys=%s stage.text_encoder=null",
         out_dir,
         keys,
     )

@@ -10,12 +10,14 @@ import os
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
+
+from k3lab.data.options import FEATURES, SampleFormat, StreamOrder, group_of
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,6 @@ SKIP_REASONS = (
     "corrupt_shard",
     "unreadable_shard",
 )
-FEATURES = {
-    "text.npy": "text_embedding",
-    "latent.npy": "latent",
-    "clip_image.npy": "image_embedding",
-}  # precomputed members -> sample keys
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
@@ -186,47 +183,26 @@ class ShardDataset(IterableDataset):
         self,
         urls: Sequence[str],
         resolution: int,
-        image_keys: Sequence[str] = ("png", "jpg", "jpeg", "webp"),
-        caption_key: str = "txt",
-        metadata_key: str = "json",
-        min_image_size: int = 0,
-        require_caption: bool = True,
-        shuffle: bool = True,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        feature_keys: Sequence[str] = (),  # precomputed members to read (``text.npy``, ``latent.npy``)
+        format: SampleFormat | Mapping[str, Any] | None = None,  # members read, samples skipped (min size 0 if unset)
+        order: StreamOrder | Mapping[str, Any] | None = None,  # shuffle, seed, rank of world size, endless
         in_memory: bool = False,  # keep decoded samples after the first pass (small datasets: no re-reading)
-        endless: bool = False,  # one iterator plays pass after pass (epoch, epoch + 1, ...): every rank always has data
-        decode_images: bool = True,  # False: check each image's header only, samples carry image=None (precomputed)
         buckets: Sequence[Sequence[int]] | None = None,  # (height, width) shapes: aspect-ratio bucketing
         batch_size: int = 0,  # with buckets: the size of the one-bucket batches this dataset yields
     ) -> None:
         super().__init__()
+        self.format = group_of(SampleFormat, format, "data.format")
+        self.order = group_of(StreamOrder, order, "ShardDataset order")
         self.buckets = [(int(h), int(w)) for h, w in buckets] if buckets else None
         if self.buckets and int(batch_size) <= 0:
             raise ValueError("ShardDataset: buckets need the batch size (each yielded batch is one bucket)")
-        if self.buckets and not decode_images:
+        if self.buckets and not self.format.decode_images:
             raise ValueError("aspect buckets need decoded images (precomputed latents are square)")
         self.batch_size = int(batch_size)
-        unknown = [k for k in feature_keys if k not in FEATURES]
-        if unknown:
-            raise ValueError(f"data.feature_keys: unknown {unknown} (known: {sorted(FEATURES)})")
-        self.feature_keys = list(feature_keys)
         self.urls, self.resolution = list(urls), resolution
-        self.image_keys, self.caption_key, self.metadata_key = (
-            [k.lower() for k in image_keys],
-            caption_key.lower(),
-            metadata_key.lower(),
-        )
-        self.min_image_size, self.require_caption = min_image_size, require_caption
-        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
-        self.rank, self.world_size = rank, world_size
+        self.min_image_size = int(self.format.min_image_size or 0)
+        self.seed = int(self.order.seed)
         self.epoch = 0
         self.in_memory = in_memory
-        self.endless = endless
-        self.decode_images = decode_images
         self._cache: dict[str, list[tuple[dict[str, Any] | None, Counter[str]]]] = {}
         self.skip: list[int] = []  # samples each worker's stream drops from its start (exact resume)
         self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
@@ -239,19 +215,19 @@ class ShardDataset(IterableDataset):
         """This rank's and worker's shards for ``epoch`` (default: the current one)."""
         urls = list(self.urls)
         epoch = self.epoch if epoch is None else epoch
-        if self.shuffle:
+        if self.order.shuffle:
             np.random.default_rng([self.seed, epoch]).shuffle(urls)
-        return urls[self.rank :: self.world_size][worker::num_workers]
+        return urls[self.order.rank :: self.order.world_size][worker::num_workers]
 
     def decode(self, raw: dict[str, Any], shard: str, skipped: Counter[str]) -> dict[str, Any] | None:
         """A training sample, or None (counted in ``skipped`` under its reason)."""
         key = f"{Path(shard).name}/{raw['__key__']}"
-        image_bytes = next((raw[k] for k in self.image_keys if k in raw), None)
+        image_bytes = next((raw[k] for k in self.format.image_keys if k in raw), None)
         reason = None
         if image_bytes is None:
             reason = "missing_image"
-        caption = raw.get(self.caption_key)
-        if reason is None and self.require_caption:
+        caption = raw.get(self.format.caption_key)
+        if reason is None and self.format.require_caption:
             if caption is None:
                 reason = "missing_caption"
             elif not caption.decode("utf-8", errors="replace").strip():
@@ -264,7 +240,7 @@ class ShardDataset(IterableDataset):
                 target = nearest_bucket(*size, self.buckets) if self.buckets else self.resolution
                 if min(size) < self.min_image_size:
                     reason = "image_too_small"
-                elif self.decode_images:
+                elif self.format.decode_images:
                     image = load_image(image_bytes, target)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 reason = "undecodable_image"
@@ -275,16 +251,16 @@ class ShardDataset(IterableDataset):
                 log.warning("skipping sample %s: %s", key, reason)
             return None
         metadata: dict[str, Any] = {}
-        if self.metadata_key in raw:
+        if self.format.metadata_key in raw:
             try:
-                metadata = json.loads(raw[self.metadata_key])
+                metadata = json.loads(raw[self.format.metadata_key])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 metadata = {}
         text = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
         sample = {"image": image, "caption": text, "key": key, "metadata": metadata}
         if self.buckets:
             sample["bucket"] = "{}x{}".format(*target)  # type: ignore[str-format]
-        for member in self.feature_keys:
+        for member in self.format.feature_keys:
             if member not in raw:
                 reason = "missing_features"
             else:
@@ -309,9 +285,10 @@ class ShardDataset(IterableDataset):
         worker = (worker + self.worker_offset) % num_workers
         stream = (
             self._passes(worker, num_workers, self.epoch)
-            if self.endless
+            if self.order.endless
             else self._iterate(
-                self.my_urls(worker, num_workers), np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+                self.my_urls(worker, num_workers),
+                np.random.default_rng([self.seed, self.epoch, self.order.rank, worker]),
             )
         )
         skip = self.skip[worker] if worker < len(self.skip) else 0  # with buckets: whole batches
@@ -341,13 +318,14 @@ class ShardDataset(IterableDataset):
         while True:
             urls = self.my_urls(worker, num_workers, epoch)
             count = 0
-            for sample in self._iterate(urls, np.random.default_rng([self.seed, epoch, self.rank, worker])):
+            for sample in self._iterate(urls, np.random.default_rng([self.seed, epoch, self.order.rank, worker])):
                 count += 1
                 yield sample
             if count == 0:
                 raise RuntimeError(
-                    f"rank {self.rank}, loader worker {worker}: a whole pass over its {len(urls)} shard(s) gave no "
-                    f"usable sample (epoch {epoch}; {len(self.urls)} shard(s) in all for {self.world_size} rank(s))"
+                    f"rank {self.order.rank}, loader worker {worker}: a whole pass over its {len(urls)} shard(s) gave "
+                    f"no usable sample (epoch {epoch}; {len(self.urls)} shard(s) in all for {self.order.world_size} "
+                    "rank(s))"
                 )
             epoch += 1
 
@@ -395,11 +373,11 @@ class ShardDataset(IterableDataset):
                 skipped.update(reasons)
                 if sample is None:
                     continue
-                if not self.shuffle or self.shuffle_buffer <= 1:
+                if not self.order.shuffle or self.order.shuffle_buffer <= 1:
                     yield emit(sample)
                     continue
                 buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
+                if len(buffer) >= self.order.shuffle_buffer:
                     i = int(rng.integers(len(buffer)))
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
                     yield emit(buffer.pop())

@@ -87,23 +87,33 @@ MOVED_STAGE_KEYS = {
     "prior_steps": "validation.sampling.prior_steps",
     "prior_guidance": "validation.sampling.prior_guidance",
 }
-GROUPED_STAGES = ("DiffusionStage", "InpaintingStage")
+# Options of the shard data module that moved into its ``format`` group (k3lab.data.options.SampleFormat).
+MOVED_DATA_KEYS = {
+    key: f"format.{key}"
+    for key in ("caption_key", "metadata_key", "min_image_size", "require_caption", "feature_keys", "decode_images")
+} | {"image_key": "format.image_keys"}
+# (config node, the class names whose flat keys moved, the moves)
+GROUPED_NODES = (
+    ("stage", ("DiffusionStage", "InpaintingStage"), MOVED_STAGE_KEYS),
+    ("data", ("ShardDataModule",), MOVED_DATA_KEYS),
+)
 
 
-def update_moved_stage_keys(cfg: DictConfig) -> DictConfig:
-    """A saved run config with its diffusion stage's flat options (older runs) moved into the option groups, in
-    place; configs already grouped, and other stages, are left as they are."""
-    stage = cfg.get("stage")
-    if not isinstance(stage, DictConfig) or str(stage.get("_target_", "")).rsplit(".", 1)[-1] not in GROUPED_STAGES:
-        return cfg
-    raw = OmegaConf.to_container(stage, resolve=False)
-    assert isinstance(raw, dict)
-    with open_dict(stage):
-        for old, new in MOVED_STAGE_KEYS.items():
-            if old in raw:
-                if OmegaConf.select(stage, new, default=None) is None:
-                    OmegaConf.update(stage, new, raw[old], force_add=True)
-                del stage[old]
+def update_moved_keys(cfg: DictConfig) -> DictConfig:
+    """A saved run config with the flat options of older runs (the diffusion stage's, the data module's) moved into
+    their option groups, in place; configs already grouped, and other stages, are left as they are."""
+    for name, classes, moves in GROUPED_NODES:
+        node = cfg.get(name)
+        if not isinstance(node, DictConfig) or str(node.get("_target_", "")).rsplit(".", 1)[-1] not in classes:
+            continue
+        raw = OmegaConf.to_container(node, resolve=False)
+        assert isinstance(raw, dict)
+        with open_dict(node):
+            for old, new in moves.items():
+                if old in raw:
+                    if OmegaConf.select(node, new, default=None) is None:
+                        OmegaConf.update(node, new, raw[old], force_add=True)
+                    del node[old]
     return cfg
 
 
@@ -190,7 +200,7 @@ def load_config_beside(path: str | Path) -> DictConfig:
     cfg = OmegaConf.load(cfg_path)
     assert isinstance(cfg, DictConfig)
     _update_moved_targets(cfg)
-    return update_moved_stage_keys(cfg)
+    return update_moved_keys(cfg)
 
 
 def _update_moved_targets(node: object) -> None:

@@ -7,34 +7,23 @@ names it and the known ones. Runs saved before the groups existed wrote the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from k3lab.diffusion.settings import DEFAULT_SAMPLING, SamplingSettings
+from k3lab.io.options import group_of
 
-G = TypeVar("G")
+__all__ = [
+    "SWITCH_VALUES",
+    "ConditioningOptions",
+    "LossOptions",
+    "OptimOptions",
+    "ValidationOptions",
+    "as_hparams",
+    "group_of",
+]
 
 SWITCH_VALUES = (True, False, "auto")
-
-
-def group_of(cls: type[G], value: G | Mapping[str, Any] | None, name: str) -> G:
-    """``value`` as the option group ``cls``: an instance is kept, a mapping is checked key by key, None is the
-    defaults. ``name`` (``stage.optim``) prefixes every error."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name}: expected a mapping of options, got {type(value).__name__} ({value!r})")
-    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(str(k) for k in value if k not in known)
-    if unknown:
-        raise ValueError(f"{name}: unknown keys {unknown}; known: {known}")
-    try:
-        return cls(**{str(k): value[k] for k in value})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: {e}") from e
 
 
 @dataclass(frozen=True)
