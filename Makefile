@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all lint format docs typecheck-all browser bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
+.PHONY: venv quickstart test test-all lint format docs browser bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -47,11 +47,6 @@ lint: $(STAMP)
 # The documentation site (docs/ + the API reference from docstrings) into build/site, strict: a broken link fails.
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
-
-# pyright (basic): `lint` checks the packages listed in pyrightconfig.json (kept at 0 errors); `typecheck-all` reports
-# the whole of src/ and evaluation/ (the packages not yet clean: docs/architecture.md).
-typecheck-all: $(STAMP)
-	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright src evaluation
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

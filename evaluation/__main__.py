@@ -41,7 +41,8 @@ def cmd_compbench(args: argparse.Namespace) -> Any:
             f"{args.images}: {len(missing)} images have no scene spec in metadata.jsonl, e.g. {missing[0]!r}"
         )
     return compbench.score(
-        ((r.image, r.spec) for r in tqdm(records, desc="compbench", mininterval=2)), group_key=args.group_key
+        ((r.image, r.spec) for r in tqdm(records, desc="compbench", mininterval=2) if r.spec is not None),
+        group_key=args.group_key,
     )
 
 
@@ -114,7 +115,11 @@ def cmd_sbs_export(args: argparse.Namespace) -> Any:
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError(f"{args.images_a} and {args.images_b} share no (prompt_id, seed)")
-    pairs = [sbs.Pair(a[k].prompt_id, a[k].prompt, a[k].category, a[k].seed, a[k].path, b[k].path) for k in common]
+    pairs = [
+        sbs.Pair(a[k].prompt_id, a[k].prompt, a[k].category, a[k].seed, path_a, path_b)
+        for k in common
+        if (path_a := a[k].path) is not None and (path_b := b[k].path) is not None  # (folder records have paths)
+    ]
     paths = sbs.export(
         pairs,
         args.out_dir,

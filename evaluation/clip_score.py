@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 class ClipModel:
     """An open_clip model with its image transform and tokenizer; ``name`` says which weights it is."""
 
-    model: torch.nn.Module
+    model: Any  # an open_clip model (CLIP or CustomTextCLIP: no shared typed interface)
     preprocess: Callable[[Any], torch.Tensor]
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     name: str
@@ -65,7 +65,12 @@ def load_clip(model_name: str, weights: str | Path, config: str | Path | None = 
         )
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights))
     tokenizer = open_clip.get_tokenizer(model_name)
-    return ClipModel(model.eval(), preprocess, tokenizer, f"open_clip:{model_name}:{weights.name}")
+    return ClipModel(
+        model.eval(),
+        cast(Callable[[Any], torch.Tensor], preprocess),
+        cast(Callable[[Sequence[str]], torch.Tensor], tokenizer),
+        f"open_clip:{model_name}:{weights.name}",
+    )
 
 
 def clip_score(clip: ClipModel, images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ only) and its centroid height (a triangle's centroid sits low in its box).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from scipy import ndimage
@@ -76,7 +77,7 @@ def detect(
         mask = (nearest == ci) & close
         if not mask.any():
             continue
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        labels, _ = cast(tuple[np.ndarray, int], ndimage.label(mask, structure=np.ones((3, 3), dtype=bool)))
         for region, sl in enumerate(ndimage.find_objects(labels), start=1):
             sub = labels[sl] == region
             area = int(sub.sum())

@@ -96,9 +96,7 @@ def inception_extractor(weights: str | Path) -> Extractor:
     return lambda x: model(x)
 
 
-def open_clip_extractor(
-    model: torch.nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> Extractor:
+def open_clip_extractor(model: Any, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Extractor:
     """An open_clip image tower as an extractor: 0..255 input -> resized, normalised -> image embedding."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)

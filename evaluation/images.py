@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from evaluation.prompts import Prompt
+from evaluation.prompts import Prompt, tar_member
 
 
 @dataclass
@@ -113,7 +113,7 @@ def load_shards(
             for m in tar:
                 if m.isfile():
                     key, _, ext = m.name.partition(".")
-                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+                    samples.setdefault(key, {})[ext] = tar_member(tar, m, shard)
         for key in sorted(samples):
             s = samples[key]
             if image_key not in s:

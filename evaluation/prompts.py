@@ -77,6 +77,14 @@ class PromptSet:
         return path
 
 
+def tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str | Path) -> bytes:
+    """The bytes of one regular file in a shard; an error naming it for anything else (a link, a folder)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise ValueError(f"{shard}: member {member.name!r} is not a regular file")
+    return f.read()
+
+
 def _require(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -178,9 +186,9 @@ def load_scene_world(shards: Sequence[str | Path], name: str = "scene-world") ->
             for m in tar:
                 key, _, ext = m.name.partition(".")
                 if ext == "txt":
-                    texts[key] = tar.extractfile(m).read().decode("utf-8")
+                    texts[key] = tar_member(tar, m, shard).decode("utf-8")
                 elif ext == "json":
-                    specs[key] = json.load(io.BytesIO(tar.extractfile(m).read()))
+                    specs[key] = json.load(io.BytesIO(tar_member(tar, m, shard)))
         for key in sorted(texts):
             spec = specs.get(key)
             prompts.append(Prompt(f"{shard.stem}/{key}", texts[key], (spec or {}).get("kind", ""), spec))

@@ -431,34 +431,41 @@ def test_launcher_and_trainer_configs_compose() -> None:
         assert fsdp.trainer.strategy._target_.endswith("FSDPStrategy")
 
 
-def test_the_sweep_starts_with_the_machine_rate_and_its_expected_duration(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_sweep_starts_with_the_machine_rate_and_its_expected_duration(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real main job's sweep, composed with Hydra's own config as ``python -m k3lab.ablation -m
+    experiment=ablation_tiny`` gets it: its job count (the half fraction: 4 of the 8 cells per seed, 3 seeds) and the
+    duration it prints, scaled from the preset's measured reference by the machine's matmul rate."""
     import logging
+    import re
 
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    from k3lab.ablation.timing import TimeEstimateCallback, count_jobs, estimate_minutes
-    from k3lab.run.config import compose
+    from k3lab.ablation import timing
+    from k3lab.run.config import CONF_DIR
 
-    preset = compose(["experiment=ablation_tiny"])
-    reference = OmegaConf.to_container(preset.ablation.reference_time)
-    config = OmegaConf.create(
-        {
-            "hydra": {
-                "sweeper": {"params": dict(preset.hydra.sweeper.params) if "hydra" in preset else
-                            {"model/unet/block": "biggan_deep,resnet", "model/prior": "none,diffusion_mapping"}},
-                "overrides": {"task": ["experiment=ablation_tiny", "seed=0,1,2"]},
-            },
-            "ablation": {"reference_time": reference},
-        }
-    )  # fmt: skip
-    assert count_jobs(config) == 12  # a half fraction of 2 text encoders x 2 blocks x 2 priors (4 runs) x 3 seeds
-    # on the reference machine the estimate is the measured time; on a machine half as fast, twice that
-    measured = (reference["shared_seconds"] + 4 * reference["cell_seconds"]) / 60
-    assert estimate_minutes(reference, 4, reference["gflops"]) == pytest.approx(measured)
-    assert estimate_minutes(reference, 4, reference["gflops"] / 2) == pytest.approx(2 * measured)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        config = compose(
+            "train", overrides=["experiment=ablation_tiny", f"paths.root_dir={tmp_path}"], return_hydra_config=True
+        )
+    GlobalHydra.instance().clear()
+    assert timing.count_jobs(config) == 12
+    reference = config.ablation.reference_time
+    half = float(reference.gflops) / 2  # a machine half as fast as the reference
+    monkeypatch.setattr(timing, "matmul_gflops", lambda: half)
     with caplog.at_level(logging.INFO, logger="k3lab.ablation.timing"):
-        TimeEstimateCallback().on_multirun_start(config)
-    assert "GFLOP/s fp32 matmul; 12 job(s): expect about" in caplog.text
+        timing.TimeEstimateCallback().on_multirun_start(config)
+    found = re.search(r"(\d+) job\(s\): expect about (\d+) min \((\d+) min if the shared parts", caplog.text)
+    assert found, caplog.text
+    full = (reference.shared_seconds + 12 * reference.cell_seconds) * 2 / 60
+    cached = 12 * reference.cell_seconds * 2 / 60
+    assert (int(found[1]), int(found[2]), int(found[3])) == (12, round(full), round(cached))
+    with_seeds = config.copy()
+    with_seeds.hydra.overrides.task = ["experiment=ablation_tiny", "seed=3,4,5,6"]
+    assert timing.count_jobs(with_seeds) == 16  # a swept value given on the command line replaces the preset's
 
 
 def test_sample_grids_carry_each_images_prompt() -> None:

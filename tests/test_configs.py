@@ -58,21 +58,66 @@ def test_every_experiment_composes(experiment: str, tmp_path: Path) -> None:
     ],
 )
 def test_every_group_option_composes(group: str, tmp_path: Path) -> None:
-    """Each option composes, resolves, and is what the config then holds (its own file's values, not the default's)."""
+    """Each option composes and resolves, and every key its own file sets lands in the composed config with the file's
+    value (interpolations compared as written), at the place its ``# @package`` directive names."""
     assert options(group), f"no options found for {group}"
     for option in options(group):
         overrides = [f"{group}={option}"]
         if group == "data" and option == "webdataset":
             overrides.append(f"data.shards.train={tmp_path}/x.tar")
         cfg = compose_config(overrides, tmp_path)
-        OmegaConf.resolve(cfg)
-        own = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
-        node = OmegaConf.select(cfg, group.replace("/", ".")) if not str(own).startswith("{'# @package") else None
-        target = own.get("_target_") if isinstance(own, dict) or hasattr(own, "get") else None
-        if node is not None and target is not None:
-            assert node.get("_target_") == target, (
-                f"{group}={option}: _target_ {node.get('_target_')} instead of {target}"
+        OmegaConf.resolve(cfg.copy())  # every interpolation resolves
+        path = CONF_DIR / group / f"{option}.yaml"
+        package = package_of(path)
+        base = "" if package == "_global_" else (package or group).replace("/", ".")
+        composed = OmegaConf.to_container(cfg, resolve=False)
+        own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        assert isinstance(own, dict) and isinstance(composed, dict)
+        own.pop("defaults", None)
+        given = {o.partition("=")[0] for o in overrides} | {"paths.root_dir"}  # (compose_config sets the root)
+        for key, value in flat(own, base):  # (an empty file, e.g. logger=none, sets nothing)
+            if key in given:
+                continue
+            assert lookup(composed, key) == value, (
+                f"{group}={option}: {key} = {lookup(composed, key)!r}, file: {value!r}"
             )
+
+
+def package_of(path: Path) -> str | None:
+    """The ``# @package`` directive of a config file's header (read from the text: YAML loading drops comments)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# @package"):
+            return line.split(maxsplit=2)[2].strip()
+        if line.strip() and not line.startswith("#"):
+            return None
+    return None
+
+
+def flat(node: dict, prefix: str) -> list[tuple[str, object]]:
+    """(dotted key, value) for every leaf of a nested dict (a list is a leaf)."""
+    out: list[tuple[str, object]] = []
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        out += flat(value, dotted) if isinstance(value, dict) and value else [(dotted, value)]
+    return out
+
+
+def lookup(node: object, dotted: str) -> object:
+    """The value at a dotted key of a nested dict, or a marker naming the first missing part."""
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return f"<missing {part}>"
+        node = node[part]
+    return node
+
+
+def test_the_option_check_reads_package_directives_and_catches_a_dropped_key(tmp_path: Path) -> None:
+    """The check above can fail: a file whose key does not land (a planted package directive pointing elsewhere)."""
+    global_file = CONF_DIR / "experiment" / "ablation_tiny.yaml"
+    assert package_of(global_file) == "_global_" and package_of(CONF_DIR / "sampling" / "default.yaml") is None
+    cfg = OmegaConf.to_container(compose_config(["sampling=default"], tmp_path), resolve=False)
+    assert lookup(cfg, "sampling.steps") == 50
+    assert lookup(cfg, "stage.sampling.steps") == "<missing sampling>"  # where a wrong package would put it
 
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))

@@ -1,7 +1,7 @@
 """Exact resume: a training process killed with SIGKILL at a step the test draws from a seed, resumed with
 ``ckpt_path=last`` in its own run folder, logs the same per-step training losses as an uninterrupted run, bit for
-bit, for every stage (autoencoder with its GAN phase, diffusion with EMA and caption dropout, CLIP, prior), and with
-two loader workers."""
+bit, for every stage (autoencoder with its GAN phase, diffusion with EMA and caption dropout, inpainting with its
+random masks, CLIP, prior), and with two loader workers."""
 
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ STAGES: dict[str, list[str]] = {
         "trainer.val_check_interval=4",
         "stage.validation.prompts=[]",
         "stage.conditioning.dropout=0.3",
+    ],  # fmt: skip
+    # the 9-channel layout in pixel space (x_t, keep mask, masked image: 3 + 1 + 3), a fresh mask per sample
+    "inpainting": [
+        *[o for o in T2I_PIXEL_16 if not o.startswith(("experiment=", "model.unet.in_channels="))],
+        "experiment=inpainting_tiny",
+        "model.unet.in_channels=7",
+        "stage.init_weights=null",
+        "trainer.max_steps=14",
+        "trainer.val_check_interval=4",
+        "stage.validation.prompts=[]",
     ],  # fmt: skip
     "clip": [
         "experiment=clip_tiny",
@@ -125,13 +135,16 @@ def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -
 
 
 @pytest.mark.parametrize(
-    ("stage", "workers"), [("autoencoder", 0), ("diffusion", 0), ("diffusion", 2), ("clip", 0), ("prior", 0)]
+    ("stage", "workers"),
+    [("autoencoder", 0), ("diffusion", 0), ("diffusion", 2), ("inpainting", 0), ("clip", 0), ("prior", 0)],
 )
 def test_a_killed_run_resumes_exactly(
     stage: str, workers: int, tmp_path: Path, data_root: Path, request: pytest.FixtureRequest
 ) -> None:
     overrides = [*STAGES[stage], f"paths.data_dir={data_root}", f"paths.weights_dir={data_root / 'weights'}", *COMMON]
     overrides.append(f"data.num_workers={workers}")
+    if workers > 1:  # 32 batches a pass (256 scenes / 8): 40 steps cross a pass end, with the kill on either side
+        overrides = [o if not o.startswith("trainer.max_steps=") else "trainer.max_steps=40" for o in overrides]
     if stage == "prior":
         overrides.append(f"mapping.clip.checkpoint={request.getfixturevalue('clip_checkpoint')}")
     max_steps = int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=")[1])

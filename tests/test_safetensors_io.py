@@ -131,7 +131,9 @@ def test_conversion_holds_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.slow
 def test_conversion_of_a_multi_gigabyte_unet_keeps_the_memory_promise(tmp_path: Path) -> None:
     """The README's promise at scale (``make test-all``; ~1 min, ~9 GB of disk): a 713M-parameter U-Net (2.85 GB fp32)
-    converted diffusers -> k3lab -> diffusers in fresh processes, bit-identical, each peaking under 1.5x its bytes."""
+    converted diffusers -> k3lab -> diffusers in fresh processes, bit-identical, each peaking within 1.5x of the
+    0.69 GB docs/performance.md states (the process with torch imported plus one tensor, flat in the model's size),
+    where the model alone is 2.85 GB."""
     import subprocess
     import sys
 
@@ -141,7 +143,7 @@ def test_conversion_of_a_multi_gigabyte_unet_keeps_the_memory_promise(tmp_path: 
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
     assert result["model bytes (GB, fp32)"] > 2.5 and result["round trip"].startswith("identical")
-    assert (
-        result["diffusers -> k3lab: peak RSS / model bytes"] < 1.5
-        and result["k3lab -> diffusers: peak RSS / model bytes"] < 1.5
-    )
+    model_gb = result["model bytes (GB, fp32)"]
+    for direction in ("diffusers -> k3lab", "k3lab -> diffusers"):
+        peak_gb = result[f"{direction}: peak RSS / model bytes"] * model_gb
+        assert peak_gb < 1.5 * 0.69, f"{direction}: peak RSS {peak_gb:.2f} GB (stated: 0.69 GB, flat in model size)"

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -23,7 +24,9 @@ from k3lab.ablation.compute import StepFlops
 from k3lab.ablation.curve import LearningCurve
 from k3lab.ablation.evaluate import evaluate, needs_reference_clip
 from k3lab.ablation.shared import precompute_part, reference_clip, train_part
+from k3lab.io.options import plain_dict
 from k3lab.run.fitting import close_loggers, fit, hydra_choices, where_to_look
+from k3lab.stages.diffusion import DiffusionStage
 from k3lab.tracking import find_mlflow_logger, log_image
 from k3lab.tracking.sweep import PARENT_TAG, run_tags
 
@@ -149,7 +152,7 @@ def job_threads(setting: int | str | None) -> int | None:
         return int(setting)
     n_jobs = 1
     if HydraConfig.initialized():
-        n_jobs = int(OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1) or 1)
+        n_jobs = int(OmegaConf.select(cast(DictConfig, HydraConfig.get()), "launcher.n_jobs", default=1) or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, n_jobs))
 
@@ -180,11 +183,11 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     splits = instantiate(cfg.data.source).build()  # the evaluation's prompts and real images: the dataset's own splits
     updates = prepare_shared(cfg, text_encoder, overrides)
-    settings = OmegaConf.to_container(cfg.ablation.evaluation, resolve=True)
-    settings["sampling"] = OmegaConf.to_container(cfg.sampling, resolve=True)  # type: ignore[index]
-    settings["seed"] = evaluation_seed(int(settings.get("seed", 0)), int(cfg.seed))  # type: ignore[call-overload]
+    settings = plain_dict(cfg.ablation.evaluation, "ablation.evaluation")
+    settings["sampling"] = plain_dict(cfg.sampling, "sampling")
+    settings["seed"] = evaluation_seed(int(settings.get("seed", 0)), int(cfg.seed))
     ref_dir = (
-        reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])  # type: ignore[index]
+        reference_clip(str(cfg.ablation.shared_dir), splits["train"], splits["val"], settings["reference_clip"])
         if needs_reference_clip(settings)
         else None
     )
@@ -200,6 +203,8 @@ def run_cell(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     try:
         stage = result.stage.eval()
+        if not isinstance(stage, DiffusionStage):
+            raise TypeError(f"an ablation cell trains a diffusion stage, not {type(stage).__name__}")
         start = time.perf_counter()
         with torch.no_grad():
             metrics, grids = evaluate(

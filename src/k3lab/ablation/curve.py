@@ -18,9 +18,11 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from k3lab.stages.diffusion import DiffusionStage
+
 log = logging.getLogger(__name__)
 
-FIELDS = ("step", "train_seconds", "single_object", "colors", "num_prompts")
+FIELDS: tuple[str, ...] = ("step", "train_seconds", "single_object", "colors", "num_prompts")
 
 
 class LearningCurve(L.Callback):
@@ -65,6 +67,8 @@ class LearningCurve(L.Callback):
         from evaluation.compbench import score
         from k3lab.ablation.evaluate import sample_records
 
+        if not isinstance(pl_module, DiffusionStage):
+            raise TypeError(f"the learning curve samples a diffusion stage, not {type(pl_module).__name__}")
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from scipy import optimize, stats
@@ -101,7 +102,8 @@ def minimum_detectable_effect(sigma: float, seeds: int, target: float = 0.8, alp
     """The smallest effect the design detects with probability ``target`` (two-sided t-test, ``seeds`` seeds)."""
     if seeds < 2 or not sigma > 0:
         return float("nan")
-    return float(optimize.brentq(lambda d: power(d, sigma, seeds, alpha) - target, 1e-12 * sigma, 100 * sigma))
+    root = optimize.brentq(lambda d: power(d, sigma, seeds, alpha) - target, 1e-12 * sigma, 100 * sigma)
+    return float(cast(float, root))
 
 
 def seeds_needed(delta: float, sigma: float, target: float = 0.8, alpha: float = 0.05, limit: int = 10_000) -> int:

@@ -2,13 +2,17 @@
 MLflow, effects, paired effects, power, equal compute, design, markdown and plots; the notebook
 ``notebooks/ablation.ipynb`` calls the same functions."""
 
+# pandas 3's inline annotations type column, cell and scalar reads as unions (Series | DataFrame | NDArray | scalar)
+# that every float(...)/.iloc/.dropna here trips: those three rules are off in this file only.
+# pyright: reportArgumentType=false, reportAttributeAccessIssue=false, reportCallIssue=false
+
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -17,7 +21,7 @@ from omegaconf import DictConfig
 from typing_extensions import override
 
 from k3lab.ablation import views
-from k3lab.ablation.views import OVERRIDE_PREFIX, contrast, interval
+from k3lab.ablation.views import OVERRIDE_PREFIX, contrast, interval, records
 from k3lab.ablation.views import factor_axes as axes
 
 PERF_METRICS: tuple[str, ...] = ("perf/train_samples_per_s", "perf/train_flops")
@@ -145,9 +149,9 @@ def mark_superseded(runs: pd.DataFrame) -> pd.DataFrame:
 def usable(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs the tables use: FINISHED and not superseded by a newer run of the same cell and seed."""
     if "status" in runs:
-        runs = runs[runs["status"] == "FINISHED"]
+        runs = runs.loc[runs["status"] == "FINISHED"]
     if "superseded_by" in runs:
-        runs = runs[runs["superseded_by"].fillna("") == ""]
+        runs = runs.loc[runs["superseded_by"].fillna("") == ""]
     return runs
 
 
@@ -278,7 +282,7 @@ def markdown(
         lines += [
             f"{len(superseded)} FINISHED run(s) repeat a cell and seed that a newer FINISHED run also holds; the "
             "newest "
-            "run wins: " + ", ".join(f"{r.run_id} -> {r.superseded_by}" for r in superseded.itertuples()),
+            "run wins: " + ", ".join(f"{r.run_id} -> {r.superseded_by}" for r in records(superseded)),
             "",
         ]
     lines.append(
@@ -288,8 +292,9 @@ def markdown(
     lines.append("")
     lines.append("| axis | level vs reference | " + " | ".join(short(m) for m in metrics) + " |")
     lines.append("|---|---|" + "---|" * len(metrics))
-    for (axis, level), group in effect_table.groupby(["axis", "level"], sort=False) if len(effect_table) else []:
-        by = {r.metric: r for r in group.itertuples()}
+    for keys, group in effect_table.groupby(["axis", "level"], sort=False) if len(effect_table) else []:
+        axis, level = cast(tuple, keys)
+        by = {r.metric: r for r in records(group)}
         ref = group["reference"].iloc[0]
         lines.append(
             f"| {axis} | {level} vs {ref} | "
@@ -374,7 +379,7 @@ def baseline_levels(runs: pd.DataFrame, metric: str) -> dict[str, float]:
     if task in uniform_chance():
         levels["uniform chance"] = uniform_chance()[task]
     for label, prefix in (("chance (another prompt's scene)", "eval/chance/"), ("ceiling (real images)", "eval/real/")):
-        if prefix + task in runs and runs[prefix + task].notna().any():
+        if prefix + task in runs and bool(runs[prefix + task].notna().any()):
             levels[label] = float(runs[prefix + task].mean())
     return levels
 
@@ -423,7 +428,7 @@ def forest_figures(
         ys = list(range(len(rows)))[::-1]
         ax.errorbar(rows["effect"], ys, xerr=rows["ci95"].fillna(0), fmt="o", capsize=3, color="tab:red")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(ys, [f"{r.axis}: {r.level} vs {r.reference}" for r in rows.itertuples()], fontsize=7)
+        ax.set_yticks(ys, [f"{r.axis}: {r.level} vs {r.reference}" for r in records(rows)], fontsize=7)
         ax.set_title(short(metric) + (" (lower better)" if lower_is_better(metric) else ""), fontsize=9)
     effects_fig.suptitle("effects: level - reference, mean ± 95% interval over seeds", fontsize=10)
     effects_fig.tight_layout()
@@ -505,7 +510,7 @@ def design_markdown(
     lines = ["", "### Design", "", design_of(runs, reference)]
     if len(paired):
         seed_level = {
-            (r.axis, r.level, r.metric): (r.effect, r.ci95) for r in effect_table.itertuples()
+            (r.axis, r.level, r.metric): (r.effect, r.ci95) for r in records(effect_table)
         } if len(effect_table) else {}  # fmt: skip
         lines += [
             "",
@@ -522,7 +527,7 @@ def design_markdown(
             "pairing (variance ratio) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in paired.itertuples():
+        for r in records(paired):
             mean, half = seed_level.get((r.axis, r.level, r.metric), (float("nan"), float("nan")))
             lines.append(
                 f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {_fmt(mean, half)} | "
@@ -539,7 +544,7 @@ def design_markdown(
             "minimum detectable effect | interval width paired / unpaired |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in power.itertuples():
+        for r in records(power):
             lines.append(
                 f"| {short(r.metric)} | {r.sigma_e:.4g} | {r.tau:.4g} | {r.prompt_sd:.4g} | {r.prompts} | {r.seeds} | "
                 f"{r.mde80:.4g} | {r.pairing_width_ratio:.2f} |"
@@ -555,7 +560,7 @@ def design_markdown(
                 "| axis | level | metric | observed | seeds needed | prompts per seed needed |",
                 "|---|---|---|---|---|---|",
             ]
-            for r in plan.itertuples():
+            for r in records(plan):
                 seeds_needed = str(r.seeds_needed) if r.seeds_needed > 0 else "> 10,000"
                 lines.append(
                     f"| {r.axis} | {r.level} | {short(r.metric)} | {r.effect:+.4g} | {seeds_needed} | "
@@ -572,7 +577,7 @@ def design_markdown(
             "| axis | level vs reference | metric | FLOPs per step ratio | equal steps | equal FLOPs | sign flips |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in compute.itertuples():
+        for r in records(compute):
             lines.append(
                 f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {r.flops_ratio:.2f} | "
                 f"{_fmt(r.equal_steps, r.equal_steps_ci95)} | {_fmt(r.equal_flops, r.equal_flops_ci95)} | "
@@ -672,7 +677,7 @@ def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = No
         "| axis | level | metric | A | B | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for r in merged.itertuples():
+    for r in records(merged):
         mark = {"replicated": "**replicated**", "one only": "one only (!)", "contradicted": "**contradicted**"}
         lines.append(
             f"| {r.axis} | {r.level} | {short(r.metric)} | {_fmt(r.effect_a, r.ci95_a)} | {_fmt(r.effect_b, r.ci95_b)} "

@@ -12,6 +12,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
+from k3lab.io.options import plain_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -21,11 +23,11 @@ def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    _ = a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        _ = a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -36,11 +38,11 @@ def count_jobs(config: DictConfig) -> int:
     from k3lab.tracking.sweep import swept_values
 
     params = config.hydra.sweeper.get("params")
-    sweeps = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params is not None else {}).items()}
+    sweeps = {k: str(v) for k, v in plain_dict(params, "hydra.sweeper.params").items()}
     values = swept_values(sweeps, list(config.hydra.overrides.task))
     spec = config.hydra.sweeper.get("fraction")
     pinned = [o.partition("=")[0].lstrip("+~") for o in config.hydra.overrides.task if "," not in o]
-    design = fraction_from(OmegaConf.to_container(spec) if spec is not None else None, values, pinned)
+    design = fraction_from(plain_dict(spec, "hydra.sweeper.fraction") if spec is not None else None, values, pinned)
     if design is None:
         return math.prod(len(v) for v in values.values())
     return len(design.runs()) * math.prod(len(v) for k, v in values.items() if k not in design.factors)

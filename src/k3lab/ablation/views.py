@@ -4,11 +4,16 @@ design, effects at equal training compute, and two sweeps side by side (``python
 Every function takes the report's run table (one row per cell and seed: ``override/<axis>`` columns, ``seed``,
 metrics, ``output_dir``) and reads each cell's ``eval/per_prompt.csv`` and ``curve.csv`` from its folder."""
 
+# pandas 3's inline annotations type column, cell and scalar reads as unions (Series | DataFrame | NDArray | scalar)
+# that every float(...)/.iloc/.dropna here trips: those three rules are off in this file only.
+# pyright: reportArgumentType=false, reportAttributeAccessIssue=false, reportCallIssue=false
+
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,9 +30,14 @@ PAIRED_METRICS: dict[str, tuple[str, str]] = {
 CURVE_METRICS: dict[str, str] = {"eval/seen/single_object": "single_object", "eval/seen/colors": "colors"}
 
 
+def records(frame: pd.DataFrame) -> Iterator[Any]:
+    """The frame's rows as named tuples (pandas types ``itertuples`` as plain tuples: the fields read untyped)."""
+    return iter(frame.itertuples())
+
+
 def factor_axes(runs: pd.DataFrame) -> list[str]:
     """The override columns that vary across cells (seed aside)."""
-    return [c for c in runs.columns if c.startswith(OVERRIDE_PREFIX) and runs[c].nunique(dropna=False) > 1]
+    return [c for c in runs.columns if c.startswith(OVERRIDE_PREFIX) and int(runs[c].nunique(dropna=False)) > 1]
 
 
 def contrast(values: pd.Series, levels: pd.Series, level: str, reference: str) -> float:
@@ -63,7 +73,7 @@ def paired_effects(
     """Each effect on each paired metric, prompt by prompt within seeds, combined over seeds
     (:mod:`k3lab.ablation.paired`): ``effect``, ``ci95`` (HKSJ), ``tau2``, ``prompt_var`` (per-prompt difference
     variance), ``v_paired`` / ``v_unpaired`` (mean within-seed sampling variance), ``prompts``, ``seeds``."""
-    tables = {i: reader(r["output_dir"]) for i, r in runs.iterrows()}
+    tables = {i: t for i, r in runs.iterrows() if (t := reader(r["output_dir"])) is not None}
     out = []
     for axis in factor_axes(runs):
         ref, others = _levels(runs, axis, reference)
@@ -76,7 +86,7 @@ def paired_effects(
                         frames = [
                             tables[i].loc[tables[i]["split"] == split].set_index("prompt_id")[column]
                             for i in seed_runs.index[seed_runs[axis].astype(str) == side]
-                            if tables[i] is not None and column in tables[i]
+                            if i in tables and column in tables[i]
                         ]
                         sides[side] = frames
                     if not sides[level] or not sides[ref]:
@@ -138,7 +148,7 @@ def resolve_plan(paired_table: pd.DataFrame, power: pd.DataFrame, target: float 
     seeds) that would detect an effect of its observed size with ``target`` power."""
     sigma = dict(zip(power["metric"], power["sigma_e"], strict=False)) if len(power) else {}
     rows = []
-    for r in paired_table.itertuples() if len(paired_table) else []:
+    for r in records(paired_table) if len(paired_table) else []:
         if math.isnan(r.ci95) or abs(r.effect) > r.ci95:
             continue
         rows.append(
@@ -185,7 +195,7 @@ def equal_compute(
     ``step x perf/flops_per_step``), and at the last common step; ``sign_flip`` marks an effect whose sign differs."""
     if "perf/flops_per_step" not in runs:
         return pd.DataFrame()
-    curves = {i: reader(r["output_dir"]) for i, r in runs.iterrows()}
+    curves = {i: c for i, r in runs.iterrows() if (c := reader(r["output_dir"])) is not None and len(c)}
     out = []
     for axis in factor_axes(runs):
         ref, others = _levels(runs, axis, reference)
@@ -193,7 +203,7 @@ def equal_compute(
             for metric, column in CURVE_METRICS.items():
                 at_flops, at_steps = [], []
                 for _, seed_runs in runs.groupby("seed"):
-                    usable = [i for i in seed_runs.index if curves[i] is not None and len(curves[i])]
+                    usable = [i for i in seed_runs.index if i in curves]
                     if len(usable) != len(seed_runs):
                         continue
                     flops = {
@@ -228,7 +238,7 @@ def equal_compute(
                         "equal_steps_ci95": steps_half,
                         "equal_flops": flops_mean,
                         "equal_flops_ci95": flops_half,
-                        "flops_ratio": float(cost.get(level, float("nan")) / cost.get(ref, float("nan"))),
+                        "flops_ratio": float(np.divide(cost.get(level, np.nan), cost.get(ref, np.nan))),
                         "sign_flip": bool(np.sign(steps_mean) * np.sign(flops_mean) < 0),
                     }
                 )
@@ -272,7 +282,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     columns = [*keys, "effect", "ci95"]
     merged = a[columns].merge(b[columns], on=keys, how="outer", suffixes=("_a", "_b"))
     verdicts = []
-    for r in merged.itertuples():
+    for r in records(merged):
         ra, rb = resolved(r.effect_a, r.ci95_a), resolved(r.effect_b, r.ci95_b)
         if ra and rb:
             verdicts.append("replicated" if np.sign(r.effect_a) == np.sign(r.effect_b) else "contradicted")

@@ -33,9 +33,9 @@ def is_sharded(path: str | Path) -> bool:
 def read_sharded(folder: str | Path) -> dict[str, Any]:
     """The full checkpoint of a sharded folder, in Lightning's single-file layout (``state_dict``,
     ``optimizer_states``, then ``meta.pt``'s entries)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     folder = Path(folder)

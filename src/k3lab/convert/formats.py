@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,14 +20,16 @@ from k3lab.convert.keymaps import (
 )
 from k3lab.convert.remap import invert, remap, subset
 from k3lab.io.checkpoint import CheckpointError
-from k3lab.io.safetensors_io import LazySafetensors
+from k3lab.io.safetensors_io import LazySafetensors, LazyState
 from k3lab.nn.movq import MoVQ
 from k3lab.nn.text_conditioning import TextConditioning
 from k3lab.nn.unet import KandinskyUNet
 from k3lab.nn.unet_blocks import BigGANDeepBlock
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-OFFICIAL_UNET = dict(
+M = TypeVar("M", bound=nn.Module)
+
+OFFICIAL_UNET: dict[str, Any] = dict(
     in_channels=4,
     out_channels=4,
     model_channels=384,
@@ -88,7 +90,7 @@ def unet_kwargs_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
 def diffusers_unet_config(unet: KandinskyUNet, kwargs: dict[str, Any], encoder_dim: int) -> dict[str, Any]:
     """The diffusers config for a k3lab U-Net; an error naming the setting diffusers cannot express."""
     problems = []
-    if not isinstance(unet.down_samples[0].resnet_attn_blocks[0][0], BigGANDeepBlock):
+    if not any(isinstance(m, BigGANDeepBlock) for m in unet.modules()):
         problems.append("block must be biggan_deep (diffusers has no plain ResBlock variant)")
     n = len(kwargs["dim_mult"])
     for key, want in (
@@ -236,7 +238,9 @@ def read_safetensors_folder(folder: Path, variant: str | None = None) -> LazySaf
     if single.is_file():
         files = [single]
     elif index.is_file():
-        files = [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files: list[str | Path] = [
+            folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
     else:
         raise FileNotFoundError(f"{folder}: no {stem} (or its .index.json)")
     try:
@@ -245,7 +249,7 @@ def read_safetensors_folder(folder: Path, variant: str | None = None) -> LazySaf
         raise CheckpointError(f"{folder}: cannot read {stem} as safetensors ({type(e).__name__}: {e})") from e
 
 
-def _meta_module(cls: type[nn.Module], **kwargs: Any) -> nn.Module:
+def _meta_module(cls: type[M], **kwargs: Any) -> M:
     with torch.device("meta"):
         return cls(**kwargs)
 
@@ -367,7 +371,7 @@ def read_official(
 # ----------------------------------------------------------------------------- export
 def unet_state_to_diffusers(
     unet: nn.Module | Mapping[str, torch.Tensor], conditioning: TextConditioning
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | LazyState:
     """The diffusers ``Kandinsky3UNet`` state (projection included) of a k3lab U-Net or its state; a lazy state stays
     lazy."""
     state = unet.state_dict() if isinstance(unet, nn.Module) else unet
@@ -378,7 +382,7 @@ def unet_state_to_diffusers(
     return out
 
 
-def movq_state_to_diffusers(movq: MoVQ) -> dict[str, torch.Tensor]:
+def movq_state_to_diffusers(movq: MoVQ) -> dict[str, torch.Tensor] | LazyState:
     """The MoVQ's state dict under diffusers' ``VQModel`` key names."""
     n = len(movq.config["ch_mult"])
     return invert(

@@ -29,6 +29,7 @@ from k3lab.io.checkpoint import (
     load_weights,
     save_config,
 )
+from k3lab.io.options import plain_dict
 from k3lab.io.safetensors_io import LazySafetensors, write_safetensors
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.movq import MoVQ
@@ -144,7 +145,7 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
     cfg = check_stage(path, "diffusion")
     kwargs = {
         k: v
-        for k, v in OmegaConf.to_container(cfg.model.unet).items()
+        for k, v in plain_dict(cfg.model.unet, "model.unet").items()
         if not k.startswith("_") and k not in ("block", "gradient_checkpointing")
     }
     with torch.device("meta"):
@@ -174,6 +175,8 @@ def to_diffusers(checkpoint: Path, out: Path, text_encoder: str | None = None) -
         from k3lab.io.checkpoint import load_model
 
         movq = load_model(first, "autoencoder")
+        if not isinstance(movq, MoVQ):
+            raise CheckpointError(f"{first}: model.autoencoder is a {type(movq).__name__}, not a MoVQ")
         movq_kwargs = dict(movq.config)
         _save_diffusers(out / "movq", diffusers_movq_config(movq_kwargs), movq_state_to_diffusers(movq))
         index["movq"] = ["diffusers", "VQModel"]

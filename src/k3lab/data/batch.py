@@ -38,6 +38,17 @@ class Batch(TypedDict):
     bucket: NotRequired[str]
 
 
+def batch_images(batch: Batch, stage: str) -> torch.Tensor:
+    """The batch's images; a clear error when the data left them out (``data.format.decode_images=false``)."""
+    images = batch["image"]
+    if images is None:
+        raise ValueError(
+            f"the {stage} stage needs the images, but this batch has none (data.format.decode_images=false is for "
+            "training the diffusion stage on precomputed latents)"
+        )
+    return images
+
+
 def collate(samples: list[dict[str, Any]]) -> Batch:
     """Stack images, keep strings and metadata as lists, and sum the skip counts."""
     skipped: Counter[str] = Counter()

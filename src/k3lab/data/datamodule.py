@@ -26,6 +26,7 @@ class ShardSource(Protocol):
 
     def build(self) -> dict[str, list[str]]:
         """Build (or find) the shards; returns the shard paths per split."""
+        ...
 
 
 class EpochLoader(DataLoader):
@@ -41,7 +42,10 @@ class EpochLoader(DataLoader):
     Worker seeds come from the loader's own generator, so starting a pass never draws from the global random stream.
     """
 
-    def __init__(self, dataset: Any, *args: Any, **kwargs: Any) -> None:
+    dataset: ShardDataset
+    generator: torch.Generator
+
+    def __init__(self, dataset: ShardDataset, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, *args, **kwargs)
         self.pass_epoch = 0  # the epoch of the pass in progress

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence, TypeVar
+
 import numpy as np
 
 from k3lab.data.scene_spec import Scene, SceneObject
+
+T = TypeVar("T")
 
 SHAPE_WORDS: dict[str, list[tuple[str, str]]] = {  # (singular, plural)
     "circle": [("circle", "circles"), ("disk", "disks")],
@@ -22,7 +26,7 @@ RELATION_WORDS: dict[str, list[str]] = {
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 
-def _pick(rng: np.random.Generator, options: list) -> object:
+def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 

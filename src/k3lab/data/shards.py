@@ -58,9 +58,9 @@ def missing_local_shards(urls: Sequence[str]) -> list[str]:
 
 def _open(url: str) -> Any:
     if not is_local(url):
-        import webdataset as wds
+        from webdataset.gopen import gopen
 
-        return wds.gopen(url, "rb")
+        return gopen(url, "rb")
     return open(url.removeprefix("file://"), "rb")
 
 
@@ -233,7 +233,7 @@ class ShardDataset(IterableDataset):
             elif not caption.decode("utf-8", errors="replace").strip():
                 reason = "empty_caption"
         image = None
-        if reason is None:
+        if reason is None and image_bytes is not None:  # (no image bytes: reason is missing_image)
             try:
                 with Image.open(io.BytesIO(image_bytes)) as probe:
                     size = probe.size
@@ -278,12 +278,12 @@ class ShardDataset(IterableDataset):
             return None
         return sample
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | list[dict[str, Any]]]:
         # Read the epoch now (not lazily in the generator): the loader bumps it right after.
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (worker + self.worker_offset) % num_workers
-        stream = (
+        samples = (
             self._passes(worker, num_workers, self.epoch)
             if self.order.endless
             else self._iterate(
@@ -292,8 +292,7 @@ class ShardDataset(IterableDataset):
             )
         )
         skip = self.skip[worker] if worker < len(self.skip) else 0  # with buckets: whole batches
-        if self.buckets:
-            stream = self._batches(stream)  # type: ignore[assignment]
+        stream: Iterator[Any] = self._batches(samples) if self.buckets else samples
         return itertools.islice(stream, skip, None) if skip else stream
 
     def _batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:

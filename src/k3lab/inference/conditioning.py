@@ -25,15 +25,19 @@ from typing_extensions import override
 from k3lab.diffusion import Schedule
 from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.mapping import PriorMapping
+from k3lab.nn.clip import Clip
 from k3lab.nn.image_conditioning import ImageConditioning
+from k3lab.nn.prior import PriorTransformer
 from k3lab.nn.text_conditioning import TextConditioning
+from k3lab.nn.text_encoder import TextEncoderModule
+from k3lab.nn.unet import KandinskyUNet
 
 log = logging.getLogger(__name__)
 
 Cond = tuple[torch.Tensor, ...]
 
 
-def text_inputs(batch: Mapping[str, Any], text_encoder: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+def text_inputs(batch: Mapping[str, Any], text_encoder: TextEncoderModule | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw encoder states [B, L, D] and mask of a batch: precomputed when it carries them, else encoded now."""
     if "text_embedding" in batch:
         return batch["text_embedding"].float(), batch["text_mask"].bool()
@@ -52,12 +56,12 @@ class ConditioningArm(nn.Module):
         self.conditioning = conditioning
 
     def condition(
-        self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
+        self, batch: Mapping[str, Any], text_encoder: TextEncoderModule | None, drop: torch.Tensor | None = None
     ) -> Cond:
         """The U-Net's condition for a training/validation batch; rows where ``drop`` is true are unconditional."""
         raise NotImplementedError
 
-    def encode(self, text_encoder: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
+    def encode(self, text_encoder: TextEncoderModule, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
         """The U-Net's condition for prompts at sampling time (seeds drive any sampling inside the arm)."""
         raise NotImplementedError
 
@@ -86,7 +90,7 @@ class TextArm(ConditioningArm):
 
     @override
     def condition(
-        self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
+        self, batch: Mapping[str, Any], text_encoder: TextEncoderModule | None, drop: torch.Tensor | None = None
     ) -> Cond:
         hidden, mask = text_inputs(batch, text_encoder)
         device = self._device()
@@ -95,7 +99,7 @@ class TextArm(ConditioningArm):
             self.conditioning.replace_with_null(context, mask, drop.to(device)) if drop is not None else (context, mask)
         )
 
-    def encode(self, text_encoder: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
+    def encode(self, text_encoder: TextEncoderModule, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
         """Empty prompts become the unconditional (null) context, with a warning."""
         empty = torch.tensor([not p.strip() for p in prompts])
         if bool(empty.any()):
@@ -111,6 +115,8 @@ class TextArm(ConditioningArm):
 
     @override
     def with_conditioning(self, conditioning: nn.Module) -> TextArm:
+        if not isinstance(conditioning, TextConditioning):
+            raise TypeError(f"the text arm conditions through TextConditioning, not {type(conditioning).__name__}")
         return TextArm(conditioning)
 
 
@@ -123,8 +129,8 @@ class PriorArm(ConditioningArm):
     def __init__(
         self,
         conditioning: ImageConditioning,
-        clip: nn.Module,
-        prior: nn.Module | None,
+        clip: Clip,
+        prior: PriorTransformer | None,
         schedule: Schedule,
         prior_steps: int = DEFAULT_SAMPLING.prior_steps,
         prior_guidance: float = DEFAULT_SAMPLING.prior_guidance,
@@ -136,7 +142,7 @@ class PriorArm(ConditioningArm):
 
     @override
     def condition(
-        self, batch: Mapping[str, Any], text_encoder: nn.Module | None, drop: torch.Tensor | None = None
+        self, batch: Mapping[str, Any], text_encoder: TextEncoderModule | None, drop: torch.Tensor | None = None
     ) -> Cond:
         device = self._device()
         if "image_embedding" in batch:  # precomputed (python -m k3lab.precompute precompute.image_embeddings=true)
@@ -154,7 +160,7 @@ class PriorArm(ConditioningArm):
         return self.prior is not None
 
     @override
-    def encode(self, text_encoder: nn.Module, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
+    def encode(self, text_encoder: TextEncoderModule, prompts: Sequence[str], seeds: Sequence[int]) -> Cond:
         if self.prior is None:
             raise RuntimeError("sampling the mapping-prior arm needs a trained prior (mapping.prior)")
         hidden, mask = text_encoder.encode([p.strip() for p in prompts])
@@ -172,17 +178,19 @@ class PriorArm(ConditioningArm):
 
     @override
     def with_conditioning(self, conditioning: nn.Module) -> PriorArm:
-        return PriorArm(conditioning, self.clip, self.prior, self.schedule, self.prior_steps, self.prior_guidance)  # type: ignore[arg-type]
+        if not isinstance(conditioning, ImageConditioning):
+            raise TypeError(f"the prior arm conditions through ImageConditioning, not {type(conditioning).__name__}")
+        return PriorArm(conditioning, self.clip, self.prior, self.schedule, self.prior_steps, self.prior_guidance)
 
 
 def make_arm(
     encoder_dim: int,
-    unet: nn.Module,
+    unet: KandinskyUNet,
     schedule: Schedule,
     *,
     diffusers_compat: bool = False,
-    clip: nn.Module | None = None,
-    prior: nn.Module | None = None,
+    clip: Clip | None = None,
+    prior: PriorTransformer | None = None,
     image_tokens: int = 10,
     prior_steps: int = DEFAULT_SAMPLING.prior_steps,
     prior_guidance: float = DEFAULT_SAMPLING.prior_guidance,

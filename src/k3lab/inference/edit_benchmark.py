@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test = instantiate(cfg.data.source).build()["test"]
     from evaluation.images import load_shards
 
-    tasks = editing.make_tasks(((r.image, r.spec, r.prompt) for r in load_shards(test)), args.num, args.task_seed)
+    def scenes() -> Iterator[tuple[np.ndarray, dict[str, Any], str]]:
+        for r in load_shards(test):
+            if r.spec is None:
+                raise ValueError(f"{r.prompt_id}: an editing task needs the scene's spec (a scene world shard's .json)")
+            yield r.image, r.spec, r.prompt
+
+    tasks = editing.make_tasks(scenes(), args.num, args.task_seed)
     out = Path(args.out)
     editing.write_tasks(tasks, out)
     start = time.perf_counter()

@@ -16,11 +16,13 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from k3lab.nn.unet import KandinskyUNet
+
 BLENDS = ("pixel", "latent", "none")
 SIDES = ("left", "right", "top", "bottom")
 
 
-def is_inpainting(unet: torch.nn.Module) -> bool:
+def is_inpainting(unet: KandinskyUNet) -> bool:
     """True for a U-Net that reads ``[x_t, keep, masked latent]``: ``in = 2 * out + 1`` channels."""
     return int(unet.in_channels) == 2 * int(unet.out_channels) + 1
 
@@ -86,7 +88,7 @@ def paste_back(original: torch.Tensor, generated: torch.Tensor, hole: torch.Tens
 
 def parse_outpaint(spec: str) -> dict[str, int]:
     """'left=64,bottom=32' -> {'left': 64, 'right': 0, 'top': 0, 'bottom': 32} (pixels added on each side)."""
-    out = dict.fromkeys(SIDES, 0)
+    out: dict[str, int] = dict.fromkeys(SIDES, 0)
     for part in filter(None, (p.strip() for p in spec.split(","))):
         side, _, value = part.partition("=")
         side = side.strip().lower()

@@ -28,20 +28,23 @@ from k3lab.inference.editing import (
     paste_back,
     unet_input,
 )
+from k3lab.nn.first_stage import FirstStage
+from k3lab.nn.text_encoder import TextEncoderModule
+from k3lab.nn.unet import KandinskyUNet
 
 log = logging.getLogger(__name__)
 
 
-def check_resolution(resolution: int | Sequence[int], first_stage: nn.Module, unet: nn.Module) -> int:
+def check_resolution(resolution: int | Sequence[int], first_stage: FirstStage, unet: KandinskyUNet) -> int:
     """The latent size for ``resolution`` (one side, or the first of (height, width)); a clear error when a side is not
     divisible by first-stage x U-Net factors."""
     return latent_size(resolution, first_stage, unet)[0]
 
 
-def latent_size(resolution: int | Sequence[int], first_stage: nn.Module, unet: nn.Module) -> tuple[int, int]:
+def latent_size(resolution: int | Sequence[int], first_stage: FirstStage, unet: KandinskyUNet) -> tuple[int, int]:
     """(h, w) of the latent grid for an image of ``resolution`` (a side, or (height, width)); a clear error when a
     side is not divisible by first-stage x U-Net factors."""
-    first = int(getattr(first_stage, "downsample_factor", 1))
+    first = int(first_stage.downsample_factor)
     factor = first * int(unet.downsample_factor)
     sides = (int(resolution), int(resolution)) if isinstance(resolution, (int, float)) else tuple(map(int, resolution))
     for side in sides:
@@ -63,10 +66,10 @@ class Generator:
     encoder once every prompt is encoded (``encode`` first, then ``sample``).
     """
 
-    unet: nn.Module
+    unet: KandinskyUNet
     arm: ConditioningArm
-    text_encoder: nn.Module | None
-    first_stage: nn.Module
+    text_encoder: TextEncoderModule | None
+    first_stage: FirstStage
     schedule: Schedule
     prediction: str = "epsilon"
     latent_scale: float = 1.0
@@ -225,7 +228,7 @@ class Generator:
         if guidance_weight != 0:  # (without guidance the unconditional branch is never run)
             cond, uncond = match_lengths(cond, uncond)
         if self.inpainting:  # no mask: everything is generated (the image, if any, only seeds image-to-image)
-            factor = int(getattr(self.first_stage, "downsample_factor", 1))
+            factor = int(self.first_stage.downsample_factor)
             pixels = (size[0] * factor, size[1] * factor)
             hole = mask if mask is not None else torch.ones(len(seeds), 1, *pixels, device=self.device)
             blank = torch.zeros(len(seeds), 3, *pixels, device=self.device)
@@ -259,11 +262,11 @@ class Generator:
                     first_step=first,
                     **sampler_options,
                 )
-        if mask is not None and blend == "latent":
+        if mask is not None and image is not None and blend == "latent":  # (a mask always comes with its image)
             z = torch.where(latent_keep(mask, size).bool().expand_as(z), self.latent(image), z)
         with self._placed(self.first_stage):
             images = ((self.first_stage.decode(z / self.latent_scale).float() + 1) / 2).clamp(0, 1)
-        if mask is not None and blend == "pixel":
+        if mask is not None and image is not None and blend == "pixel":
             images = paste_back((image.to(images.device).float() + 1) / 2, images, mask)
         return images
 
@@ -325,7 +328,7 @@ class Generator:
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         *,
         negative_prompts: Sequence[str] | None = None,
-        **options: object,
+        **options: Any,
     ) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] for ``prompts`` (``options``: :meth:`sample`'s editing and sampler options)."""
         if len(prompts) != len(seeds):

@@ -14,6 +14,7 @@ from k3lab.diffusion.settings import SamplingSettings
 from k3lab.inference.conditioning import PriorArm, TextArm, make_arm
 from k3lab.inference.generator import Generator
 from k3lab.io.checkpoint import CheckpointError, check_stage, describe, load_state_dict, load_weights, select_prefix
+from k3lab.io.options import plain_dict
 from k3lab.nn.first_stage import LatentScale
 from k3lab.nn.text_encoder import frozen_text_encoder
 
@@ -99,7 +100,7 @@ def load_generator(
 def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None = None) -> DictConfig:
     """The run's text-encoder config with the user's overrides. ``path`` swaps in a generic Hugging Face encoder from
     that folder (whatever factory the run used, e.g. the packaged MiniLM); ``dtype`` is passed to any target."""
-    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    node = OmegaConf.create(plain_dict(node, "model.text_encoder"))
     if path:
         keep = {k: node[k] for k in ("dtype", "max_length", "family") if k in node}
         node = OmegaConf.create({"_target_": "k3lab.nn.text_encoder.TextEncoder", "path": str(path), **keep})

@@ -10,6 +10,7 @@ from torch import nn
 
 from k3lab.diffusion import Schedule, cfg_denoiser, get_sampler, to_epsilon
 from k3lab.diffusion.settings import DEFAULT_SAMPLING
+from k3lab.nn.prior import PriorTransformer
 
 
 def text_for_prior(
@@ -33,7 +34,7 @@ def null_text(
 class PriorMapping:
     """Samples normalised embeddings with the prior, returns them denormalised (the CLIP's own scale)."""
 
-    prior: nn.Module
+    prior: PriorTransformer
     schedule: Schedule
     steps: int = DEFAULT_SAMPLING.prior_steps
     guidance_weight: float = (
@@ -82,6 +83,8 @@ def evaluate_prior(
 
     cfg = check_stage(checkpoint, "prior")
     prior = load_frozen(checkpoint, "prior", "prior")
+    if not isinstance(prior, PriorTransformer):
+        raise TypeError(f"{checkpoint}: model.prior is a {type(prior).__name__}, not a PriorTransformer")
     clip, encoder = instantiate(cfg.mapping.clip), instantiate(cfg.model.text_encoder.encoder)
     mapping = PriorMapping(
         prior, Schedule.named(str(cfg.stage.schedule), int(cfg.stage.num_timesteps)), steps, guidance_weight

@@ -89,7 +89,8 @@ def sample(args: argparse.Namespace) -> int:
     def encode_batch(b: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
         seeds = [s for _, s in batches[b]]
         cond = generator.encode([row["prompt"] for row, _ in batches[b]], seeds)
-        return cond, generator.encode(negatives[b], seeds) if negatives[b] is not None else None
+        negative = negatives[b]
+        return cond, generator.encode(negative, seeds) if negative is not None else None
 
     encoded = None
     if args.free_text_encoder:  # encode everything first, then drop the encoder before the U-Net runs
@@ -126,7 +127,7 @@ def sample(args: argparse.Namespace) -> int:
                     "unet_dtype": generator.unet_dtype,
                     "resolution": resolution if edit["image"] is None else list(edit["image"].shape[-2:]),
                     "checkpoint": str(Path(args.checkpoint).resolve()),
-                    **({"negative": negatives[b][batch.index((row, seed))]} if negatives[b] is not None else {}),
+                    **({"negative": neg[batch.index((row, seed))]} if (neg := negatives[b]) is not None else {}),
                     **edit["meta"],
                 }
             )
@@ -152,7 +153,7 @@ def editing_inputs(args: argparse.Namespace, resolution: int) -> dict[str, Any]:
         raise ValueError("--image needs --mask (inpainting), --outpaint or --strength < 1 (image to image)")
     size = (resolution, resolution) if args.resolution else None
     image = load_image(args.image, size)
-    mask = load_mask(args.mask, tuple(image.shape[-2:])) if args.mask else None
+    mask = load_mask(args.mask, (image.shape[-2], image.shape[-1])) if args.mask else None
     meta: dict[str, Any] = {"image": str(Path(args.image).resolve()), "strength": args.strength, "blend": args.blend}
     if args.mask:
         meta["mask"] = str(Path(args.mask).resolve())

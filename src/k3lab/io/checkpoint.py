@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from k3lab.nn.first_stage import FirstStage
 from k3lab.nn.weights import CheckpointError, load_state_dict
 
 __all__ = [
@@ -294,10 +295,11 @@ def load_frozen(checkpoint: str | Path | None, stage: str, part: str) -> nn.Modu
     return load_model(checkpoint, part).eval().requires_grad_(False)
 
 
-def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
+def load_first_stage(checkpoint: str | None, channels: int = 3) -> FirstStage:
     """``checkpoint=None``: Identity (pixel space); else the autoencoder stage's exported weights
     (``autoencoder.safetensors``, or its Lightning ``.ckpt``) with the ``config.yaml`` beside them, frozen."""
     from k3lab.nn.first_stage import FrozenMoVQ, IdentityFirstStage
+    from k3lab.nn.movq import MoVQ
 
     if checkpoint is None:
         return IdentityFirstStage(channels)
@@ -306,4 +308,7 @@ def load_first_stage(checkpoint: str | None, channels: int = 3) -> nn.Module:
         raise FileNotFoundError(
             f"first stage checkpoint not found: {checkpoint} (train one with experiment=autoencoder_tiny)"
         )
-    return FrozenMoVQ(load_model(checkpoint, "autoencoder"))
+    movq = load_model(checkpoint, "autoencoder")
+    if not isinstance(movq, MoVQ):
+        raise CheckpointError(f"{checkpoint}: model.autoencoder is a {type(movq).__name__}, not a MoVQ")
+    return FrozenMoVQ(movq)

@@ -28,3 +28,17 @@ def group_of(cls: type[G], value: G | Mapping[str, Any] | None, name: str) -> G:
         return cls(**{str(k): value[k] for k in value})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from e
+
+
+def plain_dict(node: Any, name: str) -> dict[str, Any]:
+    """A config node (DictConfig, mapping or None) as a plain, resolved dict; anything else is an error naming
+    ``name``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{name}: expected a mapping, got {type(node).__name__} ({node!r})")
+    return {str(k): v for k, v in node.items()}

@@ -8,7 +8,7 @@ file): a model scored in the embedding space it was trained on would get an unfa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -22,11 +22,18 @@ class Clip(nn.Module):
     """An open_clip CLIP with k3lab's calling convention: images in [-1, 1], captions as strings; embeddings are
     the unnormalised projections (what unCLIP priors predict)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, context_length: int, image_size: int, name: str) -> None:
         super().__init__()
-        self.model, self.context_length, self.image_size, self.name = model, context_length, image_size, name
+        # an open_clip CLIP or CustomTextCLIP (open_clip types neither's members as a shared interface)
+        self.model: Any = model
+        self.context_length, self.image_size, self.name = context_length, image_size, name
         self.embed_dim = (
-            int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else int(model.visual.output_dim)
+            int(self.model.text_projection.shape[1])
+            if hasattr(model, "text_projection")
+            else int(self.model.visual.output_dim)
         )
         self.register_buffer("mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
@@ -72,25 +79,18 @@ def small_clip(
     """The embedded default's conditioning CLIP (untrained until ``stage=clip`` trains it): a ViT and a text
     transformer of 3 layers x 96, 96-d embeddings; other sizes and seed than the evaluation's reference CLIP."""
     import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's global random stream
         torch.manual_seed(seed)
         model = open_clip.CLIP(
             embed_dim=embed_dim,
-            vision_cfg={
-                "image_size": image_size,
-                "layers": vision_layers,
-                "width": vision_width,
-                "head_width": 32,
-                "patch_size": patch_size,
-            },
-            text_cfg={
-                "context_length": context_length,
-                "vocab_size": 49408,
-                "width": text_width,
-                "heads": 4,
-                "layers": text_layers,
-            },
+            vision_cfg=CLIPVisionCfg(
+                image_size=image_size, layers=vision_layers, width=vision_width, head_width=32, patch_size=patch_size
+            ),
+            text_cfg=CLIPTextCfg(
+                context_length=context_length, vocab_size=49408, width=text_width, heads=4, layers=text_layers
+            ),
         )
     return Clip(model, context_length, image_size, NAME)
 

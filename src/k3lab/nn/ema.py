@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import copy
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 from typing_extensions import override
 
+M = TypeVar("M", bound=nn.Module)
 
-class EMA(nn.Module):
+
+class EMA(nn.Module, Generic[M]):
     """Holds a frozen copy of ``model``; ``update`` blends it toward the live weights.
 
     The effective decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so short runs
     are not dominated by the initial weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+    num_updates: torch.Tensor
+
+    def __init__(self, model: M, decay: float = 0.9999) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module: M = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -30,7 +35,8 @@ class EMA(nn.Module):
         self.num_updates += 1
         n = float(self.num_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        averaged, live = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        averaged: list[torch.Tensor] = list(self.module.parameters())
+        live = [p.detach() for p in model.parameters()]
         if len(averaged) != len(live):
             raise ValueError(f"EMA.update: the model has {len(live)} parameters, its average {len(averaged)}")
         # one multi-tensor kernel per dtype/device group instead of a Python loop over ~100 small tensors

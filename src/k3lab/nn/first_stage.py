@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from k3lab.nn.movq import MoVQ
+
 
 class IdentityFirstStage(nn.Module):
     """Pixel-space diffusion: images are their own 'latents' (toy runs and tests)."""
@@ -29,7 +31,7 @@ class FrozenMoVQ(nn.Module):
     """A trained MoVQ, frozen and in eval mode: ``encode`` gives the continuous latent (after quant_conv),
     ``decode`` decodes it without quantisation; images in [-1, 1]."""
 
-    def __init__(self, movq: nn.Module) -> None:
+    def __init__(self, movq: MoVQ) -> None:
         super().__init__()
         self.movq = movq.eval().requires_grad_(False)
         self.downsample_factor = int(movq.downsample_factor)
@@ -50,9 +52,15 @@ class FrozenMoVQ(nn.Module):
         return self.movq.decode(z, quantize=False)
 
 
+# What a diffusion stage encodes images with: pixels (Identity) or the frozen MoVQ.
+FirstStage = IdentityFirstStage | FrozenMoVQ
+
+
 class LatentScale(nn.Module):
     """The factor latents are multiplied by before diffusion (a buffer, so checkpoints and exports keep it);
     NaN until measured when the stage is configured with ``latent_scale: auto``."""
+
+    value: torch.Tensor
 
     def __init__(self, value: float = 1.0) -> None:
         super().__init__()

@@ -12,6 +12,8 @@ class ImageConditioning(nn.Module):
     tokens + LayerNorm (2.2's image projection), and Linear + LayerNorm added to the U-Net's time embedding
     (2.2's image time embedding). ``negative`` is the unconditional embedding (CLIP of a zero image, as 2.2)."""
 
+    negative: torch.Tensor
+
     def __init__(self, clip_dim: int, context_dim: int, time_dim: int, num_tokens: int = 10) -> None:
         super().__init__()
         self.clip_dim, self.context_dim, self.num_tokens = clip_dim, context_dim, num_tokens

@@ -7,7 +7,7 @@ spatial norm driven by the latent before ``post_quant_conv``. Kandinsky 3 decode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,43 @@ class AutoencoderOutput:
     latent: torch.Tensor
     codebook_loss: torch.Tensor
     indices: torch.Tensor | None
+
+
+class Level(nn.Module):
+    """One resolution level in the taming key layout: ``block.<i>``, ``attn.<i>`` (empty without attention) and an
+    optional ``downsample`` (encoder) or ``upsample`` (decoder) under that name."""
+
+    def __init__(self, resample_name: str, resample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.resample_name = resample_name
+        if resample is not None:
+            self.add_module(resample_name, resample)
+
+    def resample(self, h: torch.Tensor) -> torch.Tensor:
+        """The level's down/upsampler applied to ``h`` (``h`` itself at the level that has none)."""
+        module = self._modules.get(self.resample_name)
+        return module(h) if module is not None else h
+
+
+class Mid(nn.Module):
+    """The middle of the encoder/decoder: ResNet block, attention, ResNet block (``mid.block_1`` ... keys)."""
+
+    def __init__(self, width: int, zq_channels: int | None, dropout: float, num_groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(width, width, zq_channels, dropout, num_groups)
+        self.attn_1 = AttnBlock(width, zq_channels, num_groups)
+        self.block_2 = ResnetBlock(width, width, zq_channels, dropout, num_groups)
+
+    @override
+    def forward(self, h: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h, zq), zq), zq)
+
+
+def levels_of(modules: nn.ModuleList) -> list[Level]:
+    """The encoder's or decoder's levels, typed."""
+    return [m for m in modules if isinstance(m, Level)]
 
 
 class Encoder(nn.Module):
@@ -48,35 +85,29 @@ class Encoder(nn.Module):
         block_in = ch
         self.down = nn.ModuleList()
         for level, block_out in enumerate(widths):
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            stage.attn = nn.ModuleList()
+            stage = Level("downsample")
             for _ in range(num_res_blocks):
                 stage.block.append(ResnetBlock(block_in, block_out, None, dropout, num_groups))
                 block_in = block_out
                 if level in attn_levels:
                     stage.attn.append(AttnBlock(block_in, None, num_groups))
             if level != len(widths) - 1:
-                stage.downsample = Downsample(block_in)
+                stage.add_module("downsample", Downsample(block_in))
             self.down.append(stage)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, None, dropout, num_groups)
-        self.mid.attn_1 = AttnBlock(block_in, None, num_groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, None, dropout, num_groups)
+        self.mid = Mid(block_in, None, dropout, num_groups)
         self.norm_out = Norm(block_in, None, num_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for stage in self.down:
+        for stage in levels_of(self.down):
             for i, block in enumerate(stage.block):
                 h = block(h)
                 if len(stage.attn) > 0:
                     h = stage.attn[i](h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+            h = stage.resample(h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -99,22 +130,17 @@ class Decoder(nn.Module):
         widths = [ch * m for m in ch_mult]
         block_in = widths[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, zq_channels, dropout, num_groups)
-        self.mid.attn_1 = AttnBlock(block_in, zq_channels, num_groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, zq_channels, dropout, num_groups)
+        self.mid = Mid(block_in, zq_channels, dropout, num_groups)
         up: list[nn.Module] = []
         for level in reversed(range(len(widths))):
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            stage.attn = nn.ModuleList()
+            stage = Level("upsample")
             for _ in range(num_res_blocks + 1):
                 stage.block.append(ResnetBlock(block_in, widths[level], zq_channels, dropout, num_groups))
                 block_in = widths[level]
                 if level in attn_levels:
                     stage.attn.append(AttnBlock(block_in, zq_channels, num_groups))
             if level != 0:
-                stage.upsample = Upsample(block_in)
+                stage.add_module("upsample", Upsample(block_in))
             up.insert(0, stage)  # keep ``up[level]`` indexing (taming key layout)
         self.up = nn.ModuleList(up)
         self.norm_out = Norm(block_in, zq_channels, num_groups)
@@ -122,17 +148,13 @@ class Decoder(nn.Module):
 
     @override
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = self.mid.block_1(h, zq)
-        h = self.mid.attn_1(h, zq)
-        h = self.mid.block_2(h, zq)
-        for stage in reversed(self.up):
+        h = self.mid(self.conv_in(z), zq)
+        for stage in reversed(levels_of(self.up)):
             for i, block in enumerate(stage.block):
                 h = block(h, zq)
                 if len(stage.attn) > 0:
                     h = stage.attn[i](h, zq)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+            h = stage.resample(h)
         return self.conv_out(F.silu(self.norm_out(h, zq)))
 
 
@@ -170,7 +192,7 @@ class MoVQ(nn.Module):
                     f"MoVQ: every width ch*ch_mult={[ch * m for m in ch_mult]} must divide by {name}={groups}"
                 )
         levels = tuple(attn_levels) if attn_levels is not None else (len(ch_mult) - 1,)
-        self.config = dict(
+        self.config: dict[str, Any] = dict(
             in_channels=in_channels,
             out_channels=out_channels,
             ch=ch,

@@ -26,6 +26,9 @@ class QuantizerOutput:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup over the channel dimension of a [B, C, H, W] latent."""
 
+    usage: torch.Tensor
+    calls: torch.Tensor
+
     def __init__(
         self,
         n_embed: int,

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from k3lab.nn.unet import KandinskyUNet
 from k3lab.nn.unet_blocks import AttentionBlock, ResidualBlock
 
 GIB = 1024**3
@@ -72,7 +73,7 @@ class Activations:
 
 
 def activation_bytes(
-    unet: nn.Module, latent: int, context_tokens: int, dtype: torch.dtype = torch.bfloat16
+    unet: KandinskyUNet, latent: int, context_tokens: int, dtype: torch.dtype = torch.bfloat16
 ) -> Activations:
     """One sample's saved activations, measured by one forward pass on ``unet``'s device (the meta device: nothing
     allocated; a real device gives the same count).
@@ -134,7 +135,7 @@ class MemoryRow:
 
 
 def memory_plan(
-    unet: nn.Module,
+    unet: KandinskyUNet,
     gpus: Sequence[int] = (1, 8, 64),
     latent: int = 64,
     context_tokens: int = 128,

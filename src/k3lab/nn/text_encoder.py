@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,9 +32,21 @@ class TextEncoderLike(Protocol):
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [B, L, D] and attention mask [B, L] for ``prompts``."""
+        ...
 
 
-def frozen_text_encoder(encoder: nn.Module, expected_dim: int | None = None) -> nn.Module:
+class TextEncoderModule(nn.Module):
+    """The static type :func:`frozen_text_encoder` returns: an ``nn.Module`` with the :class:`TextEncoderLike` members
+    (Python typing has no intersection type; the members are checked at run time). Encoders need not subclass it."""
+
+    dim: int
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [B, L, D] and attention mask [B, L] for ``prompts``."""
+        raise NotImplementedError
+
+
+def frozen_text_encoder(encoder: nn.Module, expected_dim: int | None = None) -> TextEncoderModule:
     """``encoder`` checked against :class:`TextEncoderLike` (and ``expected_dim``, a config's value), in eval mode with
     every parameter frozen."""
     if not isinstance(encoder, TextEncoderLike) or not isinstance(encoder, nn.Module):
@@ -50,7 +62,7 @@ def frozen_text_encoder(encoder: nn.Module, expected_dim: int | None = None) -> 
             f"config says {expected_dim} (model.text_encoder.dim / stage.encoder_dim): the model's own width wins, fix "
             "the config"
         )
-    return encoder.eval().requires_grad_(False)
+    return cast(TextEncoderModule, encoder.eval().requires_grad_(False))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

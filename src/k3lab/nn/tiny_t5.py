@@ -52,10 +52,10 @@ def build_tiny_t5(
         relative_attention_max_distance=128,
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
         is_encoder_decoder=False,
         use_cache=False,
     )
+    config.decoder_start_token_id = 0  # (an encoder-only config still records it, as T5 checkpoints do)
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's global random stream
         torch.manual_seed(seed)
         model = T5EncoderModel(config).eval()

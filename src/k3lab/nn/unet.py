@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -39,13 +39,14 @@ class SinusoidalEmbedding(nn.Module):
 
 
 def _apply(
-    blocks: nn.ModuleList,
+    blocks: nn.Module,
     x: torch.Tensor,
     time_embed: torch.Tensor,
     context: torch.Tensor | None,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One [Res, attention-or-Identity, Res] triple."""
+    """One [Res, attention-or-Identity, Res] triple (a ModuleList)."""
+    assert isinstance(blocks, nn.ModuleList)
     res_in, attn, res_out = blocks
     x = res_in(x, time_embed)
     if isinstance(attn, AttentionBlock):
@@ -193,7 +194,7 @@ class KandinskyUNet(nn.Module):
         dims = [init_channels, *(model_channels * m for m in dim_mult)]
         levels = list(zip(dims[:-1], dims[1:], strict=False))
         n = len(levels)
-        common = dict(
+        common: dict[str, Any] = dict(
             time_dim=time_embed_dim, block=block, groups=groups, head_dim=head_dim, expansion_ratio=expansion_ratio
         )
         self.down_samples = nn.ModuleList(

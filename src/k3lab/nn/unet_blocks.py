@@ -25,8 +25,10 @@ class ConditionalGroupNorm(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, affine=False)
         self.context_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * channels))
-        nn.init.zeros_(self.context_mlp[1].weight)
-        nn.init.zeros_(self.context_mlp[1].bias)
+        projection = self.context_mlp[1]
+        assert isinstance(projection, nn.Linear)
+        nn.init.zeros_(projection.weight)
+        nn.init.zeros_(projection.bias)
 
     @override
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,7 @@ class BlockFactory(Protocol):
         self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32, resample: Resample = None
     ) -> nn.Module:
         """A residual block from ``in_channels`` to ``out_channels``, optionally resampling (up or down)."""
+        ...
 
 
 class AttentionBlock(nn.Module):

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from typing_extensions import override
 
-from k3lab.data.batch import Batch
+from k3lab.data.batch import Batch, batch_images
 from k3lab.nn.ema import EMA
 from k3lab.nn.losses import hinge_discriminator_loss, hinge_generator_loss, reconstruction_loss
 from k3lab.nn.movq import MoVQ
@@ -27,6 +27,8 @@ from k3lab.tracking import log_image
 
 class AutoencoderStage(L.LightningModule):
     """Trains a :class:`~k3lab.nn.movq.MoVQ`; validation reports PSNR/SSIM of the (EMA) model."""
+
+    batches_seen: torch.Tensor
 
     def __init__(
         self,
@@ -83,42 +85,43 @@ class AutoencoderStage(L.LightningModule):
 
     def disc_active(self) -> bool:
         """Whether the discriminator trains yet (after ``disc_start`` batches)."""
-        return self.discriminator is not None and int(self.batches_seen) >= self.hparams.disc_start
+        return self.discriminator is not None and int(self.batches_seen) >= self.hparams["disc_start"]
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         optimizers = self.optimizers()
-        opt_ae = optimizers[0] if isinstance(optimizers, list) else optimizers
-        x = batch["image"]
-        out = self.autoencoder(x, quantize=hp.quantize)
+        opts = optimizers if isinstance(optimizers, list) else [optimizers]
+        opt_ae = opts[0]
+        x = batch_images(batch, "autoencoder")
+        out = self.autoencoder(x, quantize=hp["quantize"])
         x_hat = out.reconstruction
-        rec = reconstruction_loss(x, x_hat, hp.reconstruction)
-        loss = rec + hp.codebook_weight * out.codebook_loss
+        rec = reconstruction_loss(x, x_hat, hp["reconstruction"])
+        loss = rec + hp["codebook_weight"] * out.codebook_loss
         logs = {"train/rec_loss": rec, "train/codebook_loss": out.codebook_loss}
         if self.perceptual is not None:
             p = self.perceptual(x_hat, x).mean()
-            loss = loss + hp.perceptual_weight * p
+            loss = loss + hp["perceptual_weight"] * p
             logs["train/perceptual_loss"] = p
-        disc_on = self.disc_active()
-        if disc_on:
-            self.discriminator.requires_grad_(False)
-            g = hinge_generator_loss(self.discriminator(x_hat))
-            self.discriminator.requires_grad_(True)
-            loss = loss + hp.disc_weight * g
+        disc = self.discriminator if self.disc_active() else None
+        if disc is not None:
+            disc.requires_grad_(False)
+            g = hinge_generator_loss(disc(x_hat))
+            disc.requires_grad_(True)
+            loss = loss + hp["disc_weight"] * g
             logs["train/g_loss"] = g
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if hp.grad_clip:
-            self.clip_gradients(opt_ae, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        if hp["grad_clip"]:
+            self.clip_gradients(opt_ae.optimizer, gradient_clip_val=hp["grad_clip"], gradient_clip_algorithm="norm")
         opt_ae.step()
-        if disc_on:
-            opt_d = optimizers[1]
-            d = hinge_discriminator_loss(self.discriminator(x.detach()), self.discriminator(x_hat.detach()))
+        if disc is not None:
+            opt_d = opts[1]
+            d = hinge_discriminator_loss(disc(x.detach()), disc(x_hat.detach()))
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d)
-            if hp.grad_clip:
-                self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            if hp["grad_clip"]:
+                self.clip_gradients(opt_d.optimizer, gradient_clip_val=hp["grad_clip"], gradient_clip_algorithm="norm")
             opt_d.step()
             logs["train/d_loss"] = d
         if self.autoencoder_ema is not None:
@@ -137,23 +140,24 @@ class AutoencoderStage(L.LightningModule):
     @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         model = self.eval_model()
-        x = batch["image"]
+        x = batch_images(batch, "autoencoder")
         latent = model.encode(x)  # encoded once for both decode paths
-        x_hat = model.decode(latent, quantize=self.hparams.quantize)
+        x_hat = model.decode(latent, quantize=self.hparams["quantize"])
         x01, xh01 = (x + 1) / 2, ((x_hat + 1) / 2).clamp(0, 1)
         self.val_psnr.update(xh01, x01)
         self.val_ssim.update(xh01, x01)
-        x_cont = xh01 if not self.hparams.quantize else ((model.decode(latent, quantize=False) + 1) / 2).clamp(0, 1)
+        x_cont = xh01 if not self.hparams["quantize"] else ((model.decode(latent, quantize=False) + 1) / 2).clamp(0, 1)
         self.val_psnr_continuous.update(x_cont, x01)
         if batch_idx == 0:
-            n = min(self.hparams.num_grid_images, x.shape[0])
+            n = min(self.hparams["num_grid_images"], x.shape[0])
             grid = torchvision.utils.make_grid(torch.cat([x01[:n], xh01[:n]]), nrow=n, padding=1)
-            log_image(self.loggers, grid, "val/reconstructions", int(self.batches_seen), self.hparams.image_dir)
+            log_image(self.loggers, grid, "val/reconstructions", int(self.batches_seen), self.hparams["image_dir"])
 
     @override
     def on_validation_epoch_end(self) -> None:
         self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
-        self.log("val/ssim", self.val_ssim.compute())
+        ssim = self.val_ssim.compute()  # (typed Tensor | tuple: the tuple only with return_full_image=True)
+        self.log("val/ssim", ssim if isinstance(ssim, torch.Tensor) else ssim[0])
         self.log("val/psnr_continuous", self.val_psnr_continuous.compute())
         for metric in (self.val_psnr, self.val_ssim, self.val_psnr_continuous):
             metric.reset()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from k3lab.data.batch import Batch
+from k3lab.data.batch import Batch, batch_images
 from k3lab.nn.clip import Clip
 from k3lab.stages.common import OptimizerFactory, with_warmup
 
@@ -42,18 +42,19 @@ class ClipStage(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict:
-        return with_warmup(self.optimizer_factory(self.clip.parameters()), self.hparams.warmup_steps)
+        return with_warmup(self.optimizer_factory(self.clip.parameters()), self.hparams["warmup_steps"])
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = clip_loss(*self.clip(batch["image"], batch["caption"]))
-        self.log("train/loss", loss.detach(), batch_size=batch["image"].shape[0])
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["image"].shape[0])
+        images = batch_images(batch, "clip")
+        loss = clip_loss(*self.clip(images, batch["caption"]))
+        self.log("train/loss", loss.detach(), batch_size=images.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=images.shape[0])
         return loss
 
     @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        img, txt, _ = self.clip(batch["image"], batch["caption"])
+        img, txt, _ = self.clip(batch_images(batch, "clip"), batch["caption"])
         pred = (img @ txt.t()).argmax(dim=1).tolist()
         captions = batch["caption"]
         hits = sum(captions[j] == captions[i] for i, j in enumerate(pred))

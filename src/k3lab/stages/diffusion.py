@@ -8,7 +8,7 @@ import logging
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import lightning as L
 import numpy as np
@@ -23,9 +23,12 @@ from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.inference.conditioning import ConditioningArm, make_arm
 from k3lab.inference.editing import expand_input_channels, is_inpainting, unet_input
 from k3lab.inference.generator import Generator, check_resolution, latent_size
+from k3lab.nn.clip import Clip
 from k3lab.nn.ema import EMA
-from k3lab.nn.first_stage import LatentScale
+from k3lab.nn.first_stage import FirstStage, LatentScale
+from k3lab.nn.prior import PriorTransformer
 from k3lab.nn.text_encoder import frozen_text_encoder
+from k3lab.nn.unet import KandinskyUNet
 from k3lab.stages.common import OptimizerFactory, clip_by_norm, with_warmup
 from k3lab.stages.options import (
     SWITCH_VALUES,
@@ -63,8 +66,8 @@ class DiffusionStage(L.LightningModule):
 
     def __init__(
         self,
-        unet: nn.Module,
-        first_stage: nn.Module,  # frozen MoVQ or Identity (k3lab.nn.first_stage)
+        unet: KandinskyUNet,
+        first_stage: FirstStage,  # frozen MoVQ or Identity (k3lab.nn.first_stage)
         text_encoder: nn.Module | None = None,  # frozen; None when batches carry precomputed embeddings
         encoder_dim: int | None = None,  # text-encoder width (default: text_encoder.dim)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
@@ -76,8 +79,8 @@ class DiffusionStage(L.LightningModule):
         latent_scale: float | str = 1.0,  # multiply latents by this; "auto" = 1/std of the first batch
         init_weights: str | None = None,  # start from a checkpoint folder's unet/conditioning exports (fine-tuning)
         compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
-        clip: nn.Module | None = None,  # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
-        prior: nn.Module | None = None,  # mapping-prior arm: frozen trained prior, used for sampling
+        clip: Clip | None = None,  # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
+        prior: PriorTransformer | None = None,  # mapping-prior arm: frozen trained prior, used for sampling
     ) -> None:
         super().__init__()
         self.optim_options = group_of(OptimOptions, optim, "stage.optim")
@@ -146,7 +149,7 @@ class DiffusionStage(L.LightningModule):
         self.latent_scale = LatentScale(float("nan") if latent_scale == "auto" else float(latent_scale))
 
     @staticmethod
-    def check_channels(latent_channels: int, unet: nn.Module) -> None:
+    def check_channels(latent_channels: int, unet: KandinskyUNet) -> None:
         """The U-Net reads and predicts first-stage latents (an inpainting stage overrides this)."""
         if (int(unet.in_channels), int(unet.out_channels)) != (latent_channels, latent_channels):
             raise ValueError(
@@ -180,7 +183,7 @@ class DiffusionStage(L.LightningModule):
         unet, arm = self.eval_modules()
         return {"unet": unet, arm.export_name: arm.conditioning, "latent_scale": self.latent_scale}
 
-    def eval_modules(self) -> tuple[nn.Module, ConditioningArm]:
+    def eval_modules(self) -> tuple[KandinskyUNet, ConditioningArm]:
         """The U-Net and the arm that sampling and export use: around the EMA copies when kept."""
         if self.unet_ema is not None and self.conditioning_ema is not None:
             return self.unet_ema.module, self.arm.with_conditioning(self.conditioning_ema.module)
@@ -195,7 +198,7 @@ class DiffusionStage(L.LightningModule):
         params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
         factory = self.optimizer_factory
         if switch_on(self.optim_options.fused, self.device) and accepts_fused(factory):
-            factory = partial(factory, fused=True)
+            factory = partial(cast(Callable[..., Optimizer], factory), fused=True)
         return with_warmup(
             factory(params),
             int(self.optim_options.warmup_steps),

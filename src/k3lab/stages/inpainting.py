@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from typing_extensions import override
 
-from k3lab.data.batch import Batch
+from k3lab.data.batch import Batch, batch_images
 from k3lab.data.masks import MaskGenerator
 from k3lab.inference.editing import inpainting_channels, latent_keep, masked_image
+from k3lab.nn.unet import KandinskyUNet
 from k3lab.stages.diffusion import DiffusionStage
 
 
@@ -35,7 +35,7 @@ class InpaintingStage(DiffusionStage):
 
     @staticmethod
     @override
-    def check_channels(latent_channels: int, unet: nn.Module) -> None:
+    def check_channels(latent_channels: int, unet: KandinskyUNet) -> None:
         want = (2 * latent_channels + 1, latent_channels)
         if (int(unet.in_channels), int(unet.out_channels)) != want:
             raise ValueError(
@@ -47,9 +47,9 @@ class InpaintingStage(DiffusionStage):
     def image_condition(self, batch: Batch, z: torch.Tensor, train: bool) -> torch.Tensor:
         """Keep mask and scaled masked-image latent; validation draws its masks from a fixed seed (comparable
         losses)."""
-        image = batch["image"]
+        image = batch_images(batch, "inpainting")
         gen = None if train else torch.Generator().manual_seed(int(self.validation_options.seed))
-        hole = self.masks(batch["metadata"], tuple(image.shape[-2:]), gen, device=image.device)
+        hole = self.masks(batch["metadata"], (image.shape[-2], image.shape[-1]), gen, device=image.device)
         with torch.no_grad():
             masked = self.first_stage.encode(masked_image(image, hole)).float() * self.latent_scale.value
-        return inpainting_channels(latent_keep(hole, tuple(z.shape[-2:])), masked)
+        return inpainting_channels(latent_keep(hole, (z.shape[-2], z.shape[-1])), masked)

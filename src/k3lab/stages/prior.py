@@ -13,10 +13,11 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from k3lab.data.batch import Batch
+from k3lab.data.batch import Batch, batch_images
 from k3lab.diffusion import Schedule, diffusion_loss
 from k3lab.diffusion.settings import DEFAULT_SAMPLING
 from k3lab.inference.mapping import PriorMapping, null_text, text_for_prior
+from k3lab.nn.clip import Clip
 from k3lab.nn.ema import EMA
 from k3lab.nn.prior import PriorTransformer
 from k3lab.nn.text_encoder import frozen_text_encoder
@@ -33,7 +34,7 @@ class PriorStage(L.LightningModule):
         self,
         prior: PriorTransformer | None,
         text_encoder: nn.Module,  # frozen, the same encoder the U-Net arm uses
-        clip: nn.Module | None,  # frozen conditioning CLIP (never the evaluation's CLIP)
+        clip: Clip | None,  # frozen conditioning CLIP (never the evaluation's CLIP)
         optimizer: OptimizerFactory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
         warmup_steps: int = 100,
         schedule: str = "cosine",
@@ -75,19 +76,20 @@ class PriorStage(L.LightningModule):
 
     def eval_prior(self) -> PriorTransformer:
         """The prior used for evaluation and export: the EMA copy when kept."""
-        return self.prior_ema.module if self.prior_ema is not None else self.prior  # type: ignore[return-value]
+        return self.prior_ema.module if self.prior_ema is not None else self.prior
 
     @override
     def configure_optimizers(self) -> dict:
         return with_warmup(
-            self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad]), self.hparams.warmup_steps
+            self.optimizer_factory([p for p in self.prior.parameters() if p.requires_grad]),
+            self.hparams["warmup_steps"],
         )
 
     @override
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        clip_by_norm(self, optimizer, self.hparams.grad_clip, gradient_clip_val)
+        clip_by_norm(self, optimizer, self.hparams["grad_clip"], gradient_clip_val)
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
@@ -99,10 +101,13 @@ class PriorStage(L.LightningModule):
         if bool(self.stats_ready):
             return
         embs = []
-        for i, batch in enumerate(self.trainer.datamodule.train_dataloader()):
-            if i >= self.hparams.stats_batches:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise RuntimeError("the prior stage estimates its embedding statistics from the trainer's datamodule")
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= self.hparams["stats_batches"]:
                 break
-            embs.append(self.image_embeddings(batch["image"].to(self.device)))
+            embs.append(self.image_embeddings(batch_images(batch, "prior").to(self.device)))
         emb = torch.cat(embs)
         for prior in filter(None, (self.prior, self.eval_prior())):
             prior.clip_mean.data.copy_(emb.mean(0, keepdim=True))
@@ -114,12 +119,12 @@ class PriorStage(L.LightningModule):
         """The prior's inputs for a batch: text tokens, pooled text, mask and the target image embeddings."""
         hidden, mask = self.text_encoder.encode(batch["caption"])
         tokens, pooled, mask = text_for_prior(hidden.to(self.device), mask.to(self.device), self.prior.num_text_tokens)
-        return tokens, pooled, mask, self.image_embeddings(batch["image"])
+        return tokens, pooled, mask, self.image_embeddings(batch_images(batch, "prior"))
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         tokens, pooled, mask, emb = self.inputs(batch)
-        drop = torch.rand(emb.shape[0], device=emb.device) < self.hparams.caption_dropout
+        drop = torch.rand(emb.shape[0], device=emb.device) < self.hparams["caption_dropout"]
         nt, np_, nm = null_text(tokens, pooled, mask)
         tokens = torch.where(drop[:, None, None], nt, tokens)
         pooled = torch.where(drop[:, None], np_, pooled)
@@ -139,12 +144,14 @@ class PriorStage(L.LightningModule):
 
     def mapping(self) -> PriorMapping:
         """A :class:`PriorMapping` over the evaluation prior with the stage's sampling settings."""
-        return PriorMapping(self.eval_prior(), self.schedule, self.hparams.sample_steps, self.hparams.guidance_weight)
+        return PriorMapping(
+            self.eval_prior(), self.schedule, self.hparams["sample_steps"], self.hparams["guidance_weight"]
+        )
 
     @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         hidden, mask = self.text_encoder.encode(batch["caption"])
-        emb = self.image_embeddings(batch["image"])
+        emb = self.image_embeddings(batch_images(batch, "prior"))
         sampled = self.mapping().sample(hidden.to(self.device), mask.to(self.device), list(range(emb.shape[0])))
         cos = nn.functional.cosine_similarity(sampled, emb, dim=-1).mean()
         baseline = nn.functional.cosine_similarity(self.eval_prior().clip_mean.expand_as(emb), emb, dim=-1).mean()

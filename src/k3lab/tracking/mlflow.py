@@ -19,7 +19,7 @@ from k3lab.io.imaging import to_uint8
 log = logging.getLogger(__name__)
 
 
-def find_mlflow_logger(loggers: Iterable[Logger] | Logger | None) -> MLFlowLogger | None:
+def find_mlflow_logger(loggers: Iterable[object] | Logger | None) -> MLFlowLogger | None:
     """The MLflow logger among ``loggers``, or None."""
     if loggers is None:
         return None
@@ -69,7 +69,7 @@ def log_tag(loggers: Iterable[Logger], key: str, value: str) -> None:
 
 
 def log_image(
-    loggers: Iterable[Logger], image: torch.Tensor, name: str, step: int, directory: str | Path | None
+    loggers: Iterable[object], image: torch.Tensor, name: str, step: int, directory: str | Path | None
 ) -> Path | None:
     """Save ``image`` ([3, H, W] in [0, 1]) as ``<directory>/<name>_<step>.png`` and log it to MLflow."""
     array = to_uint8(image)
