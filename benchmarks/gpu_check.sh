@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 15, one run on one lent device (no network; ~8 minutes). Use an H200: the 3.0B
-# U-Net's fp32 weights, AdamW state, EMA and the benchmark's reference copy need ~85 GB before activations.
+# The prepared GPU check of issue 15, one run on one lent device (no network; ~8 minutes). Use an H200: by
+# k3lab.nn.sharding.training_state_bytes the 3.04B U-Net's fp32 weights, gradients, AdamW moments and EMA take 20 bytes
+# per parameter (60.8 GB), the benchmark keeps a 12.2 GB reference copy, and batch-8 activations at 64x64 latents
+# without checkpointing add ~11.9 GB (benchmarks/fsdp_memory.py): ~85 GB.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. the GPU tests (bf16 train step, bf16 vs fp32, compiled sampler step);
 # 2. MFU of the kandinsky3 U-Net's bf16 training step at 64x64 latents (512 px), switch by switch and combined;

@@ -6,7 +6,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from k3lab.nn.sharding import SHARDED_BYTES_PER_PARAM, activation_bytes, block_classes, memory_plan, units
+from k3lab.nn.sharding import (
+    SHARDED_BYTES_PER_PARAM,
+    activation_bytes,
+    block_classes,
+    memory_plan,
+    training_state_bytes,
+    units,
+)
 from k3lab.nn.unet_blocks import AttentionBlock, BigGANDeepBlock, ResBlock
 from k3lab.run.config import compose
 
@@ -36,6 +43,61 @@ def test_fsdp_trainer_wraps_and_checkpoints_every_unet_block_with_fp32_reduction
         inside = sum(p.numel() for u in found for p in u.parameters())
         total = sum(p.numel() for p in unet.parameters())
         assert inside / total > 0.8, f"{block}: only {inside / total:.2f} of the parameters sit in FSDP units"
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_the_memory_model_is_what_a_real_stage_allocates(tmp_path) -> None:
+    """training_state_bytes against a real diffusion stage with its EMA after one AdamW step: the trained weights
+    (U-Net + text conditioning), their gradients, AdamW's moments and the EMA copies, byte for byte; then the plan's
+    rows: a kept EMA adds 4 bytes per parameter (sharded: 1/N of it per GPU; replicated: all of it)."""
+    cfg = compose(
+        [
+            "experiment=text2image_tiny",
+            "stage.first_stage.checkpoint=null",
+            "model.unet.in_channels=3",
+            "model.unet.out_channels=3",
+            "stage.latent_scale=1.0",
+            "stage.text_encoder=null",  # (the plan assumes precomputed text embeddings)
+            "stage.encoder_dim=32",
+            f"paths.root_dir={tmp_path}",
+        ]
+    )
+    stage = instantiate(cfg.stage)
+    assert stage.unet_ema is not None and stage.conditioning_ema is not None  # the preset keeps an EMA
+    optimizer = stage.configure_optimizers()["optimizer"]
+    trained = [p for p in stage.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    n = sum(p.numel() for p in trained)
+    assert n == sum(p.numel() for p in stage.unet.parameters()) + sum(
+        p.numel() for p in stage.arm.conditioning.parameters()
+    )
+    moments = [t for state in optimizer.state.values() for k, t in state.items() if k != "step"]
+    ema = [*stage.unet_ema.module.parameters(), *stage.conditioning_ema.module.parameters()]
+    model = training_state_bytes(n, gpus=1, ema="sharded")
+    assert (model.weights, model.grads, model.optimizer, model.ema) == (
+        tensor_bytes(trained),
+        tensor_bytes(p.grad for p in trained),
+        tensor_bytes(moments),
+        tensor_bytes(ema),
+    )
+    eight = training_state_bytes(n, gpus=8, ema="sharded")
+    assert eight.total == pytest.approx(model.total / 8)
+    assert training_state_bytes(n, 8, "replicated").ema == model.ema
+    assert training_state_bytes(n, 8, "cpu").ema == training_state_bytes(n, 8, "none").ema == 0
+    with pytest.raises(ValueError, match="ema='gpu'"):
+        training_state_bytes(n, 1, "gpu")
+    unet = small_unet(device="meta")
+    _, _, kept = memory_plan(unet, (1, 8), latent=16, context_tokens=8, gpu_gib=1.0, ema="sharded")
+    _, _, none = memory_plan(unet, (1, 8), latent=16, context_tokens=8, gpu_gib=1.0, ema="none")
+    params = sum(p.numel() for p in unet.parameters())
+    assert kept[0].ema_gib == pytest.approx(4 * params / 1024**3) and none[0].ema_gib == 0
+    assert kept[1].static_gib - none[1].static_gib == pytest.approx(4 * params / 8 / 1024**3)
+    assert kept[0].batch_per_gpu <= none[0].batch_per_gpu
 
 
 def test_meta_device_memory_plan_matches_a_real_forward_and_scales_with_gpus() -> None:

@@ -19,9 +19,40 @@ from k3lab.nn.unet_blocks import AttentionBlock, ResidualBlock
 
 GIB = 1024**3
 
-# bytes per parameter under FSDP with bf16 compute and fp32 master weights, sharded over the ranks:
-# fp32 parameter + fp32 gradient + AdamW's two fp32 moments
+# bytes per trained parameter under FSDP with bf16 compute and fp32 master weights, sharded over the ranks:
+# fp32 parameter + fp32 gradient + AdamW's two fp32 moments (the EMA copy, where a stage keeps one, is counted apart)
 SHARDED_BYTES_PER_PARAM = 4 + 4 + 8
+EMA_PLACEMENTS = ("sharded", "replicated", "cpu", "none")
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Bytes of training state one GPU holds, by kind: fp32 weights, fp32 gradients, AdamW's two fp32 moments, and
+    the fp32 EMA copy of the trained weights."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    ema: float
+
+    @property
+    def total(self) -> float:
+        """All of it."""
+        return self.weights + self.grads + self.optimizer + self.ema
+
+
+def training_state_bytes(trainable: int, gpus: int = 1, ema: str = "sharded") -> TrainingState:
+    """The training state of ``trainable`` parameters on each of ``gpus`` FSDP ranks (every kind sharded 1/N); the
+    EMA copy ``sharded`` like the rest, ``replicated`` whole on every GPU, kept on the ``cpu`` or ``none`` (no EMA).
+    The memory model of :func:`memory_plan`, ``benchmarks/fsdp_memory.py`` and ``benchmarks/gpu_check.sh``'s
+    sizing; ``tests/test_distributed.py`` checks it against the tensors a real stage allocates."""
+    if ema not in EMA_PLACEMENTS:
+        raise ValueError(f"ema={ema!r}: use one of {list(EMA_PLACEMENTS)}")
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus}: at least one")
+    shard = trainable / gpus
+    ema_bytes = {"sharded": 4 * shard, "replicated": 4.0 * trainable, "cpu": 0.0, "none": 0.0}[ema]
+    return TrainingState(weights=4 * shard, grads=4 * shard, optimizer=8 * shard, ema=ema_bytes)
 
 
 def block_classes() -> set[type[nn.Module]]:
@@ -129,6 +160,7 @@ class MemoryRow:
 
     gpus: int
     sharded_gib: float  # fp32 parameters + gradients + AdamW moments, this rank's shard
+    ema_gib: float  # the fp32 EMA copy this GPU holds (its shard, all of it, or none: the ``ema`` placement)
     gathered_gib: float  # bf16 parameters of the two largest units (the one computing and the one prefetched)
     static_gib: float
     batch_per_gpu: int  # the largest batch whose checkpointed activations fit beside the static memory
@@ -141,18 +173,31 @@ def memory_plan(
     context_tokens: int = 128,
     gpu_gib: float = 80.0,
     reserve_gib: float = 6.0,  # CUDA context, allocator fragmentation, workspace
+    ema: str = "sharded",  # the EMA copy's placement (training_state_bytes); "none" for a stage without EMA
+    extra_trainable: int = 0,  # trained parameters beside the U-Net (the text projection and null embedding)
 ) -> tuple[int, Activations, list[MemoryRow]]:
-    """Per-GPU memory of FSDP training of ``unet`` (on the meta device) for each GPU count; see the module docstring."""
-    params = sum(p.numel() for p in unet.parameters())
+    """Per-GPU memory of FSDP training of ``unet`` (on the meta device) for each GPU count; see the module docstring.
+    Returns the trained parameter count (U-Net + ``extra_trainable``), the activations and one row per GPU count."""
+    params = sum(p.numel() for p in unet.parameters()) + int(extra_trainable)
     sizes = sorted((sum(p.numel() for p in u.parameters()) for u in units(unet)), reverse=True)
     gathered = 2 * sum(sizes[:2])  # bf16
     act = activation_bytes(unet, latent, context_tokens)
     rows = []
     for n in gpus:
-        sharded = params * SHARDED_BYTES_PER_PARAM / n
-        static = sharded + gathered
+        state = training_state_bytes(params, n, ema)
+        sharded = state.weights + state.grads + state.optimizer
+        static = sharded + state.ema + gathered
         free = (gpu_gib - reserve_gib) * GIB - static
-        rows.append(MemoryRow(n, sharded / GIB, gathered / GIB, static / GIB, max(0, int(free // act.checkpointed))))
+        rows.append(
+            MemoryRow(
+                n,
+                sharded / GIB,
+                state.ema / GIB,
+                gathered / GIB,
+                static / GIB,
+                max(0, int(free // act.checkpointed)),
+            )
+        )
     return params, act, rows
 
 
