@@ -18,7 +18,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 def find_shared() -> Path:
     """The steering repo's ``shared/`` folder (prompt sets): ``$K3LAB_SHARED``, else ``../shared`` beside the
-    checkout or beside any folder above it. Tests that need it fail (never skip) when it is absent."""
+    checkout or beside any folder above it. The tests that read the real public files are skipped, with the path
+    in the reason, when it is absent (the loaders' own tests write small files in each format and always run)."""
     if os.environ.get("K3LAB_SHARED"):
         return Path(os.environ["K3LAB_SHARED"])
     repo = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """Exact resume: a training process killed with SIGKILL at a step the test draws from a seed, resumed with
-``ckpt_path=last`` in its own run folder, logs the same per-step training losses as an uninterrupted run, bit for
-bit, for every stage (autoencoder with its GAN phase, diffusion with EMA and caption dropout, inpainting with its
-random masks, CLIP, prior), and with two loader workers."""
+``ckpt_path=last`` in its own run folder, leaves a ``metrics.csv`` with the same per-step losses as an uninterrupted
+run's, bit for bit, every step once (the killed run's rows up to its checkpoint kept), for every stage (autoencoder
+with its GAN phase, diffusion with EMA and caption dropout, inpainting with its random masks, CLIP, prior), and with
+two loader workers."""
 
 from __future__ import annotations
 
@@ -163,10 +164,13 @@ def test_a_killed_run_resumes_exactly(
     done = subprocess.run([*cmd, "ckpt_path=last"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in done.stderr + done.stdout
-    got = losses(run_dir)
-    assert got and min(got) >= resumed_from and max(got) == max(expected)
+    got = losses(run_dir)  # the killed run's rows up to its checkpoint, then the resumed run's: every step once
+    assert sorted(got) == sorted(expected), (resumed_from, sorted(set(got) ^ set(expected)))
     mismatched = {s: (got[s], expected.get(s)) for s in got if got[s] != expected.get(s)}
     assert not mismatched, f"resumed from step {resumed_from}; differing steps: {mismatched}"
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    train_steps = [int(r["step"]) for r in rows if r.get("train/loss") or r.get("train/rec_loss")]
+    assert len(train_steps) == len(set(train_steps)), "a step logged twice"
 
 
 def test_the_data_position_and_random_state_are_what_makes_it_exact(tmp_path: Path, data_root: Path) -> None:

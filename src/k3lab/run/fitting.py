@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from k3lab.io.checkpoint import check_resume
 from k3lab.run.callbacks import ExportModels
 from k3lab.run.config import validate
-from k3lab.run.resume import AtomicCheckpointIO, ResumeState, checkpoint_run_id, resolve_ckpt_path
+from k3lab.run.resume import AtomicCheckpointIO, KeepLogs, ResumeState, checkpoint_run_id, resolve_ckpt_path
 from k3lab.tracking import find_mlflow_logger, log_run_metadata, log_tag
 from k3lab.tracking.mlflow import RunLogger
 from k3lab.tracking.sweep import ROLE_TAG, run_tags
@@ -101,7 +101,7 @@ def fit(
         if isinstance(lg, RunLogger):
             lg.keep_open = keep_open
     export = ExportModels(cfg, cfg.paths.checkpoint_dir, hydra_choices())
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [export, ResumeState(), *(callbacks or [])]
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [export, ResumeState(), KeepLogs(), *(callbacks or [])]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     extra: dict[str, Any] = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}

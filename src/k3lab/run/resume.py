@@ -7,6 +7,9 @@ Lightning saves the module (EMA, latent scale, buffers), optimizers, schedulers 
   on a snapshot, so it never moves the training stream (a run that validates and one that resumes after the
   validation see the same numbers). It also tells the training loader how many batches of the current pass the
   training loop has consumed (Lightning prefetches one ahead).
+- :class:`KeepLogs` (a callback): every logger's buffered rows are written at each checkpoint, and a run resumed in
+  place drops the CSV rows its killed predecessor logged after the checkpoint it resumes from (logged again, the
+  same), so ``metrics.csv`` holds every step once (``logger=csv``: :class:`k3lab.tracking.csv_log.ResumableCSVLogger`).
 - :class:`AtomicCheckpointIO`: checkpoints are written to a temporary file, flushed and renamed over the old one, so
   a kill during a write leaves the previous checkpoint intact.
 
@@ -28,6 +31,8 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+from k3lab.tracking.csv_log import ResumableCSVLogger
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,26 @@ class ResumeState(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "random" in state_dict:
             self._pending = _from_plain(state_dict["random"])
+
+
+class KeepLogs(L.Callback):
+    """Nothing logged before a checkpoint is lost when the run is killed and resumed (see the module docstring)."""
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        step = int(checkpoint.get("global_step", 0))
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                dropped = logger.experiment.drop_from_step(step)
+                if dropped:
+                    log.info("csv: dropped %d row(s) logged after step %d by the run that was stopped", dropped, step)
 
 
 def _train_loaders(trainer: L.Trainer) -> list[Any]:
