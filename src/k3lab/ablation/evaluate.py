@@ -137,13 +137,11 @@ def evaluate(
             records[name] = sample_records(generator, split_prompts, resolution, settings, f"sampling {name}")
             write_folder(records[name], out_dir / name)
     real = list(load_shards(splits["test"], limit=max(n_seen, int(settings["fid_reference"]))))
-    if needs & {"reference_clip", "fid_reference"} and reference_clip_dir is None:
-        raise ValueError(f"metrics {sorted(names)} need the reference CLIP folder (reference_clip_dir)")
-    clip = (
-        load_reference(reference_clip_dir)
-        if reference_clip_dir and needs & {"reference_clip", "fid_reference"}
-        else None
-    )
+    clip = None
+    if needs & {"reference_clip", "fid_reference"}:
+        if reference_clip_dir is None:
+            raise ValueError(f"metrics {sorted(names)} need the reference CLIP folder (reference_clip_dir)")
+        clip = load_reference(reference_clip_dir)
 
     def fid_reference(extractor: Any) -> np.ndarray:
         assert clip is not None and reference_clip_dir is not None  # (needs has fid_reference)

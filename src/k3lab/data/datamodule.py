@@ -54,7 +54,7 @@ class EpochLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self.pass_epoch = int(self.dataset.epoch)
-        self.generator.manual_seed(int(self.dataset.seed) * 1_000_003 + self.pass_epoch)
+        self.generator.manual_seed(int(self.dataset.order.seed) * 1_000_003 + self.pass_epoch)
         workers = max(1, self.num_workers)
         self.dataset.skip = per_worker_skip(self._skip, workers, int(self.batch_size or 1))
         # the loader asks worker 0 first: it plays the stream whose batch comes next

@@ -199,8 +199,6 @@ class ShardDataset(IterableDataset):
             raise ValueError("aspect buckets need decoded images (precomputed latents are square)")
         self.batch_size = int(batch_size)
         self.urls, self.resolution = list(urls), resolution
-        self.min_image_size = int(self.format.min_image_size or 0)
-        self.seed = int(self.order.seed)
         self.epoch = 0
         self.in_memory = in_memory
         self._cache: dict[str, list[tuple[dict[str, Any] | None, Counter[str]]]] = {}
@@ -216,7 +214,7 @@ class ShardDataset(IterableDataset):
         urls = list(self.urls)
         epoch = self.epoch if epoch is None else epoch
         if self.order.shuffle:
-            np.random.default_rng([self.seed, epoch]).shuffle(urls)
+            np.random.default_rng([self.order.seed, epoch]).shuffle(urls)
         return urls[self.order.rank :: self.order.world_size][worker::num_workers]
 
     def decode(self, raw: dict[str, Any], shard: str, skipped: Counter[str]) -> dict[str, Any] | None:
@@ -238,7 +236,7 @@ class ShardDataset(IterableDataset):
                 with Image.open(io.BytesIO(image_bytes)) as probe:
                     size = probe.size
                 target = nearest_bucket(*size, self.buckets) if self.buckets else self.resolution
-                if min(size) < self.min_image_size:
+                if min(size) < (self.format.min_image_size or 0):
                     reason = "image_too_small"
                 elif self.format.decode_images:
                     image = load_image(image_bytes, target)
@@ -288,7 +286,7 @@ class ShardDataset(IterableDataset):
             if self.order.endless
             else self._iterate(
                 self.my_urls(worker, num_workers),
-                np.random.default_rng([self.seed, self.epoch, self.order.rank, worker]),
+                np.random.default_rng([self.order.seed, self.epoch, self.order.rank, worker]),
             )
         )
         skip = self.skip[worker] if worker < len(self.skip) else 0  # with buckets: whole batches
@@ -317,7 +315,7 @@ class ShardDataset(IterableDataset):
         while True:
             urls = self.my_urls(worker, num_workers, epoch)
             count = 0
-            for sample in self._iterate(urls, np.random.default_rng([self.seed, epoch, self.order.rank, worker])):
+            for sample in self._iterate(urls, np.random.default_rng([self.order.seed, epoch, self.order.rank, worker])):
                 count += 1
                 yield sample
             if count == 0:

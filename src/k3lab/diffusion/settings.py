@@ -53,14 +53,11 @@ class SamplingSettings:
     @classmethod
     def of_run(cls, cfg: Any) -> SamplingSettings:
         """A saved run's settings: its ``sampling`` group, or (runs older than the group) its stage's validation
-        settings (``stage.validation.sampling``, or the flat keys of runs older than the stage's option groups)."""
+        settings."""
         sampling = cfg.get("sampling") if hasattr(cfg, "get") else None
         if sampling is not None:
             return cls.from_config(sampling)
         stage = cfg.get("stage") or {}
-        grouped = (stage.get("validation") or {}).get("sampling")
-        if grouped is not None:
-            return cls.from_config(grouped)
         old = {"sampler": "sampler", "steps": "sample_steps", "guidance": "guidance_weight"}
         old |= {"x0_threshold": "x0_threshold", "prior_steps": "prior_steps", "prior_guidance": "prior_guidance"}
         return cls.from_config({new: stage[key] for new, key in old.items() if key in stage})

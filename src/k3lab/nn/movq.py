@@ -32,13 +32,11 @@ class Level(nn.Module):
     """One resolution level in the taming key layout: ``block.<i>``, ``attn.<i>`` (empty without attention) and an
     optional ``downsample`` (encoder) or ``upsample`` (decoder) under that name."""
 
-    def __init__(self, resample_name: str, resample: nn.Module | None = None) -> None:
+    def __init__(self, resample_name: str) -> None:
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
-        self.resample_name = resample_name
-        if resample is not None:
-            self.add_module(resample_name, resample)
+        self.resample_name = resample_name  # the resampler, when the level has one, is added under this name
 
     def resample(self, h: torch.Tensor) -> torch.Tensor:
         """The level's down/upsampler applied to ``h`` (``h`` itself at the level that has none)."""

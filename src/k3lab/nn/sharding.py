@@ -21,7 +21,8 @@ GIB = 1024**3
 
 # bytes per trained parameter under FSDP with bf16 compute and fp32 master weights, sharded over the ranks:
 # fp32 parameter + fp32 gradient + AdamW's two fp32 moments (the EMA copy, where a stage keeps one, is counted apart)
-SHARDED_BYTES_PER_PARAM = 4 + 4 + 8
+WEIGHT_BYTES, GRAD_BYTES, ADAMW_BYTES, EMA_BYTES = 4, 4, 8, 4
+SHARDED_BYTES_PER_PARAM = WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES
 EMA_PLACEMENTS = ("sharded", "replicated", "cpu", "none")
 
 
@@ -51,8 +52,8 @@ def training_state_bytes(trainable: int, gpus: int = 1, ema: str = "sharded") ->
     if gpus < 1:
         raise ValueError(f"gpus={gpus}: at least one")
     shard = trainable / gpus
-    ema_bytes = {"sharded": 4 * shard, "replicated": 4.0 * trainable, "cpu": 0.0, "none": 0.0}[ema]
-    return TrainingState(weights=4 * shard, grads=4 * shard, optimizer=8 * shard, ema=ema_bytes)
+    ema_bytes = {"sharded": EMA_BYTES * shard, "replicated": float(EMA_BYTES * trainable), "cpu": 0.0, "none": 0.0}[ema]
+    return TrainingState(WEIGHT_BYTES * shard, GRAD_BYTES * shard, ADAMW_BYTES * shard, ema_bytes)
 
 
 def block_classes() -> set[type[nn.Module]]:

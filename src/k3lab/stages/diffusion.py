@@ -312,10 +312,9 @@ class DiffusionStage(L.LightningModule):
         cond = arm.condition(batch, self.text_encoder)
         extra = self.image_condition(batch, z, train=False)
         gen = torch.Generator(device=z.device).manual_seed(self.validation_options.seed + batch_idx)
-        losses, prediction = [], self.loss_options.prediction
+        losses, prediction, denoiser = [], self.loss_options.prediction, self.denoiser(unet, cond, extra)
         for t in torch.linspace(0, self.schedule.num_steps - 1, 10).long():
             tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
-            denoiser = self.denoiser(unet, cond, extra)
             losses.append(diffusion_loss(denoiser, z, self.schedule, prediction, generator=gen, t=tt))
         self.log("val/loss", torch.stack(losses).mean(), batch_size=z.shape[0], prog_bar=True)
 
