@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-all lint format docs browser bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
+.PHONY: venv quickstart test test-all lint format docs browser claims claims-quick mutation bench-autoencoder bench-text2image bench-unet bench-cell bench-convert clean
 
 # Create or refresh the virtual environment; torch/torchvision are pinned (they lie on the
 # development machines' disk; anything looser pulls multi-GB builds).
@@ -47,6 +47,19 @@ lint: $(STAMP)
 # The documentation site (docs/ + the API reference from docstrings) into build/site, strict: a broken link fails.
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
+
+# The claims ledger (docs/claims.yaml): re-run every figure the README and docs state, stated vs measured now.
+# `make claims` runs them all (hours: the main job is one of them); `make claims-quick` those under a minute each;
+# `make claims ONLY=movq_tiny_parameters_px` one (ONLY takes a claim id; MAX_COST=<seconds> bounds a full run).
+ONLY ?=
+MAX_COST ?=
+claims: $(STAMP)
+	$(PY) benchmarks/claims.py check
+	$(PY) benchmarks/claims.py run $(if $(ONLY),--only $(ONLY)) $(if $(MAX_COST),--max-cost $(MAX_COST))
+
+claims-quick: $(STAMP)
+	$(PY) benchmarks/claims.py check
+	$(PY) benchmarks/claims.py run --quick
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -7,11 +7,20 @@ shapes (speed does not depend on the weights). FLOPs are counted by ``torch.util
 
     .venv/bin/python benchmarks/cell_unet.py                   # ~2 minutes (the compile takes most of it)
     .venv/bin/python benchmarks/cell_unet.py --batch 64 --steps 20 --out cell_unet.json
+    .venv/bin/python benchmarks/cell_unet.py --parallel 2 --out p.json   # one 2-thread process vs two 1-thread ones
+
+``--parallel K`` measures what the main job's launcher does (``hydra/launcher=local_parallel`` with
+``ablation.threads: auto``): the eager step's samples/s of one process using K threads, then of K one-thread processes
+started together (their rates summed), and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +81,42 @@ def samples_per_s(step: Callable, batch: int, steps: int, warmup: int = 3) -> fl
     return batch * steps / (time.perf_counter() - start)
 
 
+def parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """One K-thread process vs K one-thread processes at once (eager step, no compile), as the main job runs cells."""
+    k = args.parallel
+    base = [
+        sys.executable,
+        __file__,
+        "--experiment",
+        args.experiment,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--no-compile",
+        *args.overrides,
+    ]
+    gflops = matmul_gflops()
+    with tempfile.TemporaryDirectory() as tmp:
+        one = Path(tmp) / "one.json"
+        subprocess.run([*base, "--threads", str(k), "--out", str(one)], check=True, capture_output=True)
+        outs = [Path(tmp) / f"p{i}.json" for i in range(k)]
+        procs = [subprocess.Popen([*base, "--threads", "1", "--out", str(o)], stdout=subprocess.DEVNULL) for o in outs]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a one-thread process failed")
+        single = json.loads(one.read_text())["eager: samples/s"]
+        rates = [json.loads(o.read_text())["eager: samples/s"] for o in outs]
+    results: dict[str, Any] = {
+        "experiment": args.experiment,
+        "machine fp32 matmul GFLOP/s": max(gflops, matmul_gflops()),
+        f"one process, {k} threads: samples/s": single,
+        f"{k} processes, 1 thread each: samples/s (sum)": sum(rates),
+        "parallel / one process": sum(rates) / single,
+    }
+    report(f"cell U-Net: one {k}-thread process vs {k} one-thread processes", results, args.out)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="ablation_tiny")
@@ -79,8 +124,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--parallel", type=int, default=0, help="K: one K-thread process vs K one-thread processes")
     parser.add_argument("overrides", nargs="*", help="config overrides (e.g. model/unet/block=resnet)")
     args = parser.parse_args(argv)
+    if args.parallel:
+        return parallel(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gflops = matmul_gflops()
     unet, channels, side, context = cell_unet(args.experiment, args.overrides)
