@@ -61,6 +61,13 @@ claims-quick: $(STAMP)
 	$(PY) benchmarks/claims.py check
 	$(PY) benchmarks/claims.py run --quick
 
+# Mutation testing of the numeric core ([tool.mutmut] in pyproject.toml: evaluation statistics, the paired design,
+# schedules, samplers, resume state) against the fast tests that cover it; ~20-40 min on 2 cores, not in CI.
+# Scores per module (and survivors: `.venv/bin/mutmut show <name>`), failing under 85% killed.
+mutation: $(STAMP)
+	$(VENV)/bin/mutmut run || true
+	$(PY) benchmarks/mutation_scores.py --survivors --min-score 0.85
+
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .

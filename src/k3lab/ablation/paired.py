@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import integrate, optimize, stats
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,24 @@ def power(delta: float, sigma: float, seeds: int, alpha: float = 0.05) -> float:
     if seeds < 2 or not sigma > 0:
         return float("nan")
     df = seeds - 1
-    crit = stats.t.ppf(1 - alpha / 2, df)
+    crit = float(stats.t.ppf(1 - alpha / 2, df))
     nc = abs(delta) * math.sqrt(seeds) / sigma
     p = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
-    return p if not math.isnan(p) else float(nc > crit)  # (scipy's tail is NaN far past the critical value)
+    return p if not math.isnan(p) else _t_test_power(crit, df, nc)
+
+
+def _t_test_power(crit: float, df: int, nc: float) -> float:
+    """P(|T| > crit) for T non-central t (``df``, ``nc``), by integrating over the chi-square: T = (Z + nc) /
+    sqrt(V / df), so P(T > c) = E_V[Phi(nc - c sqrt(V / df))]. Used where scipy's non-central t returns NaN (it
+    does for small ``df``, e.g. 2 seeds at nc ~ 13, where the power is ~0.65, not 0 or 1)."""
+
+    def upper(v: float) -> float:
+        return float(stats.norm.sf(crit * math.sqrt(v / df) - nc) * stats.chi2.pdf(v, df))
+
+    def lower(v: float) -> float:
+        return float(stats.norm.cdf(-crit * math.sqrt(v / df) - nc) * stats.chi2.pdf(v, df))
+
+    return float(integrate.quad(upper, 0, math.inf, limit=200)[0] + integrate.quad(lower, 0, math.inf, limit=200)[0])
 
 
 def minimum_detectable_effect(sigma: float, seeds: int, target: float = 0.8, alpha: float = 0.05) -> float:
