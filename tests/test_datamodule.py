@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -397,3 +398,53 @@ def test_bad_bucket_configs_are_refused_by_name(tmp_path: Path) -> None:
             format={"feature_keys": ["latent.npy"]},
             aspect_buckets={"ratios": [1.0], "multiple": 8},
         )
+
+
+def test_skips_are_summarised_not_flooded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Per reason, the first `skip_examples` skips are logged with their file, then only counted: one summary line
+    every `skip_summary_every` skips, and a table at the end of the pass; the run's totals land in the run folder."""
+    from types import SimpleNamespace
+
+    from k3lab.run.callbacks import DataQuality
+
+    members = good("000")
+    for i in range(1, 26):
+        members += [(f"{i:03d}.png", b"not an image"), (f"{i:03d}.txt", b"broken")]
+    for i in range(26, 38):
+        members += [(f"{i:03d}.png", png())]  # no caption
+    members += good("038")
+    shard = write_shard(tmp_path / "noisy-000.tar", members)
+    fmt = {"skip_examples": 2, "skip_summary_every": 10}
+    ds = ShardDataset([str(shard)], resolution=32, format=fmt, order={"shuffle": False})
+    ds.skip_log.name = "train"
+    with caplog.at_level(logging.WARNING, logger="k3lab.data.skips"):
+        keys, skipped = run(ds)
+    assert keys == ["noisy-000.tar/000", "noisy-000.tar/038"] and skipped == {
+        "undecodable_image": 25,
+        "missing_caption": 12,
+    }
+    lines = [r.getMessage() for r in caplog.records if r.name == "k3lab.data.skips"]
+    by_file = [m for m in lines if ": skipping noisy-000.tar/" in m]
+    assert by_file == [
+        "train: skipping noisy-000.tar/001: undecodable_image",
+        "train: skipping noisy-000.tar/002: undecodable_image"
+        " (later 'undecodable_image' skips are counted, not logged)",
+        "train: skipping noisy-000.tar/026: missing_caption",
+        "train: skipping noisy-000.tar/027: missing_caption (later 'missing_caption' skips are counted, not logged)",
+    ]
+    summaries = [m for m in lines if "samples skipped so far" in m]
+    assert [m.split(":")[1].strip().split()[0] for m in summaries] == ["10", "20", "30"]
+    tables = [m for m in lines if m.startswith("skipped samples: train, pass 0")]
+    assert len(tables) == 1 and "(37 in all)" in tables[0]
+    assert "| undecodable_image | 25 | noisy-000.tar/001, noisy-000.tar/002 |" in tables[0]
+    assert "| missing_caption | 12 | noisy-000.tar/026, noisy-000.tar/027 |" in tables[0]
+    assert len(lines) == 4 + 3 + 1  # not one line per bad file
+
+    quality = DataQuality()
+    trainer = SimpleNamespace(loggers=[], global_step=0, is_global_zero=True, default_root_dir=str(tmp_path / "run"))
+    quality._update(trainer, {"skipped": skipped, "caption": ["a"]}, "train")  # type: ignore[arg-type]
+    quality.on_train_end(trainer, None)  # type: ignore[arg-type]
+    written = (tmp_path / "run" / "skipped_samples.md").read_text()
+    assert "train, the whole run (37 in all)" in written and "| undecodable_image | 25 |" in written
+    with pytest.raises(ValueError, match="skip_summary_every=0"):
+        ShardDataset([str(shard)], resolution=32, format={"skip_summary_every": 0})

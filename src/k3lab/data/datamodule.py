@@ -193,6 +193,7 @@ class ShardDataModule(L.LightningDataModule):
                 buckets=self.bucket_shapes if train else None,
                 batch_size=self.batch_size if train else 0,
             )
+            self.datasets[split].skip_log.name = split
 
     def check_multi_rank(self, train_urls: list[str], world: int) -> None:
         """With several ranks: enough training shards for every rank and loader worker, and a step budget (the

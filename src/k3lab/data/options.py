@@ -33,6 +33,8 @@ class SampleFormat:
     min_image_size: int | None = None  # smaller images are skipped; None = the training resolution
     require_caption: bool = True  # a sample without a (non-empty) caption is skipped
     decode_images: bool = True  # False: headers checked, image=None (training on precomputed latents)
+    skip_examples: int = 3  # skipped samples logged by file per reason (then only counted: k3lab.data.skips)
+    skip_summary_every: int = 1000  # one summary line every this many skips
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_keys", _keys(self.image_keys, "image_keys"))
@@ -45,6 +47,10 @@ class SampleFormat:
             raise ValueError(f"feature_keys: unknown {unknown} (known: {sorted(FEATURES)})")
         if self.min_image_size is not None and int(self.min_image_size) < 0:
             raise ValueError(f"min_image_size={self.min_image_size}: a size in pixels >= 0, or null (the resolution)")
+        if int(self.skip_examples) < 0 or int(self.skip_summary_every) < 1:
+            raise ValueError(
+                f"skip_examples={self.skip_examples} (>= 0), skip_summary_every={self.skip_summary_every} (>= 1)"
+            )
         if not self.decode_images and "latent.npy" not in self.feature_keys:
             raise ValueError(
                 "decode_images=false needs precomputed latents (feature_keys with latent.npy): without them the "

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from k3lab.data.options import FEATURES, SampleFormat, StreamOrder, group_of
+from k3lab.data.skips import SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ class ShardDataset(IterableDataset):
         self._cache: dict[str, list[tuple[dict[str, Any] | None, Counter[str]]]] = {}
         self.skip: list[int] = []  # samples each worker's stream drops from its start (exact resume)
         self.worker_offset = 0  # loader worker i reads stream (i + offset) mod workers (exact resume)
+        self.skip_log = SkipLog("data", self.format.skip_examples, self.format.skip_summary_every)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the pass number that seeds the next pass's shuffle."""
@@ -245,8 +247,7 @@ class ShardDataset(IterableDataset):
                 log.debug("%s: %s", key, e)
         if reason is not None:
             skipped[reason] += 1
-            if sum(skipped.values()) <= 20:
-                log.warning("skipping sample %s: %s", key, reason)
+            self.skip_log.example(reason, key)
             return None
         metadata: dict[str, Any] = {}
         if self.format.metadata_key in raw:
@@ -271,8 +272,7 @@ class ShardDataset(IterableDataset):
                     reason = "corrupt_features"
                     log.debug("%s: %s", key, e)
             skipped[reason] += 1
-            if sum(skipped.values()) <= 20:
-                log.warning("skipping sample %s: %s (%s)", key, reason, member)
+            self.skip_log.example(reason, f"{key} ({member})")
             return None
         return sample
 
@@ -287,6 +287,7 @@ class ShardDataset(IterableDataset):
             else self._iterate(
                 self.my_urls(worker, num_workers),
                 np.random.default_rng([self.order.seed, self.epoch, self.order.rank, worker]),
+                f"pass {self.epoch}, rank {self.order.rank}, worker {worker}",
             )
         )
         skip = self.skip[worker] if worker < len(self.skip) else 0  # with buckets: whole batches
@@ -315,7 +316,8 @@ class ShardDataset(IterableDataset):
         while True:
             urls = self.my_urls(worker, num_workers, epoch)
             count = 0
-            for sample in self._iterate(urls, np.random.default_rng([self.order.seed, epoch, self.order.rank, worker])):
+            rng = np.random.default_rng([self.order.seed, epoch, self.order.rank, worker])
+            for sample in self._iterate(urls, rng, f"pass {epoch}, rank {self.order.rank}, worker {worker}"):
                 count += 1
                 yield sample
             if count == 0:
@@ -356,7 +358,9 @@ class ShardDataset(IterableDataset):
         if self.in_memory:
             self._cache[url] = kept
 
-    def _iterate(self, urls: list[str], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    def _iterate(self, urls: list[str], rng: np.random.Generator, label: str) -> Iterator[dict[str, Any]]:
+        """One pass over ``urls`` through the shuffle buffer; each sample carries the skips since the previous one,
+        and the pass ends with the skip table (:class:`k3lab.data.skips.SkipLog`)."""
         skipped: Counter[str] = Counter()
         buffer: list[dict[str, Any]] = []
 
@@ -368,6 +372,8 @@ class ShardDataset(IterableDataset):
         for url in urls:
             for sample, reasons in self._read(url):
                 skipped.update(reasons)
+                if reasons:
+                    self.skip_log.count(reasons)
                 if sample is None:
                     continue
                 if not self.order.shuffle or self.order.shuffle_buffer <= 1:
@@ -383,3 +389,4 @@ class ShardDataset(IterableDataset):
             yield emit(sample)
         if skipped:
             log.warning("skipped after the last sample of this worker (not in any batch count): %s", dict(skipped))
+        self.skip_log.end_of_pass(label)

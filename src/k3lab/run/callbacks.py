@@ -11,7 +11,9 @@ import lightning as L
 from omegaconf import DictConfig
 from typing_extensions import override
 
+from k3lab.data.skips import table
 from k3lab.io.checkpoint import export_model, save_config
+from k3lab.tracking.mlflow import find_mlflow_logger
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,16 @@ class DataQuality(L.Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for split, counts in self.totals.items():
-            if counts:
-                log.warning("%s samples skipped: %s", split, dict(counts))
+        tables = [table(counts, title=f"{split}, the whole run") for split, counts in self.totals.items() if counts]
+        if tables and trainer.is_global_zero:
+            text = "\n\n".join(tables) + "\n"
+            log.warning("%s", text)
+            path = Path(trainer.default_root_dir) / "skipped_samples.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            mlf = find_mlflow_logger(trainer.loggers)
+            if mlf is not None and mlf.run_id:
+                mlf.experiment.log_artifact(mlf.run_id, str(path))
         for split, counts in self.buckets.items():
             if counts:
                 log.info("%s samples per aspect bucket: %s", split, dict(counts))
