@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from k3lab.data.scene_captions import caption_for
 from k3lab.data.scene_render import EXTENT, render
 from k3lab.data.scene_spec import COLORS, KINDS, RELATIONS, SHAPES, SIZES, Scene, SceneObject, relation_between
+from k3lab.data.shards import write_tar_members
 from k3lab.io.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -257,17 +257,9 @@ class SceneWorld:
 
 def write_tar(samples: list[tuple[str, bytes, str, dict]]) -> bytes:
     """A reproducible tar (mtime 0, root owner) with ``key.png``, ``key.txt``, ``key.json`` per sample."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, png, caption, meta in samples:
-            for ext, payload in (
-                ("png", png),
-                ("txt", caption.encode()),
-                ("json", json.dumps(meta, sort_keys=True).encode()),
-            ):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(payload))
-    return out.getvalue()
+    return write_tar_members(
+        [
+            (key, [("png", png), ("txt", caption.encode()), ("json", json.dumps(meta, sort_keys=True).encode())])
+            for key, png, caption, meta in samples
+        ]
+    )

@@ -75,6 +75,20 @@ def local_tar_is_truncated(path: str) -> bool:
         return f.read(1024).count(0) != 1024
 
 
+def write_tar_members(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> bytes:
+    """A reproducible webdataset tar (mtime 0, root owner): ``key.ext`` for each (key, [(ext, payload), ...])."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(payload))
+    return out.getvalue()
+
+
 def iter_tar_samples(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
     """Group a tar stream's members by key (the name up to the first dot of the basename).
 
