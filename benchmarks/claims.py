@@ -107,7 +107,7 @@ def prose(text: str) -> str:
         )
 
     text = re.sub(r"```.*?```", code, text, flags=re.S)
-    for pattern in (r"<!--.*?-->", r"`[^`\n]*`", r"\]\([^)\n]*\)", r"https?://\S+", r"^:::.*$"):
+    for pattern in (r"<!--.*?-->", r"`(?:[^`\n]|\n(?![ \t]*\n))+`", r"\]\([^)\n]*\)", r"https?://\S+", r"^:::.*$"):
         text = re.sub(pattern, blank, text, flags=re.S | re.M)
     return text
 

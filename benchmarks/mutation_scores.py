@@ -2,7 +2,7 @@
 tests, timeouts, and the score = killed / (mutants - skipped), each surviving mutant named.
 
     .venv/bin/mutmut run && .venv/bin/python benchmarks/mutation_scores.py --json mutation.json
-    .venv/bin/python benchmarks/mutation_scores.py --survivors      # + every surviving mutant's name (mutmut show <name>)
+    .venv/bin/python benchmarks/mutation_scores.py --survivors   # + each survivor's name (mutmut show <name>)
 
 A mutant counts as killed when a test failed on it (mutmut's exit codes 1 and 3); "no tests" means no selected test
 reaches the mutated function, which counts against the score like a survivor.

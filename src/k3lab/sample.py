@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--blend", default="pixel", choices=["pixel", "latent", "none"], help="paste-back of the kept region"
     )
+    p.add_argument(
+        "--lora", default=None, help="a LoRA adapter: a LoRA run's checkpoints folder or its lora.safetensors"
+    )
+    p.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's strength: 1 as trained, 0 the base")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

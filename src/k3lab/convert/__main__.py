@@ -1,4 +1,4 @@
-"""Convert Kandinsky 3 weights: ``python -m k3lab.convert {official,diffusers,to-diffusers,consolidate} ...``.
+"""Convert Kandinsky 3 weights: ``python -m k3lab.convert {official,diffusers,to-diffusers,consolidate,merge-lora}``.
 
     python -m k3lab.convert official weights/kandinsky3.pt [--projection weights/flan_ul2_encoder/projection.pt] \\
         --movq weights/kandinsky-3/movq --text-encoder weights/flan-ul2 --out weights/k3-converted
@@ -7,6 +7,7 @@
     python -m k3lab.convert to-diffusers logs/text2image_tiny/runs/<time>/checkpoints --out exported/ \\
         [--text-encoder DIR]
     python -m k3lab.convert consolidate logs/<task>/runs/<time>/checkpoints/last.ckpt   # trainer=fsdp's sharded folder
+    python -m k3lab.convert merge-lora logs/<task>/runs/<time>/checkpoints --out weights/k3-mine   # LoRA into its base
 
 The first two write a k3lab folder (config.yaml + unet / text_conditioning / latent_scale safetensors, movq/)
 that ``python -m k3lab.sample`` samples and ``stage.init_weights`` fine-tunes from; the last writes a
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("consolidate", help="a sharded checkpoint folder (trainer=fsdp) -> one Lightning .ckpt")
     c.add_argument("checkpoint", help="the folder, e.g. <run>/checkpoints/last.ckpt/")
     c.add_argument("--out", default=None, help="default: <name>.consolidated.ckpt beside it (with the run's config)")
+    m = sub.add_parser("merge-lora", help="a LoRA run (adapter + base) -> a k3lab export with the adapter merged in")
+    m.add_argument("run", help="the LoRA run's checkpoints folder (lora.safetensors, lora.json) or lora.safetensors")
+    m.add_argument("--base", default=None, help="the base export (default: the base named in lora.json)")
+    m.add_argument("--scale", type=float, default=1.0, help="the adapter's strength merged in (default 1)")
+    m.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -103,6 +109,11 @@ def convert(args: argparse.Namespace) -> None:
         from k3lab.convert.consolidate import consolidate
 
         log.info("wrote %s", consolidate(args.checkpoint, args.out))
+        return
+    if args.command == "merge-lora":
+        from k3lab.convert.lora import merge_lora_export
+
+        log.info("wrote %s", merge_lora_export(Path(args.run), Path(args.out), args.base, args.scale))
         return
     out = Path(args.out).resolve()
     if args.command == "official":

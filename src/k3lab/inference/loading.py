@@ -3,11 +3,13 @@ an exported ``unet.safetensors`` or a Lightning ``.ckpt`` (EMA weights when kept
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from k3lab.diffusion import Schedule
 from k3lab.diffusion.settings import SamplingSettings
@@ -26,12 +28,17 @@ def load_generator(
     unet_preset: str | None = None,
     sequential: bool = False,
     text_encoder_dtype: str | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> tuple[Generator, DictConfig]:
     """Rebuild from a diffusion run: its checkpoints folder, an exported ``unet.safetensors`` in it, or a Lightning
     ``.ckpt`` in it (EMA weights when kept). Returns it with the run's saved config. The arm is built by the
     stage's own builder (:func:`~k3lab.inference.conditioning.make_arm`). ``unet_preset`` (e.g. 'kandinsky3') asserts
-    which U-Net preset the checkpoint must hold."""
+    which U-Net preset the checkpoint must hold. ``lora`` puts a LoRA adapter (a LoRA run's checkpoints folder or its
+    ``lora.safetensors``) on the U-Net at ``lora_scale``, unmerged; a LoRA run's own folder loads its base with it."""
     path = Path(checkpoint)
+    if path.is_dir() and (path / "lora.json").is_file() and not (path / "unet.safetensors").is_file():
+        lora, path = lora or path, Path(lora_base(path))
     if not path.exists():
         raise FileNotFoundError(
             f"no such checkpoint: {checkpoint} (give a diffusion run's checkpoints folder, its unet.safetensors or "
@@ -50,6 +57,8 @@ def load_generator(
         load_weights(unet, _part_state(path, "unet"), path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n(the config beside it describes the {describe(cfg)})") from e
+    if lora is not None:
+        apply_lora(unet, Path(lora), lora_scale)
     schedule = Schedule.named(str(cfg.stage.loss.schedule), int(cfg.stage.loss.num_timesteps))
     sampling = SamplingSettings.of_run(cfg)
     clip = instantiate(cfg.stage.clip) if OmegaConf.select(cfg, "stage.clip") is not None else None
@@ -95,6 +104,37 @@ def load_generator(
         sampling.x0_threshold,
     )
     return generator, cfg
+
+
+def lora_files(adapter: Path) -> tuple[Path, dict]:
+    """(``lora.safetensors``, the ``lora.json`` beside it) of a LoRA run's folder or adapter file."""
+    file = adapter / "lora.safetensors" if adapter.is_dir() else adapter
+    meta = file.parent / "lora.json"
+    if not file.is_file() or not meta.is_file():
+        raise CheckpointError(f"{adapter}: no LoRA adapter here (lora.safetensors with lora.json beside it)")
+    return file, json.loads(meta.read_text())
+
+
+def lora_base(adapter: Path) -> str:
+    """The base a LoRA adapter was trained on (``stage.init_weights`` of its run)."""
+    _, meta = lora_files(adapter)
+    if not meta.get("base"):
+        raise CheckpointError(f"{adapter}: its lora.json names no base; give the base folder and --lora {adapter}")
+    return str(meta["base"])
+
+
+def apply_lora(unet: nn.Module, adapter: Path, scale: float = 1.0) -> None:
+    """Put the adapter on ``unet`` unmerged, at ``scale`` (0: the base model exactly)."""
+    from k3lab.nn.lora import add_lora, load_adapter, set_scale
+
+    file, meta = lora_files(adapter)
+    add_lora(unet, meta["lora"])
+    try:
+        load_adapter(unet, load_state_dict(file))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e} (was it trained on this U-Net preset?)") from e
+    set_scale(unet, scale)
+    unet.requires_grad_(False)
 
 
 def encoder_config(node: DictConfig, path: str | None = None, dtype: str | None = None) -> DictConfig:

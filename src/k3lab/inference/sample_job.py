@@ -66,7 +66,14 @@ def sample(args: argparse.Namespace) -> int:
     rows_in = read_prompts(args.prompt, args.prompt_file)
     jobs = [(row, args.seed + k) for row in rows_in for k in range(args.num_per_prompt)]
     generator, cfg = load_generator(
-        args.checkpoint, args.device, args.text_encoder, args.unet_preset, args.sequential, args.text_encoder_dtype
+        args.checkpoint,
+        args.device,
+        args.text_encoder,
+        args.unet_preset,
+        args.sequential,
+        args.text_encoder_dtype,
+        lora=getattr(args, "lora", None),
+        lora_scale=float(getattr(args, "lora_scale", 1.0)),
     )
     generator.unet_dtype = args.unet_dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     if args.compile != "off":

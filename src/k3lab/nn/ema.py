@@ -27,6 +27,11 @@ class EMA(nn.Module, Generic[M]):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.module: M = copy.deepcopy(model).eval().requires_grad_(False)
+        # frozen weights (a LoRA fine-tune's base) never change: the average shares them instead of copying them
+        for name, live in model.named_parameters():
+            if not live.requires_grad:
+                owner, _, leaf = name.rpartition(".")
+                setattr(self.module.get_submodule(owner) if owner else self.module, leaf, live)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -35,12 +40,15 @@ class EMA(nn.Module, Generic[M]):
         self.num_updates += 1
         n = float(self.num_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        averaged: list[torch.Tensor] = list(self.module.parameters())
-        live = [p.detach() for p in model.parameters()]
-        if len(averaged) != len(live):
-            raise ValueError(f"EMA.update: the model has {len(live)} parameters, its average {len(averaged)}")
-        # one multi-tensor kernel per dtype/device group instead of a Python loop over ~100 small tensors
-        torch._foreach_lerp_(averaged, live, 1.0 - decay)
+        pairs = list(zip(self.module.parameters(), model.parameters(), strict=False))
+        if len(pairs) != len(list(model.parameters())) or len(pairs) != len(list(self.module.parameters())):
+            raise ValueError(
+                f"EMA.update: the model has {len(list(model.parameters()))} parameters, its average "
+                f"{len(list(self.module.parameters()))}"
+            )
+        trained = [(a, p.detach()) for a, p in pairs if p.requires_grad]
+        if trained:  # one multi-tensor kernel per dtype/device group instead of a Python loop over small tensors
+            torch._foreach_lerp_([a for a, _ in trained], [p for _, p in trained], 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

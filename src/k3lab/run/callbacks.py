@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ from omegaconf import DictConfig
 from typing_extensions import override
 
 from k3lab.data.skips import table
-from k3lab.io.checkpoint import export_model, save_config
+from k3lab.io.checkpoint import atomic_write_bytes, export_model, save_config
 from k3lab.tracking.mlflow import find_mlflow_logger
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class ExportModels(L.Callback):
             return
         for name, module in cast(Any, pl_module).exportable_modules().items():
             self.exported[name] = export_model(module, self.dirpath / f"{name}.safetensors")
+            if hasattr(module, "export_config"):  # e.g. lora.json beside lora.safetensors
+                atomic_write_bytes(self.dirpath / f"{name}.json", json.dumps(module.export_config(), indent=1).encode())
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

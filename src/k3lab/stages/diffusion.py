@@ -26,6 +26,7 @@ from k3lab.inference.generator import Generator, check_resolution, latent_size
 from k3lab.nn.clip import Clip
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import FirstStage, LatentScale
+from k3lab.nn.lora import AdapterExport, LoraOptions, add_lora, lora_from
 from k3lab.nn.prior import PriorTransformer
 from k3lab.nn.text_encoder import frozen_text_encoder
 from k3lab.nn.unet import KandinskyUNet
@@ -81,8 +82,10 @@ class DiffusionStage(L.LightningModule):
         compile_blocks: bool | str = "auto",  # regional torch.compile of the U-Net blocks; auto = on a CUDA device
         clip: Clip | None = None,  # mapping-prior arm: frozen conditioning CLIP (None: Kandinsky 3's text arm)
         prior: PriorTransformer | None = None,  # mapping-prior arm: frozen trained prior, used for sampling
+        lora: LoraOptions | Mapping[str, Any] | None = None,  # LoRA fine-tune: only adapters train (None: all)
     ) -> None:
         super().__init__()
+        self.lora_options = lora_from(lora)
         self.optim_options = group_of(OptimOptions, optim, "stage.optim")
         self.loss_options = group_of(LossOptions, loss, "stage.loss")
         self.conditioning_options = group_of(ConditioningOptions, conditioning, "stage.conditioning")
@@ -104,6 +107,7 @@ class DiffusionStage(L.LightningModule):
                 "latent_scale": latent_scale,
                 "init_weights": init_weights,
                 "compile_blocks": compile_blocks,
+                "lora": self.lora_options.as_dict() if self.lora_options else None,
             }
         )
         if text_encoder is not None:
@@ -141,6 +145,12 @@ class DiffusionStage(L.LightningModule):
                 self.arm.conditioning, load_state_dict(folder / f"{name}.safetensors"), folder / f"{name}.safetensors"
             )
             log.info("initialised the U-Net and %s from %s", name, folder)
+        if self.lora_options is not None:  # after init_weights: the adapters start on the base weights
+            self.arm.conditioning.requires_grad_(False)
+            targets = add_lora(self.unet, self.lora_options)
+            trained = sum(p.numel() for p in self.unet.parameters() if p.requires_grad)
+            log.info("LoRA rank %d on %d layers: %d trained parameters", self.lora_options.rank, len(targets), trained)
+        self.strict_loading = self.lora_options is None  # a LoRA checkpoint holds the adapters, not the base
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.optimizer_factory = optimizer
@@ -168,9 +178,23 @@ class DiffusionStage(L.LightningModule):
         ("prior.", "arm.prior."),
     )
 
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA fine-tune's checkpoint holds the adapters (live and EMA) and the buffers, not the frozen base,
+        which ``stage.init_weights`` rebuilds on resume."""
+        if self.lora_options is not None:
+            buffers = {n for n, _ in self.named_buffers()}
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if ".lora_" in k or k in buffers}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resume from checkpoints of older k3lab versions: their key names are mapped onto the arm's."""
+        """Resume from checkpoints of older k3lab versions: their key names are mapped onto the arm's; a LoRA
+        checkpoint must hold every adapter weight."""
         state = checkpoint.get("state_dict", {})
+        if self.lora_options is not None:
+            missing = [n for n, _ in self.named_parameters() if ".lora_" in n and n not in state]
+            if missing:
+                raise ValueError(f"the checkpoint lacks {len(missing)} LoRA weight(s) of stage.lora, e.g. {missing[0]}")
         for key in [k for k in state if not k.startswith(("arm.", "conditioning_ema."))]:
             for old, new in self.LEGACY_KEYS:
                 if key.startswith(old):
@@ -181,6 +205,9 @@ class DiffusionStage(L.LightningModule):
     def exportable_modules(self) -> dict[str, nn.Module]:
         """The modules exported as safetensors: the U-Net, the arm's conditioning (EMA when kept), the latent scale."""
         unet, arm = self.eval_modules()
+        if self.lora_options is not None:  # the adapter alone (lora.safetensors + lora.json); the base is init_weights
+            adapter = AdapterExport(unet, self.lora_options, self.hparams.get("init_weights"))
+            return {"lora": adapter, arm.export_name: arm.conditioning, "latent_scale": self.latent_scale}
         return {"unet": unet, arm.export_name: arm.conditioning, "latent_scale": self.latent_scale}
 
     def eval_modules(self) -> tuple[KandinskyUNet, ConditioningArm]:
@@ -195,7 +222,7 @@ class DiffusionStage(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict:
-        params = list(self.unet.parameters()) + list(self.arm.conditioning.parameters())
+        params = [p for p in [*self.unet.parameters(), *self.arm.conditioning.parameters()] if p.requires_grad]
         factory = self.optimizer_factory
         if switch_on(self.optim_options.fused, self.device) and accepts_fused(factory):
             factory = partial(cast(Callable[..., Optimizer], factory), fused=True)
