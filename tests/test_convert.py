@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -499,6 +500,57 @@ def test_diffusers_pipeline_to_k3lab_sample_and_back(
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
     image = back("a red circle", num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+    assert_the_pipeline_samples_what_k3lab_samples(tmp_path / "k3", back)
+
+    # a LoRA fine-tune merged into this base (merge-lora) is a normal export for the client too
+    from k3lab.io.safetensors_io import write_safetensors
+    from k3lab.nn.lora import adapter_state, add_lora
+
+    unet = gen.unet
+    add_lora(unet, {"rank": 4, "alpha": 4})
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    adapter = tmp_path / "lora_run"
+    adapter.mkdir()
+    write_safetensors(adapter / "lora.safetensors", adapter_state(unet))
+    (adapter / "lora.json").write_text(json.dumps({"lora": {"rank": 4, "alpha": 4}, "base": str(tmp_path / "k3")}))
+    assert convert(["merge-lora", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert convert(["to-diffusers", str(tmp_path / "merged"), "--out", str(tmp_path / "merged_diffusers")]) == 0
+    merged = load_pipeline(tmp_path / "merged_diffusers")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(merged.unet.state_dict().values(), pipe.unet.state_dict().values(), strict=True)
+    )
+    assert_the_pipeline_samples_what_k3lab_samples(tmp_path / "merged", merged)
+
+
+def assert_the_pipeline_samples_what_k3lab_samples(k3lab_folder: Path, pipe: Any, steps: int = 4) -> None:
+    """The real client: diffusers' Kandinsky3Pipeline on k3lab's to-diffusers export samples the images
+    ``k3lab.sample --sampler diffusers_ddpm`` does from the same seed: pixel values in [0, 1] within 5e-3, 5e-4 on
+    average (k3lab draws the start noise from seed s and the step noise from s + 1: the pipeline gets the same start
+    latents and a generator seeded s + 1)."""
+    from k3lab.inference.loading import load_generator
+
+    gen, _ = load_generator(k3lab_folder, text_encoder_dtype="float32")
+    prompts, seed = ["a red circle left of a blue square"], 7
+    ours = gen.sample(gen.encode(prompts), [seed], 64, sampler="diffusers_ddpm", steps=steps, guidance_weight=3.0)
+    start = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(seed))[None]
+    theirs = pipe(
+        prompts[0],
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        height=64,
+        width=64,
+        latents=start,
+        generator=torch.Generator().manual_seed(seed + 1),
+        output_type="pt",
+    ).images
+    theirs = ((theirs + 1) / 2).clamp(0, 1)  # the pipeline's "pt" output is the decoder's [-1, 1]
+    assert ours.shape == theirs.shape
+    diff = (ours - theirs).abs()  # fp32 on CPU, 4 steps: the same images up to float rounding
+    assert diff.max().item() <= 5e-3 and diff.mean().item() <= 5e-4, (diff.max().item(), diff.mean().item())
 
 
 def test_official_checkpoint_to_k3lab_sample(tiny_pipeline: Path, tmp_path: Path) -> None:
