@@ -366,6 +366,8 @@ def run_script(claim: Claim, gflops: float) -> tuple[bool, str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = claim.check["script"].replace("{out}", shlex.quote(str(out)))
+        if cmd.startswith("python "):  # this interpreter (the project's environment), not whatever python is on PATH
+            cmd = shlex.quote(sys.executable) + cmd[len("python") :]
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}:{os.environ.get('PYTHONPATH', '')}"}
         proc = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out.exists():

@@ -126,3 +126,34 @@ def test_a_resumed_lora_run_continues_exactly(root: Path, base: Path, caplog: py
     assert f"resuming from {first / 'last.ckpt'}" in caplog.text  # the base from init_weights, adapters from here
     a, b = load_state_dict(whole / "lora.safetensors"), load_state_dict(split / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_lora_memory_plan_counts_adapters_and_measures_activations_with_them() -> None:
+    """benchmarks/lora_memory.py's model: adapter parameters by hand (rank x (in + out) per targeted Linear), the
+    activations of the adapted U-Net on the meta device equal to the same count on real tensors, and the batch is the
+    free memory over them."""
+    from k3lab.nn.sharding import GIB, activation_bytes, lora_memory_plan
+
+    cfg = compose_config([*T2I_PIXEL_16, *SMALL_WORLD], Path("/tmp"))
+    with torch.device("meta"):
+        unet = instantiate(cfg.model.unet)
+    [row] = lora_memory_plan(unet, [4], [16], [2.0], context_tokens=8, other_gib=0.5)
+    linears = [
+        m for n, m in unet.named_modules() if n.rsplit(".", 1)[-1] in ("to_query", "to_key", "to_value", "output_layer")
+    ]
+    assert row.adapter_params == sum(4 * (m.in_features + m.out_features) for m in linears)
+    frozen = sum(p.numel() for p in unet.parameters())
+    assert row.frozen_gib == pytest.approx(frozen * 4 / GIB) and row.adapter_gib == pytest.approx(
+        row.adapter_params * 20 / GIB
+    )
+    static = (frozen * 4 + row.adapter_params * 20) / GIB + 0.5
+    assert row.batch[2.0] == int((2.0 - static) // row.activation_gib)
+    import copy
+
+    adapted = copy.deepcopy(unet)
+    add_lora(adapted, {"rank": 4, "alpha": 4})
+    assert row.activation_gib == pytest.approx(activation_bytes(adapted, 16, 8).checkpointed / GIB)
+    real = instantiate(cfg.model.unet)  # the meta count is what real tensors save (fp32 here: CPU)
+    add_lora(real, {"rank": 4, "alpha": 4})
+    on_meta = activation_bytes(copy.deepcopy(adapted), 16, 8, dtype=torch.float32).checkpointed
+    assert on_meta == pytest.approx(activation_bytes(real, 16, 8, dtype=torch.float32).checkpointed, rel=0.01)

@@ -116,8 +116,10 @@ def activation_bytes(
     seen: dict[int, int] = {}
     keep: list[torch.Tensor] = []  # ids stay unique while the tensors live
 
+    params = {id(p) for p in unet.parameters()}  # trained or frozen (a LoRA fine-tune's base): weights, not activations
+
     def weight(t: torch.Tensor) -> bool:  # a parameter or a view of one (a linear layer saves weight.t())
-        return (t.is_leaf and t.requires_grad) or (t._base is not None and t._base.is_leaf and t._base.requires_grad)
+        return id(t) in params or (t._base is not None and id(t._base) in params)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not weight(t) and id(t) not in seen:
@@ -200,6 +202,55 @@ def memory_plan(
             )
         )
     return params, act, rows
+
+
+@dataclass(frozen=True)
+class LoraRow:
+    """One row of a LoRA fine-tune's one-GPU plan: GiB by kind, activations per sample, largest batch per GPU size."""
+
+    rank: int
+    latent: int
+    adapter_params: int
+    frozen_gib: float  # the base U-Net and the text projection, frozen, at ``frozen_bytes`` per parameter
+    adapter_gib: float  # the adapters' fp32 weights, gradients, AdamW moments and EMA
+    other_gib: float  # the frozen MoVQ (validation samples) and the CUDA reserve
+    activation_gib: float  # per sample, bf16, every block checkpointed
+    batch: dict[float, int]  # GPU GiB -> largest batch
+
+
+def lora_memory_plan(
+    unet: KandinskyUNet,
+    ranks: Sequence[int],
+    latents: Sequence[int],
+    gpu_gibs: Sequence[float] = (24.0, 48.0, 80.0),
+    context_tokens: int = 128,
+    extra_frozen: int = 0,  # frozen parameters beside the U-Net (the text projection)
+    frozen_bytes: int = 4,  # fp32 base weights under bf16 autocast (trainer=gpu), as the stage keeps them
+    other_gib: float = 1.0 + 3.0,  # the frozen fp32 MoVQ (~1 GiB, for validation samples) + CUDA context/allocator
+    ema: bool = True,
+    targets: Sequence[str] | None = None,
+) -> list[LoraRow]:
+    """A LoRA fine-tune of ``unet`` (on the meta device) on one GPU, text embeddings and latents precomputed (no text
+    encoder, no MoVQ encoder in the step): for each rank and latent side, the memory by kind and the largest batch per
+    GPU size. The adapters are injected by :func:`k3lab.nn.lora.add_lora` and the activations measured with them."""
+    import copy
+
+    from k3lab.nn.lora import DEFAULT_TARGETS, LoraOptions, add_lora
+
+    frozen = sum(p.numel() for p in unet.parameters()) + int(extra_frozen)
+    rows = []
+    for rank in ranks:
+        model = copy.deepcopy(unet)
+        add_lora(model, LoraOptions(rank=rank, alpha=rank, target_modules=tuple(targets or DEFAULT_TARGETS)))
+        adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        state = training_state_bytes(adapter, 1, "replicated" if ema else "none")
+        for latent in latents:
+            act = activation_bytes(model, latent, context_tokens).checkpointed
+            static = frozen * frozen_bytes + state.total + other_gib * GIB
+            batch = {float(g): max(0, int((g * GIB - static) // act)) for g in gpu_gibs}
+            frozen_gib, adapter_gib = frozen * frozen_bytes / GIB, state.total / GIB
+            rows.append(LoraRow(rank, latent, adapter, frozen_gib, adapter_gib, other_gib, act / GIB, batch))
+    return rows
 
 
 def shard_unet(unet: nn.Module, mesh: Any = None, mp_policy: Any = None) -> nn.Module:
