@@ -164,3 +164,37 @@ def test_a_diffusion_stage_trains_on_a_folder(photos: Path, tmp_path: Path) -> N
     assert losses and all("nan" not in line for line in losses)
     assert "undecodable_image" in (tmp_path / "run" / "skipped_samples.md").read_text()
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_thousand_broken_files_give_a_summary_not_a_thousand_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,000 broken files out of 1,100 (600 undecodable, 400 without a caption): the counts per reason are exact and the
+    log holds a bounded number of lines: 3 files per reason, one summary line per 1,000 skips, one table per pass."""
+    folder = tmp_path / "noisy"
+    folder.mkdir()
+    small = image((64, 64), "PNG")
+    for i in range(1100):
+        if i % 11 == 0:  # 100 good ones
+            (folder / f"{i:04d}.png").write_bytes(small)
+            (folder / f"{i:04d}.txt").write_text("a red circle")
+        elif i % 11 <= 6:  # 600 undecodable
+            (folder / f"{i:04d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+            (folder / f"{i:04d}.txt").write_text("a broken photo")
+        else:  # 400 without a caption
+            (folder / f"{i:04d}.png").write_bytes(small)
+    dm = datamodule(ImageFolder(folder, tmp_path / "packed", resolution=32))
+    dm.setup("fit")
+    dm.datasets["train"].skip_log.examples_per_reason = 3
+    with caplog.at_level(logging.INFO):
+        kept, skipped = 0, {}
+        for sample in dm.datasets["train"]._iterate(dm.split_urls()["train"], np.random.default_rng(0), "pass 0"):
+            kept += 1
+            for k, v in sample["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+    counted = dm.datasets["train"].skip_log.total  # every skip of the pass, by reason
+    assert kept == 100 and counted == {"undecodable_image": 600, "missing_caption": 400}
+    assert all(skipped[k] <= counted[k] for k in skipped)  # the batches carry those before their last sample
+    lines = [r for r in caplog.records if r.name == "k3lab.data.skips"]
+    assert len(lines) == 3 + 3 + 1 + 1, [r.getMessage()[:80] for r in lines]  # files, summary at 1,000, the table
+    assert any("1000 samples skipped so far" in r.getMessage() for r in lines)

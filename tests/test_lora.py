@@ -1,9 +1,11 @@
-"""LoRA fine-tuning (stage.lora, k3lab.nn.lora through peft): only the adapters train, checkpoint and average; the run
-exports the adapter alone; sampling puts it on its base unmerged (scale 0 = the base exactly); merge-lora writes a
-normal export with the same outputs; a resumed LoRA run continues exactly."""
+"""LoRA fine-tuning (stage.lora, k3lab.nn.lora through peft) of an imported diffusers model on a folder of images: only
+the adapters train, checkpoint and average; the run exports the adapter alone; sampling puts it on its base unmerged
+(scale 0 = the base exactly); merge-lora writes a normal export (base + scale B A per layer) that diffusers' own
+pipeline samples like k3lab; a resumed LoRA run continues exactly; the memory plan's arithmetic."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -11,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from test_convert import tiny_pipeline  # noqa: F401 - the module-scoped fixture: a random tiny diffusers pipeline
 
 from k3lab.inference.loading import load_generator
 from k3lab.io.checkpoint import load_state_dict
-from k3lab.nn.lora import LoraOptions, adapter_state, add_lora, lora_from, merge_lora, set_scale
+from k3lab.nn.lora import LoraOptions, adapter_state, add_lora, lora_from
 from k3lab.run.fitting import fit
 
 from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
@@ -52,26 +55,69 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lora")
 
 
-@pytest.fixture(scope="module")
-def base(root: Path) -> Path:
-    """A tiny pixel-space text-to-image run: the base the adapters fine-tune."""
-    cfg = compose_config(
-        [*T2I_PIXEL_16, *SMALL_WORLD, "trainer.max_steps=4", "trainer.val_check_interval=4"], root / "base"
-    )
-    fit(cfg)
-    return Path(cfg.paths.checkpoint_dir)
+COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle", "cross"]
 
 
-def lora_run(root: Path, base: Path, name: str, steps: int, *extra: str) -> Path:
+def photo_folder(root: Path, count: int = 50) -> Path:
+    """~50 captioned images in mixed formats and sizes (captions in the tiny T5's vocabulary), 3 broken files."""
+    from PIL import Image, ImageDraw
+
+    folder = root / "photos"
+    folder.mkdir()
+    formats = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("bmp", "BMP")]
+    sizes = [(64, 64), (96, 64), (64, 96), (80, 80), (128, 64)]
+    for i in range(count):
+        colour, shape = COLOURS[i % 4], SHAPES[(i // 4) % 4]
+        img = Image.new("RGB", sizes[i % len(sizes)], (240, 240, 240))
+        ImageDraw.Draw(img).ellipse(
+            (16, 16, 48, 48),
+            fill={"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}[
+                colour
+            ],
+        )
+        ext, fmt = formats[i % len(formats)]
+        img.save(folder / f"img_{i:03d}.{ext}", format=fmt)
+        (folder / f"img_{i:03d}.txt").write_text(f"a {colour} {shape}")
+    for i in range(3):  # broken files: counted and skipped, never a crash
+        (folder / f"broken_{i}.jpg").write_bytes(b"\xff\xd8 truncated")
+        (folder / f"broken_{i}.txt").write_text("a red circle")
+    return folder
+
+
+def finetune(root: Path, base: Path, folder: Path, name: str, steps: int, *extra: str) -> Path:
+    """``experiment=kandinsky3_lora`` on the folder, its U-Net and text encoder the converted tiny pipeline's."""
+    import yaml
+
+    saved = yaml.safe_load((base / "config.yaml").read_text())
+    unet = [f"model.unet.{k}={json.dumps(v)}" for k, v in saved["model"]["unet"].items() if not isinstance(v, dict)]
     cfg = compose_config(
         [
-            *T2I_PIXEL_16,
-            *SMALL_WORLD,
+            "experiment=kandinsky3_lora",
+            "trainer=cpu",
+            "logger=csv",
             f"stage.init_weights={base}",
-            "+stage.lora={rank: 4, alpha: 8}",
-            "stage.optimizer.lr=3e-3",
+            f"data.source.path={folder}",
+            "data.resolution=64",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.source.repeats=4",
+            *unet,
+            "model.unet.gradient_checkpointing=false",
+            f"model.text_encoder.encoder.path={saved['model']['text_encoder']['encoder']['path']}",
+            "model.text_encoder.encoder.dtype=float32",
+            f"model.text_encoder.dim={saved['model']['text_encoder']['dim']}",
+            f"stage.encoder_dim={saved['stage']['encoder_dim']}",
+            "stage.conditioning.diffusers_compat=true",
+            "stage.lora.rank=4",
+            "stage.lora.alpha=8",
+            "stage.optimizer.lr=1e-2",
+            "stage.optim.warmup_steps=0",
+            "stage.validation.prompts=[]",
             f"trainer.max_steps={steps}",
-            "trainer.val_check_interval=3",
+            "trainer.val_check_interval=1000",
+            "trainer.limit_val_batches=0",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
             *extra,
         ],
         root / name,
@@ -80,52 +126,66 @@ def lora_run(root: Path, base: Path, name: str, steps: int, *extra: str) -> Path
     return Path(cfg.paths.checkpoint_dir)
 
 
-def test_a_lora_run_trains_only_adapters_and_exports_them(root: Path, base: Path) -> None:
-    run = lora_run(root, base, "lora", 6)
-    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
-    weights = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 1]
-    assert weights and all(".lora_" in k for k in weights)  # the frozen base is not in the checkpoint
-    adapter = load_state_dict(run / "lora.safetensors")
-    meta = json.loads((run / "lora.json").read_text())
-    assert meta["base"] == str(base) and meta["lora"]["rank"] == 4
-    assert all(".lora_A." in k or ".lora_B." in k for k in adapter)
-    assert any(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # it trained
-    assert not (run / "unet.safetensors").exists()
-
-    base_gen, _ = load_generator(base)
-    off, _ = load_generator(base, lora=run, lora_scale=0.0)
-    on, _ = load_generator(run)  # the LoRA run's own folder finds its base in lora.json
-    inputs = unet_inputs(base_gen.unet, int(base_gen.unet.context_dim))
-    with torch.no_grad():
-        y_base, y_off, y_on = base_gen.unet(*inputs), off.unet(*inputs), on.unet(*inputs)
-    assert torch.equal(y_off, y_base)  # scale 0: the base model bit for bit
-    assert not torch.allclose(y_on, y_base, atol=1e-6)
-    base_state = load_state_dict(base / "unet.safetensors")
-    for name, p in on.unet.named_parameters():  # the base under the adapters is the base export, untouched
-        if ".base_layer." in name:
-            assert torch.equal(p, base_state[name.replace(".base_layer.", ".")])
+def test_lora_fine_tune_of_an_imported_diffusers_model_on_a_folder(
+    tiny_pipeline: Path,  # noqa: F811 - test_convert's fixture
+    root: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """From a diffusers checkpoint (random weights written by diffusers) converted by k3lab, a LoRA fine-tune on a
+    folder of 50 images with 3 broken files: the loss falls, checkpoints hold only the adapters, resume is exact, the
+    merged export is base + scale x (alpha / rank) B A per layer, and diffusers' pipeline on the exported merge samples
+    what k3lab samples."""
+    import diffusers
+    from test_convert import assert_the_pipeline_samples_what_k3lab_samples
 
     from k3lab.convert.__main__ import main as convert
 
-    assert convert(["merge-lora", str(run), "--out", str(root / "merged")]) == 0
-    merged, _ = load_generator(root / "merged")
-    assert set(load_state_dict(root / "merged" / "unet.safetensors")) == set(base_state)  # plain base keys
-    with torch.no_grad():
-        assert torch.allclose(merged.unet(*inputs), y_on, atol=1e-5)
-    half = merge_lora(on.unet, scale=0.5)
-    set_scale(off.unet, 0.0)
-    assert not any(".lora_" in n for n, _ in half.named_parameters())
-    assert convert(["merge-lora", str(run), "--base", str(base), "--out", str(base)]) == 2  # never over the base
+    base = root / "k3"
+    assert convert(["diffusers", str(tiny_pipeline), "--out", str(base)]) == 0
+    folder = photo_folder(root)
+    run = finetune(root, base, folder, "whole", 24)
+    rows = [r for r in csv.DictReader(open(run.parent / "csv" / "metrics.csv")) if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) >= 8 and sum(losses[-4:]) < sum(losses[:4]), losses  # it trains
+    assert (root / "whole" / "run" / "skipped_samples.md").read_text().count("undecodable_image") == 1
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    tensors = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 1]
+    assert tensors and all(".lora_" in k for k in tensors)
+    sizes = {name: (run / name).stat().st_size for name in ("last.ckpt", "lora.safetensors")}
+    base_size = (base / "unet.safetensors").stat().st_size
+    with capsys.disabled():
+        print(f"\nLoRA checkpoint {sizes['last.ckpt']:,} B, adapter {sizes['lora.safetensors']:,} B", end="")
+        print(f"; the base U-Net {base_size:,} B")
+    assert sizes["last.ckpt"] < base_size / 5
 
-
-def test_a_resumed_lora_run_continues_exactly(root: Path, base: Path, caplog: pytest.LogCaptureFixture) -> None:
-    whole = lora_run(root, base, "whole", 6)
-    first = lora_run(root, base, "split", 3)
+    first = finetune(root, base, folder, "split", 12)
     with caplog.at_level(logging.INFO, logger="k3lab.run.resume"):
-        split = lora_run(root, base, "split", 6, "ckpt_path=last")
-    assert f"resuming from {first / 'last.ckpt'}" in caplog.text  # the base from init_weights, adapters from here
-    a, b = load_state_dict(whole / "lora.safetensors"), load_state_dict(split / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        split = finetune(root, base, folder, "split", 24, "ckpt_path=last")
+    assert f"resuming from {first / 'last.ckpt'}" in caplog.text
+    a, b = load_state_dict(run / "lora.safetensors"), load_state_dict(split / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resumed = uninterrupted
+
+    assert convert(["merge-lora", str(run), "--scale", "0.5", "--out", str(root / "merged")]) == 0
+    merged, plain = load_state_dict(root / "merged" / "unet.safetensors"), load_state_dict(base / "unet.safetensors")
+    assert merged.keys() == plain.keys()
+    layers = {k.rsplit(".lora_", 1)[0] for k in a}
+    for layer in layers:
+        delta = a[f"{layer}.lora_B.weight"] @ a[f"{layer}.lora_A.weight"]
+        want = plain[f"{layer}.weight"] + 0.5 * (8 / 4) * delta
+        assert torch.allclose(merged[f"{layer}.weight"], want, atol=1e-6), layer
+    untouched = [k for k in plain if k.rsplit(".", 1)[0] not in layers]
+    assert untouched and all(torch.equal(merged[k], plain[k]) for k in untouched)
+
+    off, _ = load_generator(base, lora=run, lora_scale=0.0, text_encoder_dtype="float32")
+    ref, _ = load_generator(base, text_encoder_dtype="float32")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx, mask = ref.encode(["a red circle"])
+    with torch.no_grad():
+        assert torch.equal(off.unet(x, torch.tensor([500]), ctx, mask), ref.unet(x, torch.tensor([500]), ctx, mask))
+    assert convert(["to-diffusers", str(root / "merged"), "--out", str(root / "merged_diffusers")]) == 0
+    pipe = diffusers.Kandinsky3Pipeline.from_pretrained(root / "merged_diffusers")
+    assert_the_pipeline_samples_what_k3lab_samples(root / "merged", pipe)
 
 
 def test_the_lora_memory_plan_counts_adapters_and_measures_activations_with_them() -> None:

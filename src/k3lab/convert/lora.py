@@ -32,7 +32,7 @@ def merge_lora_export(run: Path, out: Path, base: str | Path | None = None, scal
     unet = instantiate(cfg.model.unet)
     load_weights(unet, load_state_dict(unet_file), unet_file)
     apply_lora(unet, run, scale)
-    merge_lora(unet)
+    merge_lora(unet, scale)
     out.mkdir(parents=True, exist_ok=True)
     for item in base_dir.iterdir():
         if item.name == "unet.safetensors" or item.suffix == ".ckpt" or item.name.startswith("lora."):
