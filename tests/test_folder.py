@@ -198,3 +198,49 @@ def test_a_thousand_broken_files_give_a_summary_not_a_thousand_warnings(
     lines = [r for r in caplog.records if r.name == "k3lab.data.skips"]
     assert len(lines) == 3 + 3 + 1 + 1, [r.getMessage()[:80] for r in lines]  # files, summary at 1,000, the table
     assert any("1000 samples skipped so far" in r.getMessage() for r in lines)
+
+
+def test_precompute_caches_a_folder_and_training_reads_it(photos: Path, tmp_path: Path) -> None:
+    """``python -m k3lab.precompute`` over data=folder writes each image once (repeats aside) with its text embedding,
+    whatever its format; data=precomputed then trains on the embeddings without the text encoder."""
+    from k3lab.data.precompute import precompute
+    from k3lab.run.fitting import fit
+
+    common = [f"paths.root_dir={tmp_path}", "model/text_encoder=t5_tiny", "data.resolution=32"]
+    cfg = compose(
+        [
+            "experiment=text2image_tiny",
+            "data=folder",
+            f"data.source.path={photos}",
+            "data.source.repeats=3",
+            "data.aspect_buckets=null",
+            *common,
+        ],
+        output_dir=tmp_path / "pc",
+    )
+    out = precompute(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 10 and manifest["skipped"]["train"] == {
+        "undecodable_image": 1,
+        "missing_caption": 1,
+    }
+    train = compose(
+        [
+            "experiment=text2image_tiny",
+            "data=precomputed",
+            "stage.text_encoder=null",
+            *common,
+            "stage.first_stage.checkpoint=null",
+            "model.unet.in_channels=3",
+            "model.unet.out_channels=3",
+            "stage.latent_scale=1.0",
+            "data.batch_size=2",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=0",
+            "trainer.val_check_interval=2",
+            "logger=csv",
+        ],
+        output_dir=tmp_path / "run",
+    )
+    fit(train)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

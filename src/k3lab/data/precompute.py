@@ -133,6 +133,7 @@ def precompute(cfg: DictConfig) -> Path:
         "skipped": {},
     }
     for split, urls in splits.items():
+        urls = list(dict.fromkeys(urls))  # a folder's training list repeats its shards (data.source.repeats)
         skipped: Counter[str] = Counter()
         names: list[str] = []
         pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
