@@ -12,7 +12,7 @@ import numpy as np
 def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (Wilson 1927); (nan, nan) when n == 0."""
     if n <= 0:
-        return (float("nan"), float("nan"))
+        return (math.nan, math.nan)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -26,7 +26,7 @@ def bootstrap_interval(
     """Percentile interval of the mean score, resampling whole groups (e.g. all votes on one prompt) with
     replacement."""
     if not groups:
-        return (float("nan"), float("nan"))
+        return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     sums = np.array([float(np.sum(g)) for g in groups])
     counts = np.array([len(g) for g in groups], dtype=np.float64)
@@ -40,17 +40,17 @@ def fleiss_kappa(ratings: Iterable[Sequence[Hashable]]) -> float:
     NaN where it is undefined (every rating in one category: chance agreement is 1)."""
     items = [list(r) for r in ratings]
     if not items:
-        return float("nan")
+        return math.nan
     n = Counter(len(r) for r in items).most_common(1)[0][0]
     items = [r for r in items if len(r) == n]
     if n < 2 or not items:
-        return float("nan")
+        return math.nan
     categories = sorted({c for r in items for c in r}, key=str)
     table = np.array([[r.count(c) for c in categories] for r in items], dtype=np.float64)
     p_j = table.sum(0) / table.sum()
     p_i = ((table * (table - 1)).sum(1)) / (n * (n - 1))
     p_bar, p_e = p_i.mean(), (p_j**2).sum()
-    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else float("nan")
+    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else math.nan
 
 
 def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float:
@@ -69,11 +69,11 @@ def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float:
             for d, k2 in counts.items():
                 coincidence[(c, d)] += (k * (k2 - (1 if c == d else 0))) / (m - 1)
     if not coincidence:
-        return float("nan")
+        return math.nan
     totals: dict[Hashable, float] = defaultdict(float)
     for (c, _), v in coincidence.items():
         totals[c] += v
     n = sum(totals.values())
     observed = sum(v for (c, d), v in coincidence.items() if c != d)
     expected = sum(totals[c] * totals[d] for c in totals for d in totals if c != d) / (n - 1)
-    return 1.0 - observed / expected if expected > 0 else float("nan")
+    return 1.0 - observed / expected if expected > 0 else math.nan

@@ -508,3 +508,53 @@ def test_atomic_checkpoint_io_replaces_or_keeps_the_old_file(tmp_path: Path, mon
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     assert os.path.getsize(path) > 0
+
+
+# ---------------------------------------------------------------------------------------------- edges mutation found
+
+
+def test_the_chi_square_integral_is_scipys_non_central_t_where_scipy_is_finite() -> None:
+    from scipy import stats
+
+    for df in (1, 2, 5):
+        crit = float(stats.t.ppf(0.975, df))
+        for nc in (0.5, 3.0, 8.0):
+            want = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+            if math.isfinite(want):
+                assert paired._t_test_power(crit, df, nc) == pytest.approx(want, rel=1e-6), (df, nc)
+    # 2 seeds at nc ~ 13 (scipy: NaN): between the neighbours, not 0 or 1
+    assert 0.6 < paired.power(0.3659, 0.04, 2) < 0.75
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1])
+def test_seeds_needed_over_a_range_of_effects_and_alphas(alpha: float) -> None:
+    for ratio in (0.2, 0.35, 0.5, 0.8, 1.2, 2.0, 3.5, 6.0, 12.0, 40.0):
+        n = paired.seeds_needed(ratio, 1.0, alpha=alpha)
+        brute = next(k for k in range(2, 1000) if paired.power(ratio, 1.0, k, alpha) >= 0.8)
+        assert n == brute, (ratio, alpha)
+    assert paired.seeds_needed(40.0, 1.0) == 2  # a huge effect: two seeds do
+    assert paired.seeds_needed(0.5, 1.0, target=0.9) > paired.seeds_needed(0.5, 1.0)
+
+
+def test_prompts_needed_and_seed_effect_boundaries() -> None:
+    allowed = paired.minimum_detectable_effect(1.0, 2, alpha=0.1)
+    n = paired.prompts_needed(0.5, 0.0, 0.2, 2, alpha=0.1)  # 2 seeds are enough to plan with
+    assert n == math.ceil(0.2 / (0.5 / allowed) ** 2)
+    exact = (0.5 / paired.minimum_detectable_effect(1.0, 3)) ** 2
+    assert paired.prompts_needed(0.5, exact, 0.2, 3) == math.inf  # tau^2 alone uses the whole budget
+    two = paired.seed_effect(np.array([[1.0, 0.0]]), np.array([[0.0, 0.0]]))  # 2 prompts: defined
+    assert two.prompts == 2 and two.estimate == 0.5 and two.variance == pytest.approx(0.25)  # var([1, 0]) / 2
+    one = paired.seed_effect(np.array([[1.0]]), np.array([[0.0]]))
+    assert all(math.isnan(v) for v in (one.estimate, one.variance, one.unpaired_variance)) and one.prompts == 1
+    ints = paired.seed_effect(np.array([[1, 0, 1]]), np.array([[0, 0, 1]]))  # integer scores are averaged as floats
+    assert ints.estimate == pytest.approx(1 / 3)
+    none = paired.random_effects([], [])
+    assert all(math.isnan(v) for v in (none.estimate, none.half_width, none.tau2, none.se)) and none.seeds == 0
+    single = paired.random_effects([0.3], [0.09])
+    assert math.isnan(single.half_width) and math.isnan(single.tau2) and single.se == pytest.approx(0.3)
+
+
+def test_bootstrap_defaults_are_the_documented_ones() -> None:
+    groups = [list(np.random.default_rng(i).random(4)) for i in range(30)]
+    assert bootstrap_interval(groups) == bootstrap_interval(groups, num_samples=2000, seed=0, alpha=0.05)
+    assert bootstrap_interval(groups, num_samples=2001) != bootstrap_interval(groups)

@@ -48,7 +48,7 @@ def seed_effect(level: np.ndarray, reference: np.ndarray) -> SeedEffect:
     a, b = level[:, keep], reference[:, keep]
     n = int(keep.sum())
     if n < 2:
-        return SeedEffect(float("nan"), float("nan"), float("nan"), n)
+        return SeedEffect(math.nan, math.nan, math.nan, n)
     d = a.mean(0) - b.mean(0)
     unpaired = (a.var(1, ddof=1).sum() / a.shape[0] ** 2 + b.var(1, ddof=1).sum() / b.shape[0] ** 2) / n
     return SeedEffect(float(d.mean()), float(d.var(ddof=1) / n), float(unpaired), n)
@@ -72,9 +72,9 @@ def random_effects(estimates: Sequence[float], variances: Sequence[float], level
     y, v = y[ok], np.maximum(v[ok], 1e-12)
     s = len(y)
     if s == 0:
-        return Combined(float("nan"), float("nan"), float("nan"), 0, float("nan"))
+        return Combined(math.nan, math.nan, math.nan, 0, math.nan)
     if s == 1:
-        return Combined(float(y[0]), float("nan"), float("nan"), 1, float(math.sqrt(v[0])))
+        return Combined(float(y[0]), math.nan, math.nan, 1, float(math.sqrt(v[0])))
     w = 1 / v
     fixed = float((w * y).sum() / w.sum())
     q = float((w * (y - fixed) ** 2).sum())
@@ -90,7 +90,7 @@ def power(delta: float, sigma: float, seeds: int, alpha: float = 0.05) -> float:
     """Power of the two-sided one-sample t-test over ``seeds`` seed-level effects of SD ``sigma`` at effect
     ``delta``."""
     if seeds < 2 or not sigma > 0:
-        return float("nan")
+        return math.nan
     df = seeds - 1
     crit = float(stats.t.ppf(1 - alpha / 2, df))
     nc = abs(delta) * math.sqrt(seeds) / sigma
@@ -115,7 +115,7 @@ def _t_test_power(crit: float, df: int, nc: float) -> float:
 def minimum_detectable_effect(sigma: float, seeds: int, target: float = 0.8, alpha: float = 0.05) -> float:
     """The smallest effect the design detects with probability ``target`` (two-sided t-test, ``seeds`` seeds)."""
     if seeds < 2 or not sigma > 0:
-        return float("nan")
+        return math.nan
     root = optimize.brentq(lambda d: power(d, sigma, seeds, alpha) - target, 1e-12 * sigma, 100 * sigma)
     return float(cast(float, root))
 
@@ -144,9 +144,9 @@ def prompts_needed(
     """Prompts per seed that would let ``seeds`` seeds detect ``delta`` (the per-prompt difference variance
     ``prompt_var`` shrinks with prompts, ``tau2`` does not); inf when no prompt count suffices."""
     if seeds < 2 or delta == 0 or math.isnan(delta) or not prompt_var > 0:
-        return float("nan")
+        return math.nan
     allowed = minimum_detectable_effect(1.0, seeds, target, alpha)  # MDE in units of sigma_e
     sigma_max2 = (abs(delta) / allowed) ** 2
     if sigma_max2 <= tau2:
-        return float("inf")
+        return math.inf
     return float(math.ceil(prompt_var / (sigma_max2 - tau2)))
