@@ -6,6 +6,7 @@ resume. Written against the mutants `make mutation` found alive (docs/performanc
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import random
@@ -407,6 +408,13 @@ def test_resume_state_restores_the_stream_before_the_first_batch_and_keeps_valid
     )
     cb = resume.ResumeState()
     assert cb.state_key == "ResumeState"
+    torch.manual_seed(1)
+    expected_first = torch.rand(1)
+    torch.manual_seed(1)
+    cb.on_train_batch_start(trainer, None, None, 0)  # type: ignore[arg-type]  # nothing pending: the stream untouched
+    assert loader.consumed == 1 and torch.equal(torch.rand(1), expected_first)
+    no_loop = SimpleNamespace(fit_loop=SimpleNamespace(_combined_loader=None))
+    resume.ResumeState().on_train_batch_start(no_loop, None, None, 0)  # type: ignore[arg-type]  # before the loop
     torch.manual_seed(11)
     saved = cb.state_dict()
     expected = torch.rand(2)
@@ -453,9 +461,13 @@ def test_checkpoints_name_their_mlflow_run_and_logs_are_kept(tmp_path: Path) -> 
     assert empty == {}
     torch.save({"k3lab": {"mlflow_run_id": "abc"}}, tmp_path / "a.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "b.ckpt")
-    assert (
-        resume.checkpoint_run_id(tmp_path / "a.ckpt") == "abc" and resume.checkpoint_run_id(tmp_path / "b.ckpt") is None
-    )
+    assert resume.checkpoint_run_id(tmp_path / "a.ckpt") == "abc"
+    assert resume.checkpoint_run_id(tmp_path / "b.ckpt") is None
+    torch.save({"k3lab": {"mlflow_run_id": "t"}, "w": torch.ones(2)}, tmp_path / "t.ckpt")  # tensors map to the CPU
+    assert resume.checkpoint_run_id(tmp_path / "t.ckpt") == "t"
+    torch.save({"k3lab": {"mlflow_run_id": SimpleNamespace()}}, tmp_path / "pickled.ckpt")  # an arbitrary object
+    with pytest.raises(Exception, match="Weights only load failed"):
+        resume.checkpoint_run_id(tmp_path / "pickled.ckpt")  # weights_only: never unpickled
 
     csv_logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     for step in range(6):
@@ -474,16 +486,24 @@ def test_checkpoints_name_their_mlflow_run_and_logs_are_kept(tmp_path: Path) -> 
     assert steps == [0, 1, 2, 3]
 
 
-def test_ckpt_path_last_and_cluster_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ckpt_path_last_and_cluster_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     for key in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_EXECUTOR"):
         monkeypatch.delenv(key, raising=False)
     assert not resume.cluster_job()
     assert resume.resolve_ckpt_path(None, tmp_path) is None
     assert resume.resolve_ckpt_path("x/other.ckpt", tmp_path) == "x/other.ckpt"
     (tmp_path / "last.ckpt.tmp-123").write_bytes(b"half")
-    assert resume.resolve_ckpt_path("last", tmp_path) is None and not (tmp_path / "last.ckpt.tmp-123").exists()
-    (tmp_path / "last.ckpt").write_bytes(b"x")
-    assert resume.resolve_ckpt_path("last", tmp_path) == str(tmp_path / "last.ckpt")
+    with caplog.at_level(logging.INFO, logger="k3lab.run.resume"):
+        assert resume.resolve_ckpt_path("last", tmp_path) is None and not (tmp_path / "last.ckpt.tmp-123").exists()
+        (tmp_path / "last.ckpt").write_bytes(b"x")
+        assert resume.resolve_ckpt_path("last", tmp_path) == str(tmp_path / "last.ckpt")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removing {tmp_path / 'last.ckpt.tmp-123'} (a checkpoint write that was interrupted)",
+        f"ckpt_path=last: no checkpoint in {tmp_path} yet, starting from scratch",
+        f"resuming from {tmp_path / 'last.ckpt'}",
+    ]
     assert resume.resolve_ckpt_path(None, tmp_path) is None  # not a cluster job: a plain run starts fresh
     for key in ("SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_EXECUTOR"):
         monkeypatch.setenv(key, "1")
