@@ -4,8 +4,9 @@ computed on the meta device (nothing allocated, no GPU needed), and the largest 
     python benchmarks/lora_memory.py                       # kandinsky3, ranks 4/16/64, 512 and 1024 px
     python benchmarks/lora_memory.py --ranks 8 --latents 64 --json plan.json
 
-Assumptions (``k3lab.nn.sharding.lora_memory_plan``): the base U-Net and the text projection frozen in fp32, the
-step under bf16 autocast (``trainer=gpu``), every U-Net block's activations checkpointed
+Assumptions (``k3lab.nn.sharding.lora_memory_plan``): the base U-Net and the text projection frozen, stored in the
+preset's ``stage.lora.base_dtype`` (bf16 in ``kandinsky3_lora``: 2 bytes per parameter; fp32 when null), the step
+under bf16 autocast (``trainer=gpu``), every U-Net block's activations checkpointed
 (``model.unet.gradient_checkpointing=true``), text embeddings and latents precomputed (``python -m k3lab.precompute``:
 no Flan-UL2, no MoVQ encoder in the step), the adapters' fp32 weights, gradients, AdamW moments and EMA (20 bytes per
 adapter parameter), the frozen fp32 MoVQ kept for validation samples (~1 GiB) and 3 GiB for the CUDA context and the
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from k3lab.nn.sharding import lora_memory_plan
 from k3lab.run.config import compose
@@ -42,10 +44,14 @@ def main() -> None:
     with torch.device("meta"):
         unet = instantiate(cfg.model.unet)
     projection = int(cfg.model.text_encoder.dim) * int(cfg.model.unet.context_dim) + 2 * int(cfg.model.unet.context_dim)
-    rows = lora_memory_plan(unet, args.ranks, args.latents, args.gpu_gib, args.tokens, extra_frozen=projection)
+    base_dtype = OmegaConf.select(cfg, "stage.lora.base_dtype") or "float32"
+    frozen_bytes = 4 if base_dtype == "float32" else 2
+    rows = lora_memory_plan(
+        unet, args.ranks, args.latents, args.gpu_gib, args.tokens, extra_frozen=projection, frozen_bytes=frozen_bytes
+    )
     results: dict[str, object] = {
         "experiment": args.experiment,
-        "frozen base (U-Net + text projection, fp32, GiB)": rows[0].frozen_gib,
+        f"frozen base (U-Net + text projection, {base_dtype}, GiB)": rows[0].frozen_gib,
         "MoVQ (fp32, for validation samples) + CUDA reserve (GiB)": rows[0].other_gib,
     }
     for r in rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,40 @@ def test_the_lora_memory_plan_counts_adapters_and_measures_activations_with_them
     add_lora(real, {"rank": 4, "alpha": 4})
     on_meta = activation_bytes(copy.deepcopy(adapted), 16, 8, dtype=torch.float32).checkpointed
     assert on_meta == pytest.approx(activation_bytes(real, 16, 8, dtype=torch.float32).checkpointed, rel=0.01)
+
+
+def test_a_bf16_base_trains_under_autocast_with_fp32_adapters(root: Path) -> None:
+    """stage.lora.base_dtype=bfloat16 (kandinsky3_lora): the frozen base is stored at half size, shared by the EMA,
+    the adapters stay fp32, and the step and the validation samples run under bf16 autocast (CPU here)."""
+    base_cfg = compose_config(
+        [*T2I_PIXEL_16, *SMALL_WORLD, "trainer.max_steps=2", "trainer.val_check_interval=2"], root / "b16"
+    )
+    fit(base_cfg)
+    cfg = compose_config(
+        [
+            *T2I_PIXEL_16,
+            *SMALL_WORLD,
+            f"stage.init_weights={base_cfg.paths.checkpoint_dir}",
+            "+stage.lora={rank: 4, alpha: 4, base_dtype: bfloat16}",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "stage.validation.prompts=[a red circle]",
+            "trainer.log_every_n_steps=1",
+        ],
+        root / "b16_lora",
+    )
+    stage = instantiate(cfg.stage)
+    dtypes = {n: p.dtype for n, p in stage.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    shared = dict(stage.unet_ema.module.named_parameters())
+    assert all(shared[n] is p for n, p in stage.unet.named_parameters() if ".lora_" not in n)  # not copied
+    fit(cfg)
+    run = Path(cfg.paths.checkpoint_dir)
+    rows = [r for r in csv.DictReader(open(run.parent / "csv" / "metrics.csv")) if r.get("train/loss")]
+    assert rows and all(math.isfinite(float(r["train/loss"])) for r in rows), (
+        run.parent / "csv" / "metrics.csv"
+    ).read_text()
+    adapter = load_state_dict(run / "lora.safetensors")
+    assert adapter and {v.dtype for v in adapter.values()} == {torch.float32}

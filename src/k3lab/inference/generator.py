@@ -93,7 +93,7 @@ class Generator:
         unet, arm = stage.eval_modules()
         if stage.text_encoder is None:
             raise RuntimeError("sampling needs a text encoder (this stage was built for precomputed embeddings)")
-        return cls(
+        generator = cls(
             unet,
             arm,
             stage.text_encoder,
@@ -104,6 +104,10 @@ class Generator:
             str(stage.device),
             x0_threshold=stage.validation_options.sampling.x0_threshold,
         )
+        half = sorted({str(p.dtype) for p in unet.parameters()} & {"torch.bfloat16", "torch.float16"})
+        if half:  # a LoRA fine-tune's base stored at half size (stage.lora.base_dtype) samples under autocast
+            generator.unet_dtype = half[0].removeprefix("torch.")
+        return generator
 
     @contextmanager
     def _placed(self, *modules: nn.Module) -> Iterator[None]:

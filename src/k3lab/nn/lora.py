@@ -33,6 +33,9 @@ class LoraOptions:
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    base_dtype: str | None = (
+        None  # bfloat16 / float16: the frozen base stored at half size (with trainer=gpu's autocast)
+    )
 
     def __post_init__(self) -> None:
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
@@ -43,6 +46,8 @@ class LoraOptions:
             raise ValueError(f"stage.lora: alpha={self.alpha} (> 0), dropout={self.dropout} (in [0, 1))")
         if not self.target_modules:
             raise ValueError("stage.lora.target_modules: name at least one layer (default: the attention projections)")
+        if self.base_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"stage.lora.base_dtype={self.base_dtype!r}: bfloat16, float16 or null (fp32)")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (saved beside an exported adapter as ``lora.json``)."""
@@ -89,6 +94,11 @@ def add_lora(model: nn.Module, options: LoraOptions | Mapping[str, Any]) -> list
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
+    if opts.base_dtype is not None:  # the frozen base at half size; the adapters stay fp32 (autocast runs the step)
+        dtype = getattr(torch, opts.base_dtype)
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
     return targets
 
 
