@@ -319,7 +319,16 @@ def compare(got: Any, want: Any, tolerance: float, margin: float) -> bool:
     (absolute)."""
     if isinstance(want, str):
         return str(got) == want
-    return abs(float(got) - float(want)) <= tolerance * abs(float(want)) + margin + 1e-12
+    if isinstance(want, (list, tuple)):
+        return (
+            isinstance(got, (list, tuple))
+            and len(got) == len(want)
+            and all(compare(g, w, tolerance, margin) for g, w in zip(got, want, strict=True))
+        )
+    try:
+        return abs(float(got) - float(want)) <= tolerance * abs(float(want)) + margin + 1e-12
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass

@@ -32,12 +32,30 @@ def sweep_size(overrides: list[str]) -> dict[str, int]:
     from k3lab.run.config import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = hydra_compose("train", overrides=[o for o in overrides if not is_sweep(o)], return_hydra_config=True)
     hydra = OmegaConf.create(
         {"hydra": {"sweeper": OmegaConf.to_container(cfg.hydra.sweeper), "overrides": {"task": list(overrides)}}}
     )
     seeds = str((cfg.hydra.sweeper.get("params") or {}).get("seed", "0"))
     return {"jobs": count_jobs(hydra), "seeds": len(seeds.split(","))}
+
+
+def is_sweep(override: str) -> bool:
+    """``key=a,b`` (a comma outside brackets and quotes): a multirun sweep, not one value."""
+    value = override.partition("=")[2]
+    depth, quote = 0, ""
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    cfg = compose(args.overrides)
+    plain = [o for o in args.overrides if not is_sweep(o)]  # a sweep (a,b) is counted, not composed
+    cfg = compose(plain)
     GlobalHydra.instance().clear()
     out: dict[str, Any] = {k: OmegaConf.select(cfg, k, throw_on_missing=True) for k in args.keys}
     out = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in out.items()}
