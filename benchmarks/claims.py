@@ -369,9 +369,16 @@ def run_pytest(claims: list[Claim]) -> dict[str, tuple[bool, str]]:
     return out
 
 
-def run_script(claim: Claim, gflops: float) -> tuple[bool, str, str]:
-    """Run the claim's script and compare each expected key: (holds, stated, measured)."""
+def run_script(claim: Claim, gflops: float, cache: dict[str, Any] | None = None) -> tuple[bool, str, str]:
+    """Run the claim's script and compare each expected key: (holds, stated, measured). ``cache`` (script -> its JSON
+    or its error) runs a script once for every claim that checks against it (the main job backs many claims)."""
     assert claim.check is not None
+    script = claim.check["script"]
+    if cache is not None and script in cache:
+        data = cache[script]
+        if isinstance(data, str):
+            return False, "", data
+        return compare_claim(claim, data, gflops)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = claim.check["script"].replace("{out}", shlex.quote(str(out)))
@@ -380,8 +387,19 @@ def run_script(claim: Claim, gflops: float) -> tuple[bool, str, str]:
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}:{os.environ.get('PYTHONPATH', '')}"}
         proc = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out.exists():
-            return False, "", f"the command failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
+            error = f"the command failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
+            if cache is not None:
+                cache[script] = error
+            return False, "", error
         data = json.loads(out.read_text())
+    if cache is not None:
+        cache[script] = data
+    return compare_claim(claim, data, gflops)
+
+
+def compare_claim(claim: Claim, data: Any, gflops: float) -> tuple[bool, str, str]:
+    """The claim's expected values against a script's JSON: (holds, stated, measured)."""
+    assert claim.check is not None
     ok, stated, measured = True, [], []
     bounds = [
         ("=", claim.check.get("expect") or {}),
@@ -420,6 +438,7 @@ def rerun(claims: list[Claim], budget: float) -> list[Outcome]:
     tests = run_pytest([c for c in runnable if "pytest" in c.check])  # type: ignore[operator]
     test_seconds = time.perf_counter() - t0
     out = []
+    cache: dict[str, Any] = {}  # each script once per run, however many claims check against it
     for c in claims:
         stated = ", ".join(c.figures) if c.figures else f"digest {c.digest}"
         if c not in runnable:
@@ -437,7 +456,7 @@ def rerun(claims: list[Claim], budget: float) -> list[Outcome]:
             out.append(Outcome(c, "holds" if ok else "FAILS", stated, what, test_seconds / max(len(tests), 1)))
         else:
             t = time.perf_counter()
-            ok, want, got = run_script(c, gflops)
+            ok, want, got = run_script(c, gflops, cache)
             out.append(Outcome(c, "holds" if ok else "FAILS", want, got, time.perf_counter() - t))
     return out
 

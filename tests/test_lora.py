@@ -111,6 +111,7 @@ def finetune(root: Path, base: Path, folder: Path, name: str, steps: int, *extra
             "stage.conditioning.diffusers_compat=true",
             "stage.lora.rank=4",
             "stage.lora.alpha=8",
+            "stage.lora.base_dtype=null",  # fp32 on CPU (the bf16 base has its own test)
             "stage.optimizer.lr=1e-2",
             "stage.optim.warmup_steps=0",
             "stage.validation.prompts=[]",

@@ -241,7 +241,15 @@ class DiffusionStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """The GPU switches (``compile_blocks``); every aspect bucket of the data must fit the first stage's and
-        U-Net's downsampling (a clear error before the first step, naming the bucket)."""
+        U-Net's downsampling (a clear error before the first step, naming the bucket); a half-size LoRA base needs the
+        trainer's autocast."""
+        base_dtype = self.lora_options.base_dtype if self.lora_options is not None else None
+        if base_dtype is not None and "16" not in str(self.trainer.precision):
+            raise ValueError(
+                f"stage.lora.base_dtype={base_dtype} runs under autocast: use trainer=gpu (bf16-mixed) or "
+                f"trainer.precision=bf16-mixed, or stage.lora.base_dtype=null for an fp32 base (precision "
+                f"{self.trainer.precision})"
+            )
         if switch_on(self.hparams["compile_blocks"], self.device):
             self.compile_blocks()
         shapes = getattr(getattr(self.trainer, "datamodule", None), "bucket_shapes", None) or []
