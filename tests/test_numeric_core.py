@@ -447,8 +447,14 @@ def test_resume_state_restores_the_stream_before_the_first_batch_and_keeps_valid
     assert torch.equal(torch.rand(1), x)
 
 
-def test_checkpoints_name_their_mlflow_run_and_logs_are_kept(tmp_path: Path) -> None:
+def test_checkpoints_name_their_mlflow_run_and_logs_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.tracking._tracking_service.utils as tracking
     from lightning.pytorch.loggers import MLFlowLogger
+
+    # MLFlowLogger sets mlflow's tracking URI, global and in the environment: both restored after this test, so no
+    # later test (or the commands it spawns) logs into this test's database
+    monkeypatch.setattr(tracking, "_tracking_uri", tracking._tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")  # (undone: removed again)
 
     from k3lab.tracking.csv_log import ResumableCSVLogger
 
