@@ -18,8 +18,9 @@ from test_convert import tiny_pipeline  # noqa: F401 - the module-scoped fixture
 
 from k3lab.inference.loading import load_generator
 from k3lab.io.checkpoint import load_state_dict
-from k3lab.nn.lora import LoraOptions, adapter_state, add_lora, lora_from
+from k3lab.nn.lora import LoraOptions, adapter_state, add_lora
 from k3lab.run.fitting import fit
+from k3lab.stages.diffusion import lora_from
 
 from conftest import SMALL_WORLD, T2I_PIXEL_16, compose_config
 

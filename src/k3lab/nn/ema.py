@@ -40,13 +40,10 @@ class EMA(nn.Module, Generic[M]):
         self.num_updates += 1
         n = float(self.num_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        pairs = list(zip(self.module.parameters(), model.parameters(), strict=False))
-        if len(pairs) != len(list(model.parameters())) or len(pairs) != len(list(self.module.parameters())):
-            raise ValueError(
-                f"EMA.update: the model has {len(list(model.parameters()))} parameters, its average "
-                f"{len(list(self.module.parameters()))}"
-            )
-        trained = [(a, p.detach()) for a, p in pairs if p.requires_grad]
+        averaged, live = list(self.module.parameters()), list(model.parameters())
+        if len(averaged) != len(live):
+            raise ValueError(f"EMA.update: the model has {len(live)} parameters, its average {len(averaged)}")
+        trained = [(a, p.detach()) for a, p in zip(averaged, live, strict=True) if p.requires_grad]
         if trained:  # one multi-tensor kernel per dtype/device group instead of a Python loop over small tensors
             torch._foreach_lerp_([a for a, _ in trained], [p for _, p in trained], 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):

@@ -102,11 +102,6 @@ def add_lora(model: nn.Module, options: LoraOptions | Mapping[str, Any]) -> list
     return targets
 
 
-def has_lora(model: nn.Module) -> bool:
-    """Whether ``model`` carries LoRA layers."""
-    return any(".lora_" in n for n, _ in model.named_parameters())
-
-
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights alone, under the adapted layers' names (``<layer>.lora_A.weight``)."""
     return {
@@ -171,22 +166,8 @@ class AdapterExport(nn.Module):
 
     @override
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        return {k: v.clone() for k, v in adapter_state(self._model[0]).items()}
+        return adapter_state(self._model[0])  # detached views: the export streams them to disk
 
     def export_config(self) -> dict[str, Any]:
         """``lora.json``: the adapter's options and its base (the folder ``stage.init_weights`` named)."""
         return {"lora": self.options.as_dict(), "base": self.base}
-
-
-def lora_from(value: LoraOptions | Mapping[str, Any] | None) -> LoraOptions | None:
-    """``stage.lora`` as options (None: full training); an unknown key is refused by name."""
-    if value is None or isinstance(value, LoraOptions):
-        return value
-    known = set(LoraOptions.__dataclass_fields__)
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"stage.lora: unknown keys {unknown}; known: {sorted(known)}")
-    items = dict(value)
-    targets = items.get("target_modules", DEFAULT_TARGETS)
-    items["target_modules"] = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
-    return LoraOptions(**items)

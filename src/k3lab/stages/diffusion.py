@@ -26,7 +26,7 @@ from k3lab.inference.generator import Generator, check_resolution, latent_size
 from k3lab.nn.clip import Clip
 from k3lab.nn.ema import EMA
 from k3lab.nn.first_stage import FirstStage, LatentScale
-from k3lab.nn.lora import AdapterExport, LoraOptions, add_lora, lora_from
+from k3lab.nn.lora import AdapterExport, LoraOptions, add_lora
 from k3lab.nn.prior import PriorTransformer
 from k3lab.nn.text_encoder import frozen_text_encoder
 from k3lab.nn.unet import KandinskyUNet
@@ -59,6 +59,11 @@ def accepts_fused(factory: Callable[..., Optimizer]) -> bool:
     target = getattr(factory, "func", factory)
     explicit = "fused" in (getattr(factory, "keywords", None) or {})
     return not explicit and target in (torch.optim.AdamW, torch.optim.Adam)
+
+
+def lora_from(value: LoraOptions | Mapping[str, Any] | None) -> LoraOptions | None:
+    """``stage.lora`` as options (None: full training); an unknown key or a bad value is refused by name."""
+    return None if value is None else group_of(LoraOptions, value, "stage.lora")
 
 
 class DiffusionStage(L.LightningModule):
