@@ -1,5 +1,5 @@
 """``python -m evaluation <command>``: metrics, fid, clip-score, compbench, train-reference-clip, sbs-export,
-sbs-ingest, editing-tasks, editing-score.
+sbs-ingest, editing-tasks, editing-score, suite, compare, agreement, noise.
 
 Every command prints its result as JSON (and writes it with ``--out``), so callers can log it to MLflow.
 """
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm import tqdm
+
+from evaluation.images import load_folder
 
 
 def _shards(spec: str) -> list[str]:
@@ -171,6 +174,136 @@ def cmd_editing_score(args: argparse.Namespace) -> Any:
     }
 
 
+def _scoring(args: argparse.Namespace, judge: bool = True) -> Any:
+    """The per-image metrics the options name: CLIP score (``--clip-weights``), PickScore (``--pickscore``), HPSv2
+    (``--hpsv2``), the scene judge; FID against ``--fid-reference`` with the CLIP (or Inception) features."""
+    from evaluation.preference import sha256_file
+    from evaluation.suite import Scoring
+
+    names, inputs, weights = [], {"settings": {}}, {}
+    clip = None
+    if args.clip_weights:
+        from evaluation.clip_score import load_clip
+
+        clip = load_clip(args.clip_model, args.clip_weights, args.clip_config)
+        names.append("clip_score")
+        inputs["reference_clip"] = clip
+        weights["clip_score"] = sha256_file(args.clip_weights)
+    for kind in ("pickscore", "hpsv2"):
+        path = getattr(args, kind)
+        if path:
+            from evaluation.metrics import preference_scorer
+
+            settings = {
+                "pickscore": path,
+                "pickscore_processor": args.pickscore_processor,
+                "hpsv2": path,
+                "hpsv2_model": args.hpsv2_model,
+                "hpsv2_config": args.hpsv2_config,
+            }
+            inputs["settings"] |= {k: v for k, v in settings.items() if k.startswith(kind) and v is not None}
+            names.append(kind)
+            weights[kind] = preference_scorer(kind, inputs["settings"]).weights_sha256
+    if judge:
+        names.append("compbench")
+    if not names:
+        raise ValueError("no metric to compute: give --clip-weights, --pickscore and/or --hpsv2")
+    scoring = Scoring(names, inputs, weights)
+    if getattr(args, "fid_reference", None):
+        args.extractor = "clip" if clip is not None else "inception"
+        scoring.fid_reference = args.fid_reference
+        scoring.fid_extractor, scoring.fid_name = _extractor(args)
+    return scoring
+
+
+def cmd_suite(args: argparse.Namespace) -> Any:
+    """Score a model on every prompt set found (see ``evaluation.suite``)."""
+    from evaluation import suite
+
+    sets, absent = suite.find_sets(
+        args.prompt_sets, args.drawbench, args.scene_world, args.limit, args.max_prompt_chars, args.only or None
+    )
+    for name in absent:
+        print(f"suite: prompt set not found, left out: {name}", file=sys.stderr)
+    samples = dict(_pair(x, "--samples") for x in args.samples)
+    generator = args.generate
+    if generator is None and args.run is not None:
+        generator = suite.K3LAB_GENERATOR.replace("{run}", shlex.quote(str(args.run))) + " " + args.sample_args
+    scoring = _scoring(args, judge=any(s.judge for s in sets))
+    summary = suite.run(
+        sets,
+        args.out_dir,
+        scoring,
+        generator,
+        {k: Path(v) for k, v in samples.items()},
+        args.seeds,
+        args.chunk,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    return summary | {"absent": absent, "out_dir": str(args.out_dir)}
+
+
+def _pair(text: str, option: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise ValueError(f"{option} {text!r}: expected NAME=PATH")
+    return name, value
+
+
+def cmd_compare(args: argparse.Namespace) -> Any:
+    """Compare two score files of one prompt set, prompt by prompt (refused when they measure different things)."""
+    from evaluation.compare import compare
+
+    return compare(args.a, args.b, args.bootstrap)
+
+
+def _keyed_scores(folder: Path, scoring: Any) -> dict[str, dict[tuple[str, int], float]]:
+    from evaluation.suite import per_image_scores
+
+    records = load_folder(folder)
+    scores = per_image_scores(records, scoring.metric_names, scoring.inputs)
+    return {m: {(r.prompt_id, r.seed): v for r, v in zip(records, values, strict=True)} for m, values in scores.items()}
+
+
+def cmd_agreement(args: argparse.Namespace) -> Any:
+    """How often each single-image metric prefers the side the human majority preferred (after ``sbs-ingest``)."""
+    from evaluation import agreement
+
+    report = json.loads(Path(args.sbs_results).read_text(encoding="utf-8"))
+    if "pairs" not in report:
+        raise ValueError(f"{args.sbs_results}: no per-pair votes ('pairs'): re-run sbs-ingest with this version")
+    scoring = _scoring(args, judge=args.judge)
+    a, b = _keyed_scores(args.samples_a, scoring), _keyed_scores(args.samples_b, scoring)
+    out: dict[str, Any] = {"model_a": report.get("model_a"), "model_b": report.get("model_b"), "questions": {}}
+    for question, pairs in report["pairs"].items():
+        human = agreement.human_majority(pairs)
+        out["questions"][question] = {
+            "human_pairs": len(pairs),
+            "with_majority": len(human),
+            "metrics": {m: agreement.metric_agreement(human, a[m], b[m], args.bootstrap) for m in scoring.metric_names},
+        }
+    out["noise_floor"] = {
+        side: {m: agreement.noise_floor(scores[m]) for m in scoring.metric_names}
+        for side, scores in (("a", a), ("b", b))
+    }
+    out["metrics"] = scoring.definitions()
+    return out
+
+
+def cmd_noise(args: argparse.Namespace) -> Any:
+    """Each metric's noise floor on one samples folder; FID_inf against ``--fid-reference``."""
+    from evaluation import agreement, fid
+
+    scoring = _scoring(args, judge=args.judge)
+    scores = _keyed_scores(args.images, scoring)
+    out: dict[str, Any] = {m: agreement.noise_floor(v) for m, v in scores.items()}
+    if scoring.fid_reference is not None:
+        feats = fid.folder_features(args.images, scoring.fid_extractor)
+        ref = fid.folder_features(scoring.fid_reference, scoring.fid_extractor)
+        out[f"fid_infinity_{scoring.fid_name}"] = agreement.fid_infinity(feats, ref, args.sizes or None)
+    return out
+
+
 def cmd_metrics(args: argparse.Namespace) -> Any:
     """List the metric registry: name, direction and what each metric needs."""
     from evaluation.metrics import describe
@@ -267,6 +400,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("tasks", type=Path, help="the editing-tasks folder")
     sp.add_argument("results", type=Path, help="folder with one <task_id>.png per task")
     sp.set_defaults(func=cmd_editing_score)
+
+    def scorer_args(sp: argparse.ArgumentParser, fid: bool = True) -> None:
+        clip_args(sp)
+        sp.add_argument("--pickscore", type=Path, default=None, help="local PickScore_v1 CLIPModel folder")
+        sp.add_argument("--pickscore-processor", type=Path, default=None, help="its CLIP processor folder")
+        sp.add_argument("--hpsv2", type=Path, default=None, help="local HPS_v2*_compressed.pt")
+        sp.add_argument("--hpsv2-model", default="ViT-H-14", help="open_clip architecture of the HPSv2 checkpoint")
+        sp.add_argument("--hpsv2-config", type=Path, default=None, help="custom open_clip model JSON (tests)")
+        if fid:
+            sp.add_argument("--fid-reference", type=Path, default=None, help="folder of reference images for FID")
+            sp.add_argument("--inception", type=Path, default=Path("weights") / "inception-2015-12-05.pt")
+
+    sp = common(sub.add_parser("suite", help="score a model on every prompt set (tables, plot, hashes)"))
+    sp.add_argument("--out-dir", type=Path, required=True)
+    sp.add_argument("--generate", default=None, help="command with {prompts} (a .jsonl) and {out} (a folder)")
+    sp.add_argument("--run", type=Path, default=None, help="a k3lab run's checkpoints: k3lab.sample generates")
+    sp.add_argument("--sample-args", default="", help="extra k3lab.sample options with --run")
+    sp.add_argument("--samples", action="append", default=[], help="SET=FOLDER made earlier (repeatable)")
+    sp.add_argument("--prompt-sets", type=Path, default=Path("..") / "shared" / "prompt-sets")
+    sp.add_argument("--drawbench", type=Path, default=None, help="a DrawBench CSV (Prompts, Category)")
+    sp.add_argument("--scene-world", type=Path, default=None, help="scene-world shard folder (test-*, heldout-*)")
+    sp.add_argument("--only", action="append", default=[], help="score only this set (repeatable)")
+    sp.add_argument("--limit", type=int, default=None, help="at most N prompts per set (round-robin by category)")
+    sp.add_argument("--seeds", type=int, default=1, help="images per prompt")
+    sp.add_argument("--chunk", type=int, default=32, help="prompts per generator call (the unit of resuming)")
+    sp.add_argument("--max-prompt-chars", type=int, default=2000, help="longer prompts are counted and skipped")
+    scorer_args(sp)
+    sp.set_defaults(func=cmd_suite)
+    sp = common(sub.add_parser("compare", help="compare two score files of one prompt set, prompt by prompt"))
+    sp.add_argument("a", type=Path)
+    sp.add_argument("b", type=Path)
+    sp.add_argument("--bootstrap", type=int, default=2000)
+    sp.set_defaults(func=cmd_compare)
+    sp = common(sub.add_parser("agreement", help="each metric's agreement with the side-by-side human majority"))
+    sp.add_argument("sbs_results", type=Path, help="sbs-ingest's JSON (--out)")
+    sp.add_argument("samples_a", type=Path)
+    sp.add_argument("samples_b", type=Path)
+    sp.add_argument("--judge", action="store_true", help="also the scene judge (scene-world samples)")
+    sp.add_argument("--bootstrap", type=int, default=2000)
+    scorer_args(sp, fid=False)
+    sp.set_defaults(func=cmd_agreement)
+    sp = common(sub.add_parser("noise", help="seed-to-seed and prompt SD per metric; FID_inf with --fid-reference"))
+    sp.add_argument("images", type=Path)
+    sp.add_argument("--judge", action="store_true", help="also the scene judge (scene-world samples)")
+    sp.add_argument("--sizes", type=int, nargs="*", default=None, help="sample sizes for FID_inf")
+    scorer_args(sp)
+    sp.set_defaults(func=cmd_noise)
     return p
 
 
@@ -275,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _emit(args.func(args), getattr(args, "out", None))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

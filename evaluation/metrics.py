@@ -214,6 +214,49 @@ register(
 )
 
 
+_PREFERENCE_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def preference_scorer(kind: str, settings: dict[str, Any]) -> Any:
+    """The PickScore or HPSv2 scorer named by ``settings`` (``pickscore``: model folder, ``pickscore_processor``
+    optional; ``hpsv2``: checkpoint file, ``hpsv2_model``/``hpsv2_config`` optional), loaded once per path."""
+    from evaluation import preference
+
+    path = settings.get(kind)
+    if not path:
+        raise ValueError(f"metric {kind!r} needs settings[{kind!r}]: a local weights path (nothing is downloaded)")
+    key = (kind, str(path))
+    if key not in _PREFERENCE_CACHE:
+        if kind == "pickscore":
+            _PREFERENCE_CACHE[key] = preference.load_pickscore(path, settings.get("pickscore_processor"))
+        else:
+            _PREFERENCE_CACHE[key] = preference.load_hpsv2(
+                path, settings.get("hpsv2_model", "ViT-H-14"), settings.get("hpsv2_config")
+            )
+    return _PREFERENCE_CACHE[key]
+
+
+def _preference(kind: str) -> Callable[[EvalInputs], dict[str, float]]:
+    def compute(inputs: EvalInputs) -> dict[str, float]:
+        scorer = preference_scorer(kind, inputs.settings)
+        seen = inputs.samples["seen"]
+        scores = scorer.score([r.image for r in seen], [r.prompt for r in seen])
+        inputs.per_image.setdefault("seen", {})[kind] = scores
+        return {kind: float(np.mean(scores)) if scores else float("nan")}
+
+    return compute
+
+
+def _register_preference() -> None:
+    from evaluation.preference import HPSV2_DEFINITION, PICKSCORE_DEFINITION
+
+    for kind, definition in (("pickscore", PICKSCORE_DEFINITION), ("hpsv2", HPSV2_DEFINITION)):
+        register(Metric(kind, _preference(kind), True, ("samples",), definition + " Mean over the seen samples."))
+
+
+_register_preference()
+
+
 def describe() -> list[dict[str, Any]]:
     """The registry as JSON-ready rows (``python -m evaluation metrics``)."""
     return [

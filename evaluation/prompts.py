@@ -18,6 +18,61 @@ from typing import Any, Iterable, Iterator, Sequence
 OWN_PROMPTS = Path(__file__).resolve().parent / "data" / "k3lab_prompts.jsonl"
 
 
+MAX_PROMPT_CHARS = 2000
+
+
+class Skips:
+    """Rows a tolerant loader left out, counted per reason with the first few places named."""
+
+    def __init__(self, examples: int = 3) -> None:
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        self._keep = examples
+
+    def add(self, reason: str, where: str) -> None:
+        """Count one skipped row (``where``: file and line)."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(shown := self.examples.setdefault(reason, [])) < self._keep:
+            shown.append(where)
+
+    def total(self) -> int:
+        """All skipped rows."""
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, dict[str, object]]:
+        """``{reason: {"count", "examples"}}`` for score files."""
+        return {r: {"count": n, "examples": self.examples[r]} for r, n in self.counts.items()}
+
+
+def _bad(skips: Skips | None, reason: str, where: str) -> None:
+    """Count a bad row when loading tolerantly, else raise naming it."""
+    if skips is None:
+        raise ValueError(f"{where}: {reason}")
+    skips.add(reason, where)
+
+
+def _lines(path: Path, skips: Skips | None) -> list[tuple[int, str]]:
+    """(line number, text) of a file's lines; a line that is not UTF-8 is an error or a counted skip."""
+    out = []
+    for i, raw in enumerate(path.read_bytes().split(b"\n")):
+        try:
+            out.append((i + 1, raw.decode("utf-8").rstrip("\r")))
+        except UnicodeDecodeError as e:
+            _bad(skips, f"not UTF-8 ({e.reason})", f"{path}:{i + 1}")
+    return out
+
+
+def _text_ok(text: object, where: str, skips: Skips | None, max_chars: int) -> bool:
+    """Whether a prompt is usable: a non-empty string of at most ``max_chars`` characters (else error or skip)."""
+    if not isinstance(text, str) or not text.strip():
+        _bad(skips, "empty prompt", where)
+        return False
+    if len(text) > max_chars:
+        _bad(skips, f"prompt longer than {max_chars} characters", where)
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One prompt; ``spec`` is a machine-checkable scene specification when the set has one."""
@@ -92,43 +147,75 @@ def _require(path: str | Path) -> Path:
     return path
 
 
-def load_partiprompts(path: str | Path) -> PromptSet:
-    """PartiPrompts TSV (``Prompt, Category, Challenge, Note``); category = Category."""
+def _rows(path: Path, delimiter: str, required: set[str], what: str, skips: Skips | None) -> list[tuple[int, dict]]:
+    """(line, row) of a CSV/TSV whose header must hold ``required``; rows missing a field are errors or skips."""
+    lines = _lines(path, skips)
+    if not lines or not lines[0][1].strip():
+        raise ValueError(f"{path}: empty file (a {what} needs a header with {sorted(required)})")
+    reader = csv.DictReader(io.StringIO("\n".join(t for _, t in lines)), delimiter=delimiter)
+    header = set(reader.fieldnames or [])
+    if not required <= header:
+        raise ValueError(
+            f"{path}: not a {what}: missing column(s) {sorted(required - header)} (found {sorted(header)})"
+        )
+    out = []
+    for row in reader:
+        number = lines[reader.line_num - 1][0] if reader.line_num <= len(lines) else reader.line_num
+        if any(row.get(k) is None for k in required):
+            _bad(skips, f"row lacks {sorted(k for k in required if row.get(k) is None)}", f"{path}:{number}")
+            continue
+        out.append((number, row))
+    return out
+
+
+def load_partiprompts(path: str | Path, skips: Skips | None = None, max_chars: int | None = None) -> PromptSet:
+    """PartiPrompts TSV (``Prompt, Category, Challenge, Note``); category = Category, spec = {challenge}.
+
+    ``skips``: load tolerantly (bad rows counted there instead of raising); ``max_chars``: longer prompts are bad."""
     path = _require(path)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if rows and "Prompt" not in rows[0]:
-        raise ValueError(f"{path}: not a PartiPrompts TSV (no 'Prompt' column; found {list(rows[0])})")
-    return PromptSet(
-        "partiprompts",
-        [
-            Prompt(
-                f"parti-{i:04d}",
-                r["Prompt"].strip(),
-                r.get("Category", "").strip(),
-                {"challenge": r.get("Challenge", "").strip()},
+    prompts = []
+    for i, (line, r) in enumerate(_rows(path, "\t", {"Prompt"}, "PartiPrompts TSV", skips)):
+        text = r["Prompt"].strip()
+        if _text_ok(text, f"{path}:{line}", skips, max_chars or len(text)):
+            prompts.append(
+                Prompt(
+                    f"parti-{i:04d}",
+                    text,
+                    (r.get("Category") or "").strip(),
+                    {"challenge": (r.get("Challenge") or "").strip()},
+                )
             )
-            for i, r in enumerate(rows)
-        ],
-    )
+    return PromptSet("partiprompts", prompts)
 
 
-def load_geneval(path: str | Path) -> PromptSet:
+def load_geneval(path: str | Path, skips: Skips | None = None, max_chars: int | None = None) -> PromptSet:
     """GenEval ``evaluation_metadata.jsonl``; category = tag, spec = the whole line (include/exclude)."""
     path = _require(path)
     prompts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
+    for line, text in _lines(path, skips):
+        if not text.strip():
             continue
+        where = f"{path}:{line}"
         try:
-            meta = json.loads(line)
+            meta = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from e
-        prompts.append(Prompt(f"geneval-{len(prompts):05d}", meta["prompt"], meta["tag"], meta))
+            _bad(skips, f"not JSON ({e.msg})", where)
+            continue
+        if not isinstance(meta, dict) or "prompt" not in meta or "tag" not in meta:
+            _bad(skips, "line lacks 'prompt' or 'tag'", where)
+            continue
+        if _text_ok(meta["prompt"], where, skips, max_chars or len(str(meta["prompt"]))):
+            prompts.append(Prompt(f"geneval-{line - 1:05d}", meta["prompt"], str(meta["tag"]), meta))
     return PromptSet("geneval", prompts)
 
 
-def load_t2i_compbench(directory: str | Path, categories: Sequence[str] | None = None, split: str = "val") -> PromptSet:
+def load_t2i_compbench(
+    directory: str | Path,
+    categories: Sequence[str] | None = None,
+    split: str = "val",
+    skips: Skips | None = None,
+    max_chars: int | None = None,
+) -> PromptSet:
     """T2I-CompBench: one ``<category>_<split>.txt`` per category, one prompt per line."""
     directory = Path(directory)
     files = sorted(directory.glob(f"*_{split}.txt"))
@@ -139,23 +226,22 @@ def load_t2i_compbench(directory: str | Path, categories: Sequence[str] | None =
         category = f.name[: -len(f"_{split}.txt")]
         if categories is not None and category not in categories:
             continue
-        for i, line in enumerate(raw.strip() for raw in f.read_text(encoding="utf-8").splitlines()):
-            if line:
-                prompts.append(Prompt(f"t2i-{category}-{i:04d}", line, category))
+        for line, raw in _lines(f, skips):
+            text = raw.strip()
+            if text and _text_ok(text, f"{f}:{line}", skips, max_chars or len(text)):
+                prompts.append(Prompt(f"t2i-{category}-{line - 1:04d}", text, category))
     return PromptSet("t2i-compbench", prompts)
 
 
-def load_drawbench(path: str | Path) -> PromptSet:
+def load_drawbench(path: str | Path, skips: Skips | None = None, max_chars: int | None = None) -> PromptSet:
     """A user-supplied DrawBench CSV with ``Prompts`` and ``Category`` columns (not shipped: no licence)."""
     path = _require(path)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"Prompts", "Category"} <= set(rows[0]):
-        raise ValueError(f"{path}: a DrawBench CSV needs 'Prompts' and 'Category' columns, found {list(rows[0])}")
-    return PromptSet(
-        "drawbench",
-        [Prompt(f"drawbench-{i:03d}", r["Prompts"].strip(), r["Category"].strip()) for i, r in enumerate(rows)],
-    )
+    prompts = []
+    for i, (line, r) in enumerate(_rows(path, ",", {"Prompts", "Category"}, "DrawBench CSV", skips)):
+        text = r["Prompts"].strip()
+        if _text_ok(text, f"{path}:{line}", skips, max_chars or len(text)):
+            prompts.append(Prompt(f"drawbench-{i:03d}", text, r["Category"].strip()))
+    return PromptSet("drawbench", prompts)
 
 
 def load_jsonl(path: str | Path, name: str | None = None) -> PromptSet:

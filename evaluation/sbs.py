@@ -181,7 +181,21 @@ def ingest(
             "consistency": consistency([v for v in votes if v["question"] == q], items),
             "agreement_krippendorff_alpha": agreement(qv),
         }
+    report["pairs"] = {
+        q: pair_votes([v for v in votes if v["question"] == q and v["repeat_of"] is None]) for q in QUESTIONS
+    }
     return report
+
+
+def pair_votes(votes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (prompt, seed) pair: the votes for A, for B and the ties (what ``python -m evaluation agreement`` reads)."""
+    counts: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: {"win": 0, "loss": 0, "tie": 0})
+    for v in votes:
+        counts[(v["prompt_id"], int(v["unit"][1]))][v["outcome"]] += 1
+    return [
+        {"prompt_id": p, "seed": s, "a_wins": c["win"], "b_wins": c["loss"], "ties": c["tie"]}
+        for (p, s), c in sorted(counts.items())
+    ]
 
 
 def summarize(votes: Sequence[Mapping[str, Any]], bootstrap_samples: int = 2000, seed: int = 0) -> dict[str, Any]:
