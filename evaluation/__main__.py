@@ -180,7 +180,9 @@ def _scoring(args: argparse.Namespace, judge: bool = True) -> Any:
     from evaluation.preference import sha256_file
     from evaluation.suite import Scoring
 
-    names, inputs, weights = [], {"settings": {}}, {}
+    names: list[str] = []
+    inputs: dict[str, Any] = {"settings": {}}
+    weights: dict[str, str] = {}
     clip = None
     if args.clip_weights:
         from evaluation.clip_score import load_clip

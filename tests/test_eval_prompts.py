@@ -96,7 +96,9 @@ def test_drawbench_csv(tmp_path: Path) -> None:
     assert [p.category for p in ps] == ["Colors", "Positional"] and ps[0].text == "A red colored car."
     bad = tmp_path / "bad.csv"
     bad.write_text("text,kind\na,b\n")
-    with pytest.raises(ValueError, match=r"bad\.csv: not a DrawBench CSV: missing column\(s\) \['Category', 'Prompts'\]"):
+    with pytest.raises(
+        ValueError, match=r"bad\.csv: not a DrawBench CSV: missing column\(s\) \['Category', 'Prompts'\]"
+    ):
         load_drawbench(bad)
 
 
