@@ -7,6 +7,7 @@ ledger's ``run`` claims call it; see ``benchmarks/claims.py``).
     python benchmarks/reproduce.py reference-cell --json out.json         # ablation_block's all-reference cell, seed 0
     python benchmarks/reproduce.py editing --json out.json                # inpainting_tiny at 3,000 steps + edit_bench
     python benchmarks/reproduce.py suite --json out.json                  # the default test suite, timed
+    python benchmarks/reproduce.py eval-suite --json out.json             # the reference cell, then evaluation suite
 
 Every result carries the machine's fp32 matmul GFLOP/s measured at the start and the wall seconds. ``--root`` keeps
 the run's folder (default: a temporary one, removed afterwards).
@@ -117,10 +118,29 @@ def suite(root: Path) -> dict[str, Any]:
     }
 
 
+def eval_suite(root: Path) -> dict[str, Any]:
+    """The reference cell (``reference_cell``), then ``benchmarks/eval_suite.py`` on it (``--limit 32`` per set)."""
+    reference_cell(root)
+    out = root / "eval_suite.json"
+    run(
+        [
+            str(ROOT / "benchmarks" / "eval_suite.py"),
+            "--root",
+            str(root),
+            "--out",
+            str(root / "suite"),
+            "--json",
+            str(out),
+        ],
+        root,
+    )
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["main-job", "ablation-block", "reference-cell", "editing", "suite"])
+    p.add_argument("what", choices=["main-job", "ablation-block", "reference-cell", "editing", "suite", "eval-suite"])
     p.add_argument("--seeds", default=None, help="the sweep's seeds (main-job, ablation-block), e.g. 3,4,5")
     p.add_argument("--steps", type=int, default=3000, help="editing: inpainting training steps")
     p.add_argument("--root", type=Path, default=None, help="keep the run here (default: a temporary folder)")
@@ -139,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             out = reference_cell(root)
         elif args.what == "editing":
             out = editing(root, args.steps)
+        elif args.what == "eval-suite":
+            out = eval_suite(root)
         else:
             out = suite(root)
     out = {"machine fp32 matmul GFLOP/s": gflops, "wall_s": time.perf_counter() - start, **out}
