@@ -152,13 +152,17 @@ def generate(
 ) -> list[Path]:
     """Run ``command`` once per chunk of prompts not yet generated; ``{prompts}``, ``{out}``, ``{seeds}`` and
     ``{python}`` are filled in (quoted). Returns the chunk folders. A failing command is an error naming the chunk."""
+    from tqdm import tqdm
+
     folders = []
     prompts = suite_set.prompts.prompts
+    bar = tqdm(total=len(prompts), desc=f"{suite_set.name}: generating", unit="prompt", file=sys.stderr, delay=1)
     for c, start in enumerate(range(0, len(prompts), chunk)):
         part = PromptSet(suite_set.name, prompts[start : start + chunk])
         folder = out_dir / "samples" / f"chunk-{c:04d}"
         folders.append(folder)
         if _chunk_done(folder, len(part) * seeds):
+            bar.update(len(part))
             continue
         folder.mkdir(parents=True, exist_ok=True)
         prompt_file = part.to_jsonl(out_dir / "samples" / f"chunk-{c:04d}.jsonl")
@@ -181,6 +185,8 @@ def generate(
             )
         if not _chunk_done(folder, len(part) * seeds):
             raise RuntimeError(f"{suite_set.name}: the generator wrote no complete {folder}/metadata.jsonl")
+        bar.update(len(part))
+    bar.close()
     return folders
 
 
@@ -339,7 +345,8 @@ def score_set(suite_set: SuiteSet, records: list[ImageRecord], scoring: Scoring,
 
         feats = fid.record_features(records, scoring.fid_extractor)
         ref = fid.folder_features(scoring.fid_reference, scoring.fid_extractor)
-        record["set_level"] = {f"{k}_{scoring.fid_name}": v for k, v in fid.distances(feats, ref).items()} | {
+        record["set_level"] = fid.distances(feats, ref) | {
+            "fid_features": scoring.fid_name,
             "fid_reference": str(scoring.fid_reference),
             "fid_reference_images": len(ref),
         }
@@ -403,7 +410,9 @@ def run(
     per-set files and the summary. Returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for s in sets:
+    from tqdm import tqdm
+
+    for s in tqdm(sets, desc="suite", unit="set", file=sys.stderr, delay=1):
         set_dir = out / s.name
         set_dir.mkdir(parents=True, exist_ok=True)
         score_path = set_dir / "scores.json"

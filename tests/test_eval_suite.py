@@ -169,6 +169,30 @@ def test_unusable_sets_and_a_failing_generator_are_clear_errors(
     assert "prompt set not found, left out: partiprompts" in err
 
 
+def test_fid_against_a_reference_folder_is_a_set_level_figure(world: dict[str, Path]) -> None:
+    """--fid-reference: FID/KID of the set's images against a folder, on the CLIP's features, as fid.distances gives
+    them for the same two image sets."""
+    from evaluation import fid
+    from evaluation.__main__ import _extractor, build_parser
+    from evaluation.images import ImageRecord, load_folder, write_folder
+
+    rng = np.random.default_rng(9)
+    ref = [ImageRecord(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), f"r{i}", "x") for i in range(10)]
+    write_folder(ref, world["root"] / "ref")
+    out = world["root"] / "out"
+    assert main(suite_args(world, out, "--only", "geneval", "--fid-reference", str(world["root"] / "ref"))) == 0
+    got = scorefile.load(out / "geneval" / "scores.json")["set_level"]
+    args = build_parser().parse_args(suite_args(world, out))
+    args.extractor = "clip"
+    extractor, name = _extractor(args)
+    images = [r for c in sorted((out / "geneval" / "samples").glob("chunk-*[0-9]")) for r in load_folder(c)]
+    expected = fid.distances(
+        fid.record_features(images, extractor), fid.folder_features(world["root"] / "ref", extractor)
+    )
+    assert got["fid"] == pytest.approx(expected["fid"], rel=1e-6) and got["fid"] > 0
+    assert got["fid_features"] == name and got["fid_reference_images"] == 10
+
+
 def test_strict_loaders_still_refuse_what_the_tolerant_ones_count(tmp_path: Path) -> None:
     path = tmp_path / "p.tsv"
     path.write_bytes(b"Prompt\tCategory\na cat\tAnimals\ncaf\xe9\tFood\n")
