@@ -174,12 +174,12 @@ def load_partiprompts(path: str | Path, skips: Skips | None = None, max_chars: i
     ``skips``: load tolerantly (bad rows counted there instead of raising); ``max_chars``: longer prompts are bad."""
     path = _require(path)
     prompts = []
-    for i, (line, r) in enumerate(_rows(path, "\t", {"Prompt"}, "PartiPrompts TSV", skips)):
+    for line, r in _rows(path, "\t", {"Prompt"}, "PartiPrompts TSV", skips):  # ids from the line: stable under skips
         text = r["Prompt"].strip()
         if _text_ok(text, f"{path}:{line}", skips, max_chars or len(text)):
             prompts.append(
                 Prompt(
-                    f"parti-{i:04d}",
+                    f"parti-{line - 2:04d}",
                     text,
                     (r.get("Category") or "").strip(),
                     {"challenge": (r.get("Challenge") or "").strip()},
@@ -237,10 +237,10 @@ def load_drawbench(path: str | Path, skips: Skips | None = None, max_chars: int 
     """A user-supplied DrawBench CSV with ``Prompts`` and ``Category`` columns (not shipped: no licence)."""
     path = _require(path)
     prompts = []
-    for i, (line, r) in enumerate(_rows(path, ",", {"Prompts", "Category"}, "DrawBench CSV", skips)):
+    for line, r in _rows(path, ",", {"Prompts", "Category"}, "DrawBench CSV", skips):
         text = r["Prompts"].strip()
         if _text_ok(text, f"{path}:{line}", skips, max_chars or len(text)):
-            prompts.append(Prompt(f"drawbench-{i:03d}", text, r["Category"].strip()))
+            prompts.append(Prompt(f"drawbench-{line - 2:03d}", text, r["Category"].strip()))
     return PromptSet("drawbench", prompts)
 
 

@@ -409,6 +409,9 @@ def run(
     """Generate (or read) and score every set, skipping sets already scored with the same settings; writes the
     per-set files and the summary. Returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
+    for s in sets:  # every set's prompts first: a generator run elsewhere can read them (then --samples SET=DIR)
+        (out / s.name).mkdir(parents=True, exist_ok=True)
+        s.prompts.to_jsonl(out / s.name / "prompts.jsonl")
     results = []
     from tqdm import tqdm
 
@@ -426,7 +429,6 @@ def run(
                     continue
             except ValueError as e:
                 log(f"{s.name}: {e}; scoring again")
-        s.prompts.to_jsonl(set_dir / "prompts.jsonl")
         if s.name in samples:
             folders = [samples[s.name]]
         elif generator:

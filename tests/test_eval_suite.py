@@ -193,6 +193,25 @@ def test_fid_against_a_reference_folder_is_a_set_level_figure(world: dict[str, P
     assert got["fid_features"] == name and got["fid_reference_images"] == 10
 
 
+def test_samples_made_elsewhere_from_the_written_prompts(world: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """Without a generator the suite stops naming what is missing, having written each set's prompts.jsonl; samples
+    generated from that file elsewhere are then scored with --samples SET=FOLDER."""
+    import subprocess
+
+    out = world["root"] / "out"
+    args = suite_args(world, out, "--only", "geneval")
+    i = args.index("--generate")
+    del args[i : i + 2]
+    assert main(args) == 2
+    assert "geneval: no samples folder given and no generator" in capsys.readouterr().err
+    prompts = out / "geneval" / "prompts.jsonl"
+    assert len(prompts.read_text().splitlines()) == 8
+    made = world["root"] / "made"
+    subprocess.run([sys.executable, world["gen"], prompts, made, "1", world["root"] / "calls.txt"], check=True)
+    assert main([*args, "--samples", f"geneval={made}"]) == 0
+    assert scorefile.load(out / "geneval" / "scores.json")["num_images"] == 8
+
+
 def test_strict_loaders_still_refuse_what_the_tolerant_ones_count(tmp_path: Path) -> None:
     path = tmp_path / "p.tsv"
     path.write_bytes(b"Prompt\tCategory\na cat\tAnimals\ncaf\xe9\tFood\n")
