@@ -272,6 +272,26 @@ def test_agreement_recovers_the_simulated_raters_rate() -> None:
     assert abs(unrelated["chance_from_marginals"] - 0.5) < 0.05
 
 
+def test_agreement_interval_covers_at_about_the_nominal_rate() -> None:
+    """Over 300 seeded simulated studies (60 prompts x 2 seeds, 5 raters with N(0, 1) noise around a metric whose
+    A-B differences are N(0, 2)), the bootstrap 95% interval holds the population agreement in 90-99% of them (the
+    percentile bootstrap runs slightly under 95% at 60 prompts: 93.3% here)."""
+    d = np.random.default_rng(123).normal(scale=math.sqrt(2), size=2_000_000)
+    population = float(stats.binom.sf(2, 5, stats.norm.cdf(np.abs(d))).mean())
+    covered = 0
+    for rep in range(300):
+        rng = np.random.default_rng(rep)
+        keys = [(f"p{i}", s) for i in range(60) for s in range(2)]
+        a, b = {k: float(rng.normal()) for k in keys}, {k: float(rng.normal()) for k in keys}
+        pairs = []
+        for k in keys:
+            votes = int((a[k] - b[k] + rng.normal(size=5) > 0).sum())
+            pairs.append({"prompt_id": k[0], "seed": k[1], "a_wins": votes, "b_wins": 5 - votes, "ties": 0})
+        lo, hi = agreement.metric_agreement(agreement.human_majority(pairs), a, b, 1000, rep)["bootstrap95"]
+        covered += lo <= population <= hi
+    assert 0.90 <= covered / 300 <= 0.99
+
+
 def test_agreement_command_reads_sbs_ingest(world: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     """sbs-ingest writes each pair's votes; agreement scores both folders and lines the metric up with them."""
     from evaluation import sbs
