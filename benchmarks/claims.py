@@ -458,6 +458,8 @@ def rerun(claims: list[Claim], budget: float) -> list[Outcome]:
             t = time.perf_counter()
             ok, want, got = run_script(c, gflops, cache)
             out.append(Outcome(c, "holds" if ok else "FAILS", want, got, time.perf_counter() - t))
+            # each script claim as it ends, so a run stopped early still shows what it re-measured
+            print(f"{c.id}: {out[-1].status}; {want} | {got} ({out[-1].seconds:.0f} s)", flush=True)
     return out
 
 
