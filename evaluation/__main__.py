@@ -191,19 +191,15 @@ def _scoring(args: argparse.Namespace, judge: bool = True) -> Any:
         names.append("clip_score")
         inputs["reference_clip"] = clip
         weights["clip_score"] = sha256_file(args.clip_weights)
-    for kind in ("pickscore", "hpsv2"):
-        path = getattr(args, kind)
-        if path:
+    preference = {
+        "pickscore": {"pickscore": args.pickscore, "pickscore_processor": args.pickscore_processor},
+        "hpsv2": {"hpsv2": args.hpsv2, "hpsv2_model": args.hpsv2_model, "hpsv2_config": args.hpsv2_config},
+    }
+    for kind, settings in preference.items():
+        if settings[kind]:
             from evaluation.metrics import preference_scorer
 
-            settings = {
-                "pickscore": path,
-                "pickscore_processor": args.pickscore_processor,
-                "hpsv2": path,
-                "hpsv2_model": args.hpsv2_model,
-                "hpsv2_config": args.hpsv2_config,
-            }
-            inputs["settings"] |= {k: v for k, v in settings.items() if k.startswith(kind) and v is not None}
+            inputs["settings"] |= {k: v for k, v in settings.items() if v is not None}
             names.append(kind)
             weights[kind] = preference_scorer(kind, inputs["settings"]).weights_sha256
     if judge:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from evaluation import scorefile
+from evaluation.stats import bootstrap_interval
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -35,17 +36,11 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 def paired(values_a: list[float], values_b: list[float], samples: int = 2000, seed: int = 0) -> dict[str, float]:
     """Mean of a - b over prompts scored in both, with a percentile bootstrap 95% interval over prompts."""
-    d = np.array([x - y for x, y in zip(values_a, values_b, strict=True) if not (math.isnan(x) or math.isnan(y))])
-    if len(d) == 0:
+    d = [x - y for x, y in zip(values_a, values_b, strict=True) if not (math.isnan(x) or math.isnan(y))]
+    if not d:
         return {"diff": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(samples, len(d)))].mean(1)
-    return {
-        "diff": float(d.mean()),
-        "lo": float(np.quantile(means, 0.025)),
-        "hi": float(np.quantile(means, 0.975)),
-        "n": len(d),
-    }
+    lo, hi = bootstrap_interval([[v] for v in d], samples, seed)
+    return {"diff": float(np.mean(d)), "lo": lo, "hi": hi, "n": len(d)}
 
 
 def _value(row: Mapping[str, Any], m: str) -> float:

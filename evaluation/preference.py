@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from evaluation.reference_clip import OPENAI_MEAN, OPENAI_STD
+
 PICKSCORE_DEFINITION = (
     "PickScore (Kirstain et al. 2023): logit_scale.exp() * cos(image, prompt) with the PickScore_v1 CLIP ViT-H/14 "
     "(transformers CLIPModel); image through the CLIP processor (shortest side to the input size, bicubic, centre "

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from evaluation import metrics
 from evaluation.images import ImageRecord
-from evaluation.preference import OPENAI_MEAN, OPENAI_STD, load_hpsv2, load_pickscore, sha256_file, sha256_files
-from evaluation.reference_clip import NAME, model_config
+from evaluation.preference import load_hpsv2, load_pickscore, sha256_file, sha256_files
+from evaluation.reference_clip import NAME, OPENAI_MEAN, OPENAI_STD, model_config
 
 
 def clip_tokenizer():  # the real CLIP BPE (shipped inside open_clip) as a transformers tokenizer
