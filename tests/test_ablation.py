@@ -40,6 +40,7 @@ SWEEP = [
     "model/prior=none,diffusion_mapping",
     "model/unet/block=biggan_deep",
     "seed=0",
+    "ablation.precompute_image_embeddings=true",  # as the main job: both prior arms share one precompute
     *TINY_WORLD,
     *TINY_CELL,
 ]
@@ -146,16 +147,16 @@ def test_sweep_makes_one_parent_with_two_children_that_carry_params_and_metrics(
 def test_shared_parts_are_trained_once_for_all_jobs_and_sweeps(sweep: dict) -> None:
     shared = sweep["root"] / "logs" / "shared"
     done = sorted(p.parent.name.rsplit("-", 1)[0] for p in shared.glob("*/DONE.json"))
-    # (the mapping arm's precomputed shards also hold its CLIP's image embeddings: a part of their own)
-    assert done == [
-        "autoencoder",
-        "clip",
-        "precomputed_t5_tiny",
-        "precomputed_t5_tiny_clip",
-        "prior_t5_tiny",
-        "reference_clip",
-    ]
+    # one precompute for both prior arms (ablation.precompute_image_embeddings): it holds the CLIP's image embeddings
+    assert done == ["autoencoder", "clip", "precomputed_t5_tiny_clip", "prior_t5_tiny", "reference_clip"]
     client, info = client_for(sweep["dirs"][0])
+    from k3lab.tracking.sweep import children
+
+    cells = children(client, info["experiment_id"], info["parent_run_id"], role="cell")
+    folders = {c.data.params["override/model/prior"]: c.data.params["shared/precomputed"] for c in cells}
+    assert folders["none"] == folders["diffusion_mapping"] and Path(folders["none"]).name.startswith("precomputed_t5")
+    # (the text arm trains on them without the CLIP: it reads text and latents only, and logs no shared CLIP)
+    assert {"shared/clip" in c.data.params for c in cells} == {True, False}
     trained = client.search_runs([info["experiment_id"]], filter_string="tags.`k3lab.role` = 'shared'")
     assert len(trained) == 3  # autoencoder, CLIP, prior (as MLflow runs), under the first sweep's parent only
     assert all(r.data.tags["mlflow.parentRunId"] == info["parent_run_id"] for r in trained)
@@ -531,3 +532,24 @@ def test_a_pixel_space_cell_logs_its_learning_curve(tmp_path: Path) -> None:
     assert "eval/seen/single_object" in metrics and "eval/fid_clip" not in metrics
     shared = sorted(p.name.split("-")[0] for p in (tmp_path / "logs" / "shared").iterdir() if p.is_dir())
     assert shared == ["precomputed_t5_tiny"]  # no autoencoder, and no reference CLIP without a metric that needs it
+
+
+def test_auto_threads_split_the_cores_only_between_the_jobs_of_a_multirun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ablation.threads: auto`` gives each of a multirun's parallel jobs cores / n_jobs threads; a single run (no
+    ``-m``) has every core to itself even though its config names the parallel launcher."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from k3lab.ablation.cell import job_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    for mode, expected in ((RunMode.MULTIRUN, 2), (RunMode.RUN, 4)):
+        hydra_cfg = OmegaConf.create({"mode": mode, "launcher": {"n_jobs": 2}})
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda c=hydra_cfg: c))
+        assert job_threads("auto") == expected, mode
+    assert job_threads(3) == 3
+    assert job_threads(None) is None
+    with pytest.raises(ValueError, match="positive number of threads"):
+        job_threads(0)

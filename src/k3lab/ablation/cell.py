@@ -17,6 +17,7 @@ from typing import cast
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -87,8 +88,11 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         else None
     )
     updates: dict = {"stage.first_stage.checkpoint": autoencoder}
+    # ablation.precompute_image_embeddings: every cell's precomputed shards hold the CLIP image embeddings, so the
+    # two arms of one text encoder share one precompute (the text arm reads only its text and latents)
+    embed_images = uses_prior(cfg) or bool(ab.get("precompute_image_embeddings") and ab.get("clip"))
+    clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent, threads) if embed_images else None
     if uses_prior(cfg):
-        clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent, threads)
         prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
         updates["mapping.clip.checkpoint"] = str(clip)
         updates["mapping.prior.checkpoint"] = str(
@@ -103,13 +107,15 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
             f"stage.first_stage.checkpoint={autoencoder if autoencoder else 'null'}",
         ]
         name, features = f"precomputed_{text_encoder}", ["text.npy", "latent.npy"]
-        if uses_prior(cfg):  # the mapping arm's CLIP image embeddings too: its cells then skip the CLIP as well
+        if embed_images:  # the mapping arm's CLIP image embeddings too: its cells then skip the CLIP as well
             pc_overrides += [
                 "model/prior=diffusion_mapping",
-                f"mapping.clip.checkpoint={updates['mapping.clip.checkpoint']}",
+                f"mapping.clip.checkpoint={clip}",
                 "precompute.image_embeddings=true",
             ]
-            name, features = f"{name}_clip", [*features, "clip_image.npy"]
+            name = f"{name}_clip"
+            if uses_prior(cfg):
+                features = [*features, "clip_image.npy"]
         folder = precompute_part(name, pc_overrides, root, threads)
         updates |= {
             "data.resolution": int(cfg.data.resolution),
@@ -143,7 +149,8 @@ def learning_curve(cfg: DictConfig, splits: dict[str, list[str]], settings: dict
 
 def job_threads(setting: int | str | None) -> int | None:
     """``ablation.threads``: an int, or ``auto`` = this machine's cores / the launcher's parallel jobs (joblib's
-    ``n_jobs``; 1 for the sequential launcher); None leaves torch's default."""
+    ``n_jobs``; 1 for the sequential launcher and for a single run without ``-m``, which has every core to itself);
+    None leaves torch's default."""
     if setting is None:
         return None
     if setting != "auto":
@@ -151,7 +158,7 @@ def job_threads(setting: int | str | None) -> int | None:
             raise ValueError(f"ablation.threads={setting}: a positive number of threads, auto or null")
         return int(setting)
     n_jobs = 1
-    if HydraConfig.initialized():
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         n_jobs = int(OmegaConf.select(cast(DictConfig, HydraConfig.get()), "launcher.n_jobs", default=1) or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, n_jobs))
