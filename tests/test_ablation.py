@@ -553,3 +553,17 @@ def test_auto_threads_split_the_cores_only_between_the_jobs_of_a_multirun(monkey
     assert job_threads(None) is None
     with pytest.raises(ValueError, match="positive number of threads"):
         job_threads(0)
+
+
+def test_shared_image_embeddings_without_a_clip_are_refused_by_name() -> None:
+    """``ablation.precompute_image_embeddings=true`` with no ``ablation.clip`` to embed with: a clear error before any
+    shared part is trained."""
+    from omegaconf import OmegaConf
+
+    from k3lab.ablation.cell import prepare_shared
+
+    cfg = OmegaConf.create(
+        {"ablation": {"precompute": True, "precompute_image_embeddings": True, "clip": None, "shared_dir": "unused"}}
+    )
+    with pytest.raises(ValueError, match="ablation.precompute_image_embeddings=true .* ablation.clip is empty"):
+        prepare_shared(cfg, "t5_tiny", [])

@@ -71,6 +71,16 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
     Every part gets the cell's data/paths overrides, ``ablation.extra_overrides`` and the cell's task name (its
     MLflow run sits under the sweep's parent)."""
     ab = cfg.ablation
+    mapping = uses_prior(cfg)
+    # ablation.precompute_image_embeddings: every cell's precomputed shards hold the CLIP image embeddings, so the
+    # two arms of one text encoder share one precompute (the text arm reads only its text and latents)
+    shared_embeddings = bool(ab.get("precompute") and ab.get("precompute_image_embeddings"))
+    if shared_embeddings and not ab.get("clip"):
+        raise ValueError(
+            "ablation.precompute_image_embeddings=true embeds the images with the mapping arm's CLIP, but "
+            "ablation.clip is empty: give the CLIP's training overrides there or set "
+            "ablation.precompute_image_embeddings=false"
+        )
     parent = run_tags().get(PARENT_TAG)
     root = str(ab.shared_dir)
     data_choice = hydra_choices().get("data")  # the cell's world (e.g. scene_world_ablation), then its data overrides
@@ -88,11 +98,10 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
         else None
     )
     updates: dict = {"stage.first_stage.checkpoint": autoencoder}
-    # ablation.precompute_image_embeddings: every cell's precomputed shards hold the CLIP image embeddings, so the
-    # two arms of one text encoder share one precompute (the text arm reads only its text and latents)
-    embed_images = uses_prior(cfg) or bool(ab.get("precompute_image_embeddings") and ab.get("clip"))
-    clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent, threads) if embed_images else None
-    if uses_prior(cfg):
+    # the mapping arm needs the CLIP; with shared embeddings every cell's precompute does (see above)
+    needs_clip = mapping or shared_embeddings
+    clip = train_part("clip", [*ab.clip, *common], root, "clip.safetensors", parent, threads) if needs_clip else None
+    if mapping:
         prior_overrides = [*ab.prior, *common, f"model/text_encoder={text_encoder}", f"mapping.clip.checkpoint={clip}"]
         updates["mapping.clip.checkpoint"] = str(clip)
         updates["mapping.prior.checkpoint"] = str(
@@ -107,14 +116,14 @@ def prepare_shared(cfg: DictConfig, text_encoder: str, cell_overrides: list[str]
             f"stage.first_stage.checkpoint={autoencoder if autoencoder else 'null'}",
         ]
         name, features = f"precomputed_{text_encoder}", ["text.npy", "latent.npy"]
-        if embed_images:  # the mapping arm's CLIP image embeddings too: its cells then skip the CLIP as well
+        if needs_clip:  # the CLIP's image embeddings too: the mapping arm's cells then skip the CLIP as well
             pc_overrides += [
                 "model/prior=diffusion_mapping",
                 f"mapping.clip.checkpoint={clip}",
                 "precompute.image_embeddings=true",
             ]
             name = f"{name}_clip"
-            if uses_prior(cfg):
+            if mapping:
                 features = [*features, "clip_image.npy"]
         folder = precompute_part(name, pc_overrides, root, threads)
         updates |= {
