@@ -359,6 +359,14 @@ def test_report_cli_plans_and_compares(tmp_path: Path, monkeypatch: pytest.Monke
     assert report.main(["--compare", "A", "B"]) == 0
     out = capsys.readouterr().out
     assert "| model/unet/block | resnet | seen/single_object |" in out and "replicated" in out
+    # the equal-FLOPs comparison: sweep A's block effect as views.equal_compute reads it off A's curves
+    steps_part, flops_part = out.split("### At equal training FLOPs")
+    table = views.equal_compute(runs["A"]).set_index(["axis", "metric"])
+    row = table.loc[("model/unet/block", "eval/seen/single_object")]
+    start = "| model/unet/block | resnet | seen/single_object |"
+    line = next(x for x in flops_part.splitlines() if x.startswith(start))
+    assert line.split(" | ")[3].startswith(f"{row['equal_flops']:.3f}"), line
+    assert start in steps_part
     with pytest.raises(SystemExit):  # one sweep or --compare, not neither
         report.main([])
 

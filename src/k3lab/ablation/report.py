@@ -262,6 +262,8 @@ def cells(runs: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
 def _fmt(mean: float, half: float, digits: int | None = None) -> str:
     if math.isnan(mean):
         return "n/a"
+    if digits is None and abs(mean) >= 1e5:  # counts such as training FLOPs
+        return f"{mean:.3g} ± {half:.2g}" if not math.isnan(half) else f"{mean:.3g}"
     digits = digits if digits is not None else (1 if abs(mean) >= 10 else 3)
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
 
@@ -651,7 +653,8 @@ def plan_text(answer: dict[str, Any]) -> str:
 
 def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = None) -> str:
     """Two sweeps of one design side by side (``--compare``): every effect with its interval in each (paired where
-    per-prompt scores exist, else seed-level) and whether it replicated."""
+    per-prompt scores exist, else seed-level) and whether it replicated; then the same at equal training FLOPs where
+    both sweeps logged learning curves (an effect can be resolved at one budget and not the other)."""
     reports = [analyse(s, tracking_uri) for s in (source_a, source_b)]
     tables = []
     for report in reports:
@@ -677,10 +680,30 @@ def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = No
         "| axis | level | metric | A | B | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for r in records(merged):
-        mark = {"replicated": "**replicated**", "one only": "one only (!)", "contradicted": "**contradicted**"}
-        lines.append(
-            f"| {r.axis} | {r.level} | {short(r.metric)} | {_fmt(r.effect_a, r.ci95_a)} | {_fmt(r.effect_b, r.ci95_b)} "
-            f"| {mark.get(r.verdict, r.verdict)} |"
-        )
+    lines += _compare_rows(merged)
+    flops = [r.equal_compute for r in reports]
+    if all(len(f) for f in flops):  # the same comparison at equal training FLOPs, read off the learning curves
+        columns = {"equal_flops": "effect", "equal_flops_ci95": "ci95"}
+        renamed = [f.rename(columns=columns)[["axis", "level", "metric", "effect", "ci95"]] for f in flops]
+        lines += [
+            "",
+            "### At equal training FLOPs",
+            "",
+            "Each effect read off the learning curves at the FLOPs the cheapest cell of a seed spent (seed-level "
+            "t-interval over seeds); the same verdicts.",
+            "",
+            "| axis | level | metric | A | B | verdict |",
+            "|---|---|---|---|---|---|",
+            *_compare_rows(views.compare(*renamed)),
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _compare_rows(merged: pd.DataFrame) -> list[str]:
+    """The rows of a ``--compare`` table (``views.compare``'s output)."""
+    mark = {"replicated": "**replicated**", "one only": "one only (!)", "contradicted": "**contradicted**"}
+    return [
+        f"| {r.axis} | {r.level} | {short(r.metric)} | {_fmt(r.effect_a, r.ci95_a)} | {_fmt(r.effect_b, r.ci95_b)} "
+        f"| {mark.get(r.verdict, r.verdict)} |"
+        for r in records(merged)
+    ]
