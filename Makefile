@@ -50,12 +50,13 @@ docs: $(STAMP)
 
 # The claims ledger (docs/claims.yaml): re-run every figure the README and docs state, stated vs measured now.
 # `make claims` runs them all (hours: the main job is one of them); `make claims-quick` those under a minute each;
-# `make claims ONLY=movq_tiny_parameters_px` one (ONLY takes a claim id; MAX_COST=<seconds> bounds a full run).
+# `make claims ONLY=movq_tiny_parameters_px` one (ONLY takes a claim id; MAX_COST=<seconds> bounds a full run;
+# SCRIPT="reproduce.py main-job --json" those one script backs: one run of the main job re-checks all of them).
 ONLY ?=
 MAX_COST ?=
 claims: $(STAMP)
 	$(PY) benchmarks/claims.py check
-	$(PY) benchmarks/claims.py run $(if $(ONLY),--only $(ONLY)) $(if $(MAX_COST),--max-cost $(MAX_COST))
+	$(PY) benchmarks/claims.py run $(if $(ONLY),--only $(ONLY)) $(if $(MAX_COST),--max-cost $(MAX_COST)) $(if $(SCRIPT),--script "$(SCRIPT)")
 
 claims-quick: $(STAMP)
 	$(PY) benchmarks/claims.py check

@@ -7,6 +7,7 @@ reproduces it.
     python benchmarks/claims.py run --quick            # re-run the claims that cost under a minute: stated vs now
     python benchmarks/claims.py run --only movq_tiny_params
     python benchmarks/claims.py run --max-cost 1200    # every claim whose command takes up to 20 min
+    python benchmarks/claims.py run --script "reproduce.py main-job --json"   # the claims one run of the main job backs
 
 A *figure* is a number written in a page's prose, its tables or the comments of its code blocks (code itself,
 inline code, link targets and HTML comments are not prose): ``0.747``, ``2,943,807``, ``17 min``, ``1.31x``,
@@ -429,6 +430,11 @@ def compare_claim(claim: Claim, data: Any, gflops: float) -> tuple[bool, str, st
     return ok, "; ".join(stated), "; ".join(measured)
 
 
+def by_script(claims: list[Claim], text: str) -> list[Claim]:
+    """The claims whose check script contains ``text`` (``--script "main-job --json"``: all that one run backs)."""
+    return [c for c in claims if c.check and text in str(c.check.get("script", ""))]
+
+
 def rerun(claims: list[Claim], budget: float) -> list[Outcome]:
     """Re-run each claim whose cost fits the budget (seconds each); the rest are reported as not re-run."""
     gflops = machine_gflops()
@@ -489,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quick", action="store_true", help=f"only claims that cost under {QUICK_SECONDS} s each")
     run.add_argument("--only", action="append", default=[], help="claim id (repeatable)")
     run.add_argument("--max-cost", type=float, default=float("inf"), help="skip claims costing more (seconds)")
+    run.add_argument("--script", default=None, help="only claims whose check script contains this text")
     run.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -521,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"no claim {sorted(unknown)}")
         claims = [c for c in claims if c.id in args.only]
+    if args.script:
+        claims = by_script(claims, args.script)
+        if not claims:
+            parser.error(f"no claim's check script contains {args.script!r}")
     budget = QUICK_SECONDS if args.quick else args.max_cost
     outcomes = rerun(claims, budget)
     print(table(outcomes))

@@ -147,3 +147,12 @@ def test_a_script_claim_compares_measured_and_stated_values(tmp_path: Path) -> N
     claim.check = {"script": write, "expect": {"missing": 1}}
     ok, _, measured = C.run_script(claim, gflops=100.0)
     assert not ok and "missing" in measured
+
+
+def test_script_selection_picks_exactly_the_claims_one_run_backs() -> None:
+    claims = C.load()
+    main_job = {c.id for c in C.by_script(claims, "reproduce.py main-job --json")}  # seeds 0, 1, 2
+    replication = {c.id for c in C.by_script(claims, "reproduce.py main-job --seeds 3,4,5 --json")}
+    assert "readme.table_effect_level_reference_single" in main_job and "ablation.full_run_clip_1500" in main_job
+    assert "ablation.replication_seeds_345" in replication and not main_job & replication
+    assert not C.by_script(claims, "no such script")
