@@ -8,6 +8,7 @@ reproduces it.
     python benchmarks/claims.py run --only movq_tiny_params
     python benchmarks/claims.py run --max-cost 1200    # every claim whose command takes up to 20 min
     python benchmarks/claims.py run --script "reproduce.py main-job --json"   # the claims one run of the main job backs
+    python benchmarks/claims.py run --script "main-job --json" --results main.json   # ... against a run made earlier
 
 A *figure* is a number written in a page's prose, its tables or the comments of its code blocks (code itself,
 inline code, link targets and HTML comments are not prose): ``0.747``, ``2,943,807``, ``17 min``, ``1.31x``,
@@ -435,8 +436,40 @@ def by_script(claims: list[Claim], text: str) -> list[Claim]:
     return [c for c in claims if c.check and text in str(c.check.get("script", ""))]
 
 
-def rerun(claims: list[Claim], budget: float) -> list[Outcome]:
-    """Re-run each claim whose cost fits the budget (seconds each); the rest are reported as not re-run."""
+def reproduce_request(script: str) -> dict[str, Any] | None:
+    """What a ``benchmarks/reproduce.py`` command line asks for (what, seeds, steps), or None for another script."""
+    words = shlex.split(script)
+    if "benchmarks/reproduce.py" not in words:
+        return None
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("what")
+    p.add_argument("--seeds", default=None)
+    p.add_argument("--steps", type=int, default=3000)
+    args, _ = p.parse_known_args(words[words.index("benchmarks/reproduce.py") + 1 :])
+    return {"what": args.what, "seeds": args.seeds, "steps": args.steps}
+
+
+def results_cache(claims: list[Claim], data: dict[str, Any]) -> dict[str, Any]:
+    """Script -> ``data`` for each claim whose ``reproduce.py`` script asks for the run ``data`` holds (its
+    ``reproduce`` record: what, seeds, steps); nothing for a JSON without that record. A run made in a kept root
+    (``--root``, shared parts possibly cached) does not stand for a timing claim's from-scratch run: that script is
+    left to run again."""
+    held = data.get("reproduce")
+    if not isinstance(held, dict):
+        return {}
+    want = {k: held.get(k) for k in ("what", "seeds", "steps")}
+    timed = {str((c.check or {}).get("script", "")) for c in claims if c.time_keys}
+    out: dict[str, Any] = {}
+    for c in claims:
+        script = str((c.check or {}).get("script", ""))
+        if script and reproduce_request(script) == want and not (held.get("root") and script in timed):
+            out[script] = data
+    return out
+
+
+def rerun(claims: list[Claim], budget: float, cache: dict[str, Any] | None = None) -> list[Outcome]:
+    """Re-run each claim whose cost fits the budget (seconds each); the rest are reported as not re-run. ``cache``
+    (script -> its JSON) holds results already measured (``--results``): those scripts are not run again."""
     gflops = machine_gflops()
     print(f"machine: {gflops:.0f} GFLOP/s fp32 matmul (1024x1024, best of 8)")
     runnable = [c for c in claims if c.check and c.cost_s <= budget]
@@ -444,7 +477,7 @@ def rerun(claims: list[Claim], budget: float) -> list[Outcome]:
     tests = run_pytest([c for c in runnable if "pytest" in c.check])  # type: ignore[operator]
     test_seconds = time.perf_counter() - t0
     out = []
-    cache: dict[str, Any] = {}  # each script once per run, however many claims check against it
+    cache = {} if cache is None else cache  # each script once per run, however many claims check against it
     for c in claims:
         stated = ", ".join(c.figures) if c.figures else f"digest {c.digest}"
         if c not in runnable:
@@ -496,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", action="append", default=[], help="claim id (repeatable)")
     run.add_argument("--max-cost", type=float, default=float("inf"), help="skip claims costing more (seconds)")
     run.add_argument("--script", default=None, help="only claims whose check script contains this text")
+    run.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="a reproduce.py JSON written earlier (e.g. with --root to reuse shared parts): the claims whose script "
+        "asks for the same run are checked against it instead of re-running",
+    )
     run.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -533,7 +573,15 @@ def main(argv: list[str] | None = None) -> int:
         if not claims:
             parser.error(f"no claim's check script contains {args.script!r}")
     budget = QUICK_SECONDS if args.quick else args.max_cost
-    outcomes = rerun(claims, budget)
+    cache: dict[str, Any] = {}
+    if args.results:
+        data = json.loads(args.results.read_text())
+        matched = results_cache(claims, data)
+        if not matched:
+            held = data.get("reproduce")
+            parser.error(f"{args.results}: no selected claim's script asks for the run it holds ({held})")
+        cache.update(matched)
+    outcomes = rerun(claims, budget, cache)
     print(table(outcomes))
     held = sum(o.status == "holds" for o in outcomes)
     failed = sum(o.status == "FAILS" for o in outcomes)

@@ -156,3 +156,24 @@ def test_script_selection_picks_exactly_the_claims_one_run_backs() -> None:
     assert "readme.table_effect_level_reference_single" in main_job and "ablation.full_run_clip_1500" in main_job
     assert "ablation.replication_seeds_345" in replication and not main_job & replication
     assert not C.by_script(claims, "no such script")
+
+
+def test_results_of_an_earlier_run_stand_only_for_the_run_they_hold() -> None:
+    def claim(script: str, timed: bool = False) -> C.Claim:
+        return C.Claim(id=script, page="README.md", kind="run", quote="x", check={"script": script, "expect": {}},
+                       time_keys=["wall_s"] if timed else [])  # fmt: skip
+
+    main = claim("python benchmarks/reproduce.py main-job --json {out}")
+    replication = claim("python benchmarks/reproduce.py main-job --seeds 3,4,5 --json {out}")
+    editing = claim("python benchmarks/reproduce.py editing --steps 1500 --json {out}")
+    other = claim("python benchmarks/cell_unet.py --json {out}")
+    claims = [main, replication, editing, other]
+    data = {"reproduce": {"what": "main-job", "seeds": None, "steps": 3000, "root": ""}}
+    assert list(C.results_cache(claims, data)) == [main.check["script"]]  # type: ignore[index]
+    seeds = {"reproduce": {**data["reproduce"], "seeds": "3,4,5"}}
+    assert list(C.results_cache(claims, seeds)) == [replication.check["script"]]  # type: ignore[index]
+    assert C.results_cache(claims, {"wall_s": 1.0}) == {}  # a JSON that does not say what it ran stands for nothing
+    timed = claim(main.check["script"], timed=True)  # type: ignore[index]
+    kept_root = {"reproduce": {**data["reproduce"], "root": "/tmp/px"}}
+    assert C.results_cache([main, timed], kept_root) == {}  # a from-scratch time is not checked on a cached root
+    assert list(C.results_cache([main, timed], data)) == [main.check["script"]]  # type: ignore[index]
