@@ -262,7 +262,8 @@ def test_power_and_seed_counts_match_the_closed_form_t_test() -> None:
 # ----------------------------------------------------------------------------- the report on a fractional sweep
 def fractional_runs(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2), noise: float = 0.0) -> pd.DataFrame:
     """A synthetic half-fraction sweep with additive effects (text -0.04, block +0.10, prior -0.06 on single-object),
-    per-prompt files in each cell folder, curves with the resnet cells twice as costly per step."""
+    per-prompt files in each cell folder, curves with the resnet cells twice as costly per step in FLOPs and 1.5x
+    in wall seconds."""
     rng = np.random.default_rng(sum(seeds))
     effects = {"model/text_encoder": -0.04, "model/unet/block": 0.10, "model/prior": -0.06}
     rows = []
@@ -284,8 +285,14 @@ def fractional_runs(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2), noise: f
             ).to_csv(folder / "eval" / "per_prompt.csv", index=False)
             cost = 2.0e9 if run["model/unet/block"] == "resnet" else 1.0e9
             steps = np.array([500, 1000, 1500])
+            seconds = steps * (0.6 if run["model/unet/block"] == "resnet" else 0.4)  # resnet: 1.5x the wall time
             pd.DataFrame(
-                {"step": steps, "single_object": 0.3 + steps / 1500 * (0.3 + shift), "colors": 0.2 + steps / 5000}
+                {
+                    "step": steps,
+                    "train_seconds": seconds,
+                    "single_object": 0.3 + steps / 1500 * (0.3 + shift),
+                    "colors": 0.2 + steps / 5000,
+                }  # fmt: skip
             ).to_csv(folder / "curve.csv", index=False)
             rows.append(
                 {
@@ -336,6 +343,14 @@ def test_equal_compute_reads_the_costlier_arm_earlier_on_its_curve(tmp_path: Pat
     assert block["equal_flops"] < 0 and bool(block["sign_flip"])
     text_row = table.loc[("model/text_encoder", "eval/seen/single_object")]
     assert not text_row["sign_flip"]
+    # equal wall seconds: resnet (1.5x the seconds) is read at step 1,000, where biggan_deep is at 1,500: resnet's
+    # cells (shifts +0.06, +0.04 over 0.3) give 0.3 + 2/3 x 0.35, biggan's (0, -0.10) give 0.3 + 0.25: -1/60
+    assert block["seconds_ratio"] == pytest.approx(1.5)
+    assert block["equal_seconds"] == pytest.approx(-1 / 60, abs=1e-9)
+    # text: each level has one resnet cell read at step 1,000:
+    # (0.3 + 2/3 x 0.36 + 0.5) / 2 - (0.6 + 0.3 + 2/3 x 0.34) / 2
+    assert text_row["seconds_ratio"] == pytest.approx(1.0)
+    assert text_row["equal_seconds"] == pytest.approx(-13 / 300, abs=1e-9)
 
 
 def test_compare_marks_replicated_and_unreplicated_effects() -> None:
@@ -367,6 +382,7 @@ def test_report_cli_plans_and_compares(tmp_path: Path, monkeypatch: pytest.Monke
     line = next(x for x in flops_part.splitlines() if x.startswith(start))
     assert line.split(" | ")[3].startswith(f"{row['equal_flops']:.3f}"), line
     assert start in steps_part
+    assert "### At equal wall seconds" in flops_part  # the fixture's curves carry train_seconds
     with pytest.raises(SystemExit):  # one sweep or --compare, not neither
         report.main([])
 

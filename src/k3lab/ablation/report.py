@@ -574,16 +574,20 @@ def design_markdown(
             "### Equal steps vs equal training FLOPs (learning curves; FLOPs from torch.utils.flop_counter)",
             "",
             "Within a seed each cell is read off its curve at the FLOPs the seed's cheapest cell spent in all (linear "
-            "interpolation) and at the last common step; mean ± 95% t-interval over seeds.",
+            "interpolation) and at the last common step; mean ± 95% t-interval over seeds. Equal wall seconds: the "
+            "same at the training seconds the seed's quickest cell spent (this machine's speed, not the model's).",
             "",
-            "| axis | level vs reference | metric | FLOPs per step ratio | equal steps | equal FLOPs | sign flips |",
-            "|---|---|---|---|---|---|---|",
+            "| axis | level vs reference | metric | FLOPs per step ratio | equal steps | equal FLOPs | sign flips "
+            "| seconds ratio | equal wall seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in records(compute):
+            seconds = getattr(r, "equal_seconds", float("nan"))
             lines.append(
                 f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {r.flops_ratio:.2f} | "
                 f"{_fmt(r.equal_steps, r.equal_steps_ci95)} | {_fmt(r.equal_flops, r.equal_flops_ci95)} | "
-                f"{'**yes**' if r.sign_flip else 'no'} |"
+                f"{'**yes**' if r.sign_flip else 'no'} | {getattr(r, 'seconds_ratio', float('nan')):.2f} | "
+                f"{_fmt(seconds, getattr(r, 'equal_seconds_ci95', float('nan')))} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -653,8 +657,8 @@ def plan_text(answer: dict[str, Any]) -> str:
 
 def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = None) -> str:
     """Two sweeps of one design side by side (``--compare``): every effect with its interval in each (paired where
-    per-prompt scores exist, else seed-level) and whether it replicated; then the same at equal training FLOPs where
-    both sweeps logged learning curves (an effect can be resolved at one budget and not the other)."""
+    per-prompt scores exist, else seed-level) and whether it replicated; then the same at equal training FLOPs and at
+    equal wall seconds where both sweeps logged learning curves (an effect can be resolved at one budget only)."""
     reports = [analyse(s, tracking_uri) for s in (source_a, source_b)]
     tables = []
     for report in reports:
@@ -681,16 +685,22 @@ def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = No
         "|---|---|---|---|---|---|",
     ]
     lines += _compare_rows(merged)
-    flops = [r.equal_compute for r in reports]
-    if all(len(f) for f in flops):  # the same comparison at equal training FLOPs, read off the learning curves
-        columns = {"equal_flops": "effect", "equal_flops_ci95": "ci95"}
-        renamed = [f.rename(columns=columns)[["axis", "level", "metric", "effect", "ci95"]] for f in flops]
+    views_at = {
+        "equal_flops": ("### At equal training FLOPs", "the FLOPs the cheapest cell of a seed spent"),
+        "equal_seconds": ("### At equal wall seconds", "the training seconds the quickest cell of a seed spent"),
+    }
+    for key, (title, budget) in views_at.items():  # read off the learning curves, where both sweeps logged them
+        frames = [r.equal_compute for r in reports]
+        if not all(len(f) and key in f and f[key].notna().any() for f in frames):
+            continue
+        columns = {key: "effect", f"{key}_ci95": "ci95"}
+        renamed = [f.rename(columns=columns)[["axis", "level", "metric", "effect", "ci95"]] for f in frames]
         lines += [
             "",
-            "### At equal training FLOPs",
+            title,
             "",
-            "Each effect read off the learning curves at the FLOPs the cheapest cell of a seed spent (seed-level "
-            "t-interval over seeds); the same verdicts.",
+            f"Each effect read off the learning curves at {budget} (seed-level t-interval over seeds); the same "
+            "verdicts.",
             "",
             "| axis | level | metric | A | B | verdict |",
             "|---|---|---|---|---|---|",

@@ -192,7 +192,9 @@ def equal_compute(
 ) -> pd.DataFrame:
     """Each effect at equal training FLOPs beside equal steps, from the learning curves: within a seed, every cell is
     read at the FLOPs the cheapest cell of the seed spent in all (linear interpolation along its curve of
-    ``step x perf/flops_per_step``), and at the last common step; ``sign_flip`` marks an effect whose sign differs."""
+    ``step x perf/flops_per_step``), and at the last common step; ``sign_flip`` marks an effect whose sign differs.
+    Where the curves carry ``train_seconds`` the same reading at equal wall seconds (the seconds the seed's quickest
+    cell trained; this machine's speed, not a property of the model) gives ``equal_seconds`` and ``seconds_ratio``."""
     if "perf/flops_per_step" not in runs:
         return pd.DataFrame()
     curves = {i: c for i, r in runs.iterrows() if (c := reader(r["output_dir"])) is not None and len(c)}
@@ -201,7 +203,7 @@ def equal_compute(
         ref, others = _levels(runs, axis, reference)
         for level in others:
             for metric, column in CURVE_METRICS.items():
-                at_flops, at_steps = [], []
+                at_flops, at_steps, at_seconds, seconds_ratio = [], [], [], []
                 for _, seed_runs in runs.groupby("seed"):
                     usable = [i for i in seed_runs.index if i in curves]
                     if len(usable) != len(seed_runs):
@@ -223,10 +225,20 @@ def equal_compute(
                     levels = seed_runs.loc[usable, axis].astype(str)
                     at_flops.append(contrast(read_flops, levels, level, ref))
                     at_steps.append(contrast(read_steps, levels, level, ref))
+                    if all("train_seconds" in curves[i] for i in usable):
+                        secs = {i: curves[i]["train_seconds"].to_numpy(float) for i in usable}
+                        spent = min(t[-1] for t in secs.values())
+                        read_secs = pd.Series(
+                            {i: _interp(spent, secs[i], curves[i][column].to_numpy(float)) for i in usable}
+                        )
+                        at_seconds.append(contrast(read_secs, levels, level, ref))
+                        total = pd.Series({i: secs[i][-1] for i in usable})
+                        seconds_ratio.append(ratio(total[levels == level].mean(), total[levels == ref].mean()))
                 if not at_flops:
                     continue
                 flops_mean, flops_half = interval(at_flops)
                 steps_mean, steps_half = interval(at_steps)
+                secs_mean, secs_half = interval(at_seconds) if at_seconds else (float("nan"), float("nan"))
                 cost = runs.groupby(runs[axis].astype(str))["perf/flops_per_step"].mean()
                 out.append(
                     {
@@ -240,6 +252,9 @@ def equal_compute(
                         "equal_flops_ci95": flops_half,
                         "flops_ratio": float(np.divide(cost.get(level, np.nan), cost.get(ref, np.nan))),
                         "sign_flip": bool(np.sign(steps_mean) * np.sign(flops_mean) < 0),
+                        "equal_seconds": secs_mean,
+                        "equal_seconds_ci95": secs_half,
+                        "seconds_ratio": float(np.mean(seconds_ratio)) if seconds_ratio else float("nan"),
                     }
                 )
     return pd.DataFrame(out)
