@@ -576,11 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     cache: dict[str, Any] = {}
     if args.results:
         data = json.loads(args.results.read_text())
-        matched = results_cache(claims, data)
-        if not matched:
+        cache = results_cache(claims, data)
+        if not cache:
             held = data.get("reproduce")
             parser.error(f"{args.results}: no selected claim's script asks for the run it holds ({held})")
-        cache.update(matched)
     outcomes = rerun(claims, budget, cache)
     print(table(outcomes))
     held = sum(o.status == "holds" for o in outcomes)

@@ -582,12 +582,11 @@ def design_markdown(
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in records(compute):
-            seconds = getattr(r, "equal_seconds", float("nan"))
             lines.append(
                 f"| {r.axis} | {r.level} vs {r.reference} | {short(r.metric)} | {r.flops_ratio:.2f} | "
                 f"{_fmt(r.equal_steps, r.equal_steps_ci95)} | {_fmt(r.equal_flops, r.equal_flops_ci95)} | "
-                f"{'**yes**' if r.sign_flip else 'no'} | {getattr(r, 'seconds_ratio', float('nan')):.2f} | "
-                f"{_fmt(seconds, getattr(r, 'equal_seconds_ci95', float('nan')))} |"
+                f"{'**yes**' if r.sign_flip else 'no'} | {r.seconds_ratio:.2f} | "
+                f"{_fmt(r.equal_seconds, r.equal_seconds_ci95)} |"
             )
     return "\n".join(lines) + "\n"
 

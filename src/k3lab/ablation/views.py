@@ -208,37 +208,21 @@ def equal_compute(
                     usable = [i for i in seed_runs.index if i in curves]
                     if len(usable) != len(seed_runs):
                         continue
-                    flops = {
-                        i: curves[i]["step"].to_numpy(float) * float(runs.at[i, "perf/flops_per_step"]) for i in usable
-                    }
-                    budget = min(f[-1] for f in flops.values())
-                    last_step = min(float(curves[i]["step"].iloc[-1]) for i in usable)
-                    read_flops = pd.Series(
-                        {i: _interp(budget, flops[i], curves[i][column].to_numpy(float)) for i in usable}
-                    )
-                    read_steps = pd.Series(
-                        {
-                            i: _interp(last_step, curves[i]["step"].to_numpy(float), curves[i][column].to_numpy(float))
-                            for i in usable
-                        }
-                    )
+                    steps = {i: curves[i]["step"].to_numpy(float) for i in usable}
+                    flops = {i: steps[i] * float(runs.at[i, "perf/flops_per_step"]) for i in usable}
                     levels = seed_runs.loc[usable, axis].astype(str)
-                    at_flops.append(contrast(read_flops, levels, level, ref))
-                    at_steps.append(contrast(read_steps, levels, level, ref))
+                    at_flops.append(contrast(_read_at_common_budget(flops, curves, column), levels, level, ref))
+                    at_steps.append(contrast(_read_at_common_budget(steps, curves, column), levels, level, ref))
                     if all("train_seconds" in curves[i] for i in usable):
                         secs = {i: curves[i]["train_seconds"].to_numpy(float) for i in usable}
-                        spent = min(t[-1] for t in secs.values())
-                        read_secs = pd.Series(
-                            {i: _interp(spent, secs[i], curves[i][column].to_numpy(float)) for i in usable}
-                        )
-                        at_seconds.append(contrast(read_secs, levels, level, ref))
+                        at_seconds.append(contrast(_read_at_common_budget(secs, curves, column), levels, level, ref))
                         total = pd.Series({i: secs[i][-1] for i in usable})
                         seconds_ratio.append(ratio(total[levels == level].mean(), total[levels == ref].mean()))
                 if not at_flops:
                     continue
                 flops_mean, flops_half = interval(at_flops)
                 steps_mean, steps_half = interval(at_steps)
-                secs_mean, secs_half = interval(at_seconds) if at_seconds else (float("nan"), float("nan"))
+                secs_mean, secs_half = interval(at_seconds)
                 cost = runs.groupby(runs[axis].astype(str))["perf/flops_per_step"].mean()
                 out.append(
                     {
@@ -258,6 +242,13 @@ def equal_compute(
                     }
                 )
     return pd.DataFrame(out)
+
+
+def _read_at_common_budget(xs: dict[Any, np.ndarray], curves: dict[Any, pd.DataFrame], column: str) -> pd.Series:
+    """Each cell's ``column`` read off its curve (linear interpolation along ``xs[cell]``: steps, FLOPs or seconds)
+    at the smallest total any of the cells reached: the budget they all spent."""
+    budget = min(x[-1] for x in xs.values())
+    return pd.Series({i: _interp(budget, x, curves[i][column].to_numpy(float)) for i, x in xs.items()})
 
 
 def ratio(a: float, b: float) -> float:
