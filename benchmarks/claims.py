@@ -575,7 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK_SECONDS if args.quick else args.max_cost
     cache: dict[str, Any] = {}
     if args.results:
-        data = json.loads(args.results.read_text())
+        try:
+            data = json.loads(args.results.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--results {args.results}: not a readable reproduce.py JSON ({err})")
+        if not isinstance(data, dict):
+            parser.error(f"--results {args.results}: not a reproduce.py JSON (a {type(data).__name__}, not an object)")
         cache = results_cache(claims, data)
         if not cache:
             held = data.get("reproduce")

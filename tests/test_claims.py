@@ -177,3 +177,15 @@ def test_results_of_an_earlier_run_stand_only_for_the_run_they_hold() -> None:
     kept_root = {"reproduce": {**data["reproduce"], "root": "/tmp/px"}}
     assert C.results_cache([main, timed], kept_root) == {}  # a from-scratch time is not checked on a cached root
     assert list(C.results_cache([main, timed], data)) == [main.check["script"]]  # type: ignore[index]
+
+
+def test_bad_results_files_are_refused_naming_the_file(tmp_path: Path, capsys) -> None:
+    files = {"missing.json": None, "broken.json": "{not json", "list.json": "[1, 2]", "other.json": "{}"}
+    for name, text in files.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            C.main(["run", "--script", "reproduce.py main-job --json", "--results", str(path)])
+        assert exit_info.value.code == 2
+        assert str(path) in capsys.readouterr().err
