@@ -1,4 +1,5 @@
-"""The deterministic detector: >= 99% on the generator's own renders for every task, near zero on noise."""
+"""The deterministic detector: 100% on the generator's own renders for every task, 0% on noise and blank images, ~10%
+at chance (renders judged against another scene's prompt), and each task failing on the one thing it checks."""
 
 from __future__ import annotations
 
@@ -83,6 +84,18 @@ def test_wrong_colour_or_position_fails(renders: list) -> None:
     )
     recoloured[mask] = other
     assert not compbench.check(spec, detector.detect(recoloured))["color_attr"]
+
+
+def test_counting_passes_only_the_exact_count(renders: list) -> None:
+    """A count scene passes counting at its own count and fails at one more or one fewer (an off-by-one judge would
+    move the chance rate too little for the rate test to see)."""
+    counts = [(img, spec) for img, spec in renders if spec["kind"] == "count"]
+    assert len(counts) >= 20
+    for img, spec in counts[:20]:
+        dets = detector.detect(img)
+        assert compbench.check(spec, dets)["counting"]
+        for n in (spec["count"]["n"] - 1, spec["count"]["n"] + 1):
+            assert not compbench.check({**spec, "count": {**spec["count"], "n": n}}, dets)["counting"], (spec, n)
 
 
 def test_detect_rejects_bad_shapes() -> None:
