@@ -688,9 +688,9 @@ def compare_markdown(source_a: str, source_b: str, tracking_uri: str | None = No
         "equal_flops": ("### At equal training FLOPs", "the FLOPs the cheapest cell of a seed spent"),
         "equal_seconds": ("### At equal wall seconds", "the training seconds the quickest cell of a seed spent"),
     }
+    frames = [r.equal_compute for r in reports]
     for key, (title, budget) in views_at.items():  # read off the learning curves, where both sweeps logged them
-        frames = [r.equal_compute for r in reports]
-        if not all(len(f) and key in f and f[key].notna().any() for f in frames):
+        if not all(len(f) and f[key].notna().any() for f in frames):
             continue
         columns = {key: "effect", f"{key}_ci95": "ci95"}
         renamed = [f.rename(columns=columns)[["axis", "level", "metric", "effect", "ci95"]] for f in frames]
